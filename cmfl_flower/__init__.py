@@ -1,0 +1,1 @@
+"""cmfl-flower: cross-modality federated learning with diffusion models."""

@@ -1,0 +1,284 @@
+"""Run configuration: one pydantic model, parsed once from Flower's flat run config.
+
+Flower hands an app a flat mapping with dotted, hyphenated keys (``data.min-partition-size``).
+:func:`AppConfig.from_run_config` turns it into a frozen, validated :class:`AppConfig`;
+:meth:`AppConfig.to_run_config` goes the other way. Unknown keys, wrong types and out-of-range
+values raise ``ValueError`` naming the key, the value and what is allowed.
+
+``python -m cmfl_flower.config --toml`` prints the ``[tool.flwr.app.config]`` block of
+``pyproject.toml``; ``--markdown`` prints the README's config reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Scalar = bool | int | float | str
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_STRATEGY_PATTERN = re.compile(r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+_MODULE_NAME_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
+
+
+class _Section(BaseModel):
+    """Base of every config section: strict types, no unknown fields, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _absolute_or_empty(value: str) -> str:
+    if value and not Path(value).expanduser().is_absolute():
+        raise ValueError(f"must be an absolute path or empty, got {value!r}")
+    return value
+
+
+class DataConfig(_Section):
+    """Which dataset, and how it is split over clients."""
+
+    dataset: Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "folder"] = Field(
+        "digits", description="Source dataset; `digits` is bundled with scikit-learn (offline)."
+    )
+    path: str = Field(
+        "", description="Local source: image folder (`folder`) or `save_to_disk` directory."
+    )
+    dir: str = Field(
+        "",
+        description="Absolute root of prepared partitions; empty = `~/.cache/cmfl-flower/data`.",
+    )
+    partitioner: Literal["dirichlet", "pathological", "iid"] = Field(
+        "dirichlet", description="How the training pool is split over clients."
+    )
+    alpha: float = Field(0.1, gt=0, description="Dirichlet concentration (smaller = more skew).")
+    classes_per_client: int = Field(2, ge=1, description="Classes per client (`pathological`).")
+    min_partition_size: int = Field(10, ge=0, description="Smallest allowed client partition.")
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each client's data kept as its test split."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the partitioning (fixed across strategies).")
+
+    _check_dir = field_validator("dir")(_absolute_or_empty)
+
+
+class BackboneConfig(_Section):
+    """The CLIP model and diffusion pipeline (a named preset, with optional overrides)."""
+
+    preset: Literal["tiny", "bk-sdm-small", "bk-sdm-v2-small"] = Field(
+        "tiny", description="Named backbone preset (see `cmfl_flower.backbones.PRESETS`)."
+    )
+    clip: str = Field(
+        "", description="Override the preset's CLIP: open_clip model name, `hf-hub:` id or dir."
+    )
+    clip_pretrained: str = Field(
+        "", description="Override the preset's open_clip pretrained tag or checkpoint file."
+    )
+    diffusion: str = Field(
+        "", description="Override the preset's diffusion pipeline: hub id or local directory."
+    )
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError(f"must be one of auto, cpu, cuda, cuda:N, mps; got {value!r}")
+        return value
+
+
+class EncoderConfig(_Section):
+    """LoRA on the CLIP vision tower and its local training."""
+
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / rank).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str = Field(
+        "c_fc,c_proj",
+        description="Comma-separated module names (exact suffix match) that get LoRA.",
+    )
+    epochs: int = Field(1, ge=1, description="Local epochs per round.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_batch_size: int = Field(256, ge=1, description="Batch size for accuracy evaluation.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_modules(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",")]
+        bad = [name for name in names if not _MODULE_NAME_PATTERN.match(name)]
+        if bad:
+            raise ValueError(f"module names must be identifiers, got {bad!r}")
+        return ",".join(names)
+
+    @property
+    def target_module_list(self) -> list[str]:
+        """The target modules as a list."""
+        return self.target_modules.split(",")
+
+
+class FederationConfig(_Section):
+    """Rounds, client sampling and timeouts."""
+
+    rounds: int = Field(2, ge=1, description="Number of server rounds.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled every round.")
+    min_nodes: int = Field(2, ge=1, description="Fewest nodes to sample (and to wait for).")
+    round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
+    wait_for_nodes: float = Field(
+        120.0, gt=0, description="Seconds to wait for `min-nodes` nodes to connect."
+    )
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    dir: str = Field(
+        "", description="Absolute root of run directories; empty = `~/.cache/cmfl-flower/runs`."
+    )
+    run_name: str = Field("", description="Run directory name; empty = timestamp + strategy.")
+
+    _check_dir = field_validator("dir")(_absolute_or_empty)
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, value: str) -> str:
+        if value and not re.match(r"^[\w.-]+$", value):
+            raise ValueError(f"must use letters, digits, '.', '_' or '-' only, got {value!r}")
+        return value
+
+
+class AppConfig(_Section):
+    """The whole run configuration; the single source of truth for server and clients."""
+
+    strategy: str = Field(
+        "local-only", description="Registry name (`cmfl-strategies`) or `package.module:Class`."
+    )
+    seed: int = Field(0, ge=0, description="Seed of training, sampling and generation.")
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    federation: FederationConfig = FederationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, value: str) -> str:
+        if not _STRATEGY_PATTERN.match(value):
+            raise ValueError(f"must be a registry name or 'package.module:Class', got {value!r}")
+        return value
+
+    @classmethod
+    def from_run_config(cls, flat: Mapping[str, Any]) -> AppConfig:
+        """Parse Flower's flat run config; raise ``ValueError`` naming any bad key."""
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, attr = _split_key(key)
+            if section:
+                nested.setdefault(section, {})[attr] = value
+            else:
+                nested[attr] = value
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as err:
+            raise ValueError(_describe(err)) from None
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The flat run config (dotted, hyphenated keys) equal to this model."""
+        flat: dict[str, Scalar] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, dict):
+                for attr, inner in value.items():
+                    flat[f"{name}.{_to_key(attr)}"] = inner
+            else:
+                flat[_to_key(name)] = value
+        return flat
+
+
+def _to_key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _sections() -> dict[str, type[_Section]]:
+    sections: dict[str, type[_Section]] = {}
+    for name, info in AppConfig.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            sections[name] = annotation
+    return sections
+
+
+def all_keys() -> list[str]:
+    """Every valid flat key, in declaration order."""
+    return list(AppConfig().to_run_config())
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """Map ``data.min-partition-size`` to ``("data", "min_partition_size")``."""
+    section, sep, name = key.partition(".")
+    sections = _sections()
+    if sep:
+        fields = sections[section].model_fields if section in sections else {}
+        attr = name.replace("-", "_")
+        if attr in fields and "_" not in name:
+            return section, attr
+    elif key not in sections and key in AppConfig.model_fields and "_" not in key:
+        return "", key
+    close = difflib.get_close_matches(key, all_keys(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"Unknown run config key {key!r}.{hint} Valid keys: {', '.join(all_keys())}.")
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per problem, naming the flat key, the value and what is allowed."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        key = ".".join([loc[0], *(_to_key(part) for part in loc[1:])]) if loc else "<config>"
+        value = problem.get("input")
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"run config key {key!r} = {value!r}: {message}")
+    return "Invalid run config:\n  " + "\n  ".join(lines)
+
+
+def _toml_value(value: Scalar) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def render_toml() -> str:
+    """The ``[tool.flwr.app.config]`` body for pyproject.toml (every key with its default)."""
+    return "\n".join(f"{key} = {_toml_value(v)}" for key, v in AppConfig().to_run_config().items())
+
+
+def render_markdown() -> str:
+    """A Markdown table of every key: type, default and description."""
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    models: list[tuple[str, type[_Section]]] = [("", AppConfig), *_sections().items()]
+    for prefix, model in models:
+        for attr, info in model.model_fields.items():
+            if attr in _sections() and not prefix:
+                continue
+            key = f"{prefix}.{_to_key(attr)}" if prefix else _to_key(attr)
+            kind = getattr(info.annotation, "__name__", str(info.annotation))
+            kind = str(info.annotation).replace("typing.", "") if kind == "Literal" else kind
+            default = _toml_value(info.default)
+            rows.append(f"| `{key}` | {kind} | `{default}` | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the TOML defaults or the Markdown reference."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toml", action="store_true", help="print [tool.flwr.app.config]")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    args = parser.parse_args(argv)
+    print(render_markdown() if args.markdown else render_toml())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""LoRA on the CLIP vision tower: attach once per process, swap per-client adapters, train.
+
+The CLIP is loaded once per process with LoRA layers injected (peft) into its vision tower;
+each client brings its own small adapter state (:meth:`ClipEncoder.load_lora_state`), so the
+clients a simulation worker serves share one backbone and keep separate state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+
+from cmfl_flower.backbones import ClipBundle, Preset, load_clip
+from cmfl_flower.config import EncoderConfig
+
+LoraState = dict[str, torch.Tensor]
+PROMPT_TEMPLATE = "a photo of a {name}."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The hashable part of :class:`EncoderConfig` that shapes the adapter."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig) -> LoraSpec:
+        """Take the adapter's shape from the encoder config."""
+        return cls(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_module_list))
+
+
+class ClipEncoder:
+    """A CLIP whose vision tower carries LoRA layers; the active adapter is swappable."""
+
+    def __init__(self, bundle: ClipBundle, spec: LoraSpec, seed: int) -> None:
+        self.bundle = bundle
+        visual = bundle.model.visual
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft accepts float scaling
+            lora_dropout=spec.dropout,
+            target_modules=list(spec.target_modules),
+        )
+        _refuse_bypassed_targets(visual, spec.target_modules)
+        try:
+            inject_adapter_in_model(config, visual)
+        except ValueError as err:
+            raise ValueError(
+                f"encoder.target-modules = {','.join(spec.target_modules)!r} does not fit the "
+                f"CLIP vision tower: {err}"
+            ) from None
+        self._lora_params = [p for n, p in visual.named_parameters() if ".lora_" in n]
+        self.init_state = self.lora_state()
+
+    def lora_state(self) -> LoraState:
+        """A CPU copy of the active adapter."""
+        state = get_peft_model_state_dict(self.bundle.model.visual)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def load_lora_state(self, state: LoraState) -> None:
+        """Make ``state`` the active adapter; its keys must match exactly."""
+        expected = set(self.init_state)
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(
+                f"LoRA state does not fit the encoder: missing {missing}, extra {extra}"
+            )
+        set_peft_model_state_dict(self.bundle.model.visual, state)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable adapter parameters."""
+        return self._lora_params
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, D) unit-norm image features."""
+        features: torch.Tensor = self.bundle.model.encode_image(pixels, normalize=True)
+        return features
+
+
+def _refuse_bypassed_targets(module: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    """Refuse ``nn.MultiheadAttention`` and its sub-layers as LoRA targets.
+
+    The attention reads ``out_proj`` by weight without calling it (LoRA there trains but
+    changes nothing), and peft's LoRA for the attention module itself merges into and
+    unmerges from the frozen weights on every forward, which drifts them in floating point.
+    """
+    for name, child in module.named_modules():
+        if not isinstance(child, torch.nn.MultiheadAttention):
+            continue
+        names = {name.rsplit(".", 1)[-1], *(sub for sub, _ in child.named_children())}
+        for target in sorted(names & set(targets)):
+            raise ValueError(
+                f"encoder.target-modules names {target!r}, part of {name} "
+                "(nn.MultiheadAttention): LoRA there has no effect or alters frozen weights; "
+                "use the MLP layers 'c_fc,c_proj'"
+            )
+
+
+@cache
+def load_encoder(preset: Preset, device_name: str, seed: int, spec: LoraSpec) -> ClipEncoder:
+    """The process-wide encoder for this backbone and adapter shape (loaded once)."""
+    return ClipEncoder(load_clip(preset, device_name, seed), spec, seed)
+
+
+def to_pixels(images: np.ndarray, bundle: ClipBundle) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, S, S) float, resized and normalised for ``bundle``."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(bundle.device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
+    size = bundle.image_size
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    mean = torch.tensor(bundle.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def class_text_features(bundle: ClipBundle, class_names: tuple[str, ...]) -> torch.Tensor:
+    """(C, D) unit-norm text features of ``a photo of a {name}.`` for every class."""
+    prompts = [PROMPT_TEMPLATE.format(name=name) for name in class_names]
+    tokens = bundle.tokenizer(prompts).to(bundle.device)  # (C, L)
+    features: torch.Tensor = bundle.model.encode_text(tokens, normalize=True)
+    return features
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[np.ndarray]:
+    order = torch.randperm(n, generator=generator) if generator else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size].numpy()
+
+
+def train_encoder(
+    encoder: ClipEncoder,
+    images: np.ndarray,
+    labels: np.ndarray,
+    text_features: torch.Tensor,
+    cfg: EncoderConfig,
+    seed: int,
+) -> float:
+    """Train the active adapter with cross-entropy over image-text logits; mean loss.
+
+    images: (N, H, W, 3) uint8; labels: (N,) class ids; text_features: (C, D).
+    """
+    if len(images) == 0:
+        raise ValueError("cannot train the image encoder on an empty training set")
+    params = encoder.lora_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale = encoder.bundle.model.logit_scale.exp().detach()
+    generator = torch.Generator().manual_seed(seed)
+    device = encoder.bundle.device
+    losses: list[float] = []
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        encoder.bundle.model.visual.train()
+        for _ in range(cfg.epochs):
+            for idx in _batches(len(images), cfg.batch_size, generator):
+                features = encoder.encode_images(to_pixels(images[idx], encoder.bundle))  # (B, D)
+                logits = scale * features @ text_features.T  # (B, C)
+                target = torch.from_numpy(labels[idx]).to(device)
+                loss = F.cross_entropy(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        encoder.bundle.model.visual.eval()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def accuracy(
+    encoder: ClipEncoder,
+    images: np.ndarray,
+    labels: np.ndarray,
+    text_features: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """Top-1 accuracy of nearest-text-feature classification.
+
+    images: (N, H, W, 3) uint8; labels: (N,); text_features: (C, D).
+    """
+    if len(images) == 0:
+        raise ValueError("cannot measure accuracy on an empty set")
+    correct = 0
+    for idx in _batches(len(images), batch_size, None):
+        features = encoder.encode_images(to_pixels(images[idx], encoder.bundle))  # (B, D)
+        predicted = (features @ text_features.T).argmax(dim=1).cpu().numpy()  # (B,)
+        correct += int((predicted == labels[idx]).sum())
+    return correct / len(images)

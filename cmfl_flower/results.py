@@ -1,0 +1,93 @@
+"""One directory per run: resolved config, per-round and per-client metrics, final status.
+
+Everything is rewritten atomically after each round, so a run that dies keeps what it had.
+Layout::
+
+    <output root>/<run name>/
+        config.json      resolved AppConfig (nested) and the flat run config
+        rounds.json/csv  one row per round: aggregated metrics
+        clients.json/csv one row per (round, client): that client's metrics
+        status.json      {"status": "running" | "completed" | "failed", "error": ...}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cmfl_flower.config import AppConfig
+from cmfl_flower.paths import cache_root
+
+Row = dict[str, Any]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _csv_text(rows: list[Row]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+class RunRecorder:
+    """Collects a run's metrics and keeps its directory up to date."""
+
+    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.rounds: list[Row] = []
+        self.clients: list[Row] = []
+        config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
+        _write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+        self._status("running")
+
+    @classmethod
+    def create(cls, cfg: AppConfig) -> RunRecorder:
+        """Make a fresh run directory under the configured output root."""
+        root = Path(cfg.output.dir).expanduser() if cfg.output.dir else cache_root() / "runs"
+        name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
+        run_dir = root.resolve() / name
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise ValueError(
+                f"run directory {run_dir} already exists: choose another output.run-name"
+            ) from None
+        return cls(cfg, run_dir)
+
+    def add_clients(self, server_round: int, rows: list[Row]) -> None:
+        """Record every replying client's metrics for ``server_round``."""
+        self.clients.extend({"round": server_round, **row} for row in rows)
+
+    def add_round(self, server_round: int, metrics: Row) -> None:
+        """Record the round's aggregates and rewrite the metric files."""
+        self.rounds.append({"round": server_round, **metrics})
+        self.flush()
+
+    def flush(self) -> None:
+        """Rewrite the metric files (JSON and CSV) from memory."""
+        for name, rows in (("rounds", self.rounds), ("clients", self.clients)):
+            _write_atomic(self.run_dir / f"{name}.json", json.dumps(rows, indent=2))
+            _write_atomic(self.run_dir / f"{name}.csv", _csv_text(rows))
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Write the final status: ``completed``, or ``failed`` with the error."""
+        self.flush()
+        self._status("failed" if error else "completed", repr(error) if error else None)
+
+    def _status(self, status: str, error: str | None = None) -> None:
+        payload = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_atomic(self.run_dir / "status.json", json.dumps(payload, indent=2))

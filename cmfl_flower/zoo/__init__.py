@@ -1,0 +1,1 @@
+"""The project's own model zoo: configs (and, once trained, weights) of the `tiny` backbone."""

@@ -1,0 +1,67 @@
+"""End to end: a real `flwr run` of the app on its own SuperLink (simulation, 2 clients).
+
+`flwr run` exits 0 even when the ServerApp fails, so success is proven from the run status
+that `flwr ls --format json` reports and from the results the run wrote.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.flower_procs import flwr, run_status, simulation_superlink
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _wait_finished(link, run_id: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        status = run_status(link, run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    return status
+
+
+def test_flwr_run_two_clients_one_round_completes(tmp_path):
+    out_root = tmp_path / "runs"
+    overrides = (
+        f"federation.rounds=1 output.dir='{out_root}' output.run-name='e2e' "
+        f"data.dir='{tmp_path / 'data'}'"
+    )
+    with simulation_superlink(tmp_path) as link:
+        started = flwr(
+            link,
+            "run",
+            str(ROOT),
+            link.connection,
+            "--federation-config",
+            "num-supernodes=2",
+            "--run-config",
+            overrides,
+            "--format",
+            "json",
+        )
+        assert started.returncode == 0, started.stderr
+        payload = re.search(r"\{.*\}", started.stdout, re.S)
+        assert payload, started.stdout
+        run_id = int(json.loads(payload.group(0))["run-id"])
+        status = _wait_finished(link, run_id, timeout=300)
+        logs = flwr(link, "log", str(run_id), link.connection, "--show").stdout
+    assert status == "finished:completed", f"{status}\n{logs[-4000:]}"
+    run_dir = out_root / "e2e"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert sorted(row["partition-id"] for row in clients) == [0, 1]
+    for row in clients:
+        assert 0.0 <= row["local-acc"] <= 1.0 and 0.0 <= row["global-acc"] <= 1.0
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["replies"] == 2
+    assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["federation.rounds"] == 1

@@ -1,0 +1,113 @@
+"""Vision LoRA: only the adapter trains, adapters swap cleanly, and training raises accuracy."""
+
+import numpy as np
+import pytest
+import torch
+
+from cmfl_flower.backbones import PRESETS
+from cmfl_flower.config import EncoderConfig
+from cmfl_flower.data import load_source
+from cmfl_flower.encoder import (
+    LoraSpec,
+    accuracy,
+    class_text_features,
+    load_encoder,
+    to_pixels,
+    train_encoder,
+)
+
+CFG = EncoderConfig(epochs=10, lr=1e-2, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(PRESETS["tiny"], "cpu", 0, LoraSpec.from_config(CFG))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_source("digits", "train")
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(data), 300, replace=False)
+    return data.subset(idx)
+
+
+def test_lora_sits_on_the_vision_tower_only(encoder):
+    names = [n for n, _ in encoder.bundle.model.named_parameters() if ".lora_" in n]
+    assert names and all(n.startswith("visual.") for n in names)
+    assert {id(p) for p in encoder.lora_parameters()} == {
+        id(p) for n, p in encoder.bundle.model.named_parameters() if ".lora_" in n
+    }
+
+
+def test_unknown_target_module_is_refused():
+    spec = LoraSpec(4, 8.0, 0.0, ("no_such_module",))
+    bypassed = LoraSpec(4, 8.0, 0.0, ("out_proj",))
+    with pytest.raises(ValueError, match="no effect or alters frozen weights"):
+        load_encoder(PRESETS["tiny"], "cpu", 5, bypassed)
+    with pytest.raises(ValueError, match="encoder.target-modules"):
+        load_encoder(PRESETS["tiny"], "cpu", 5, spec)
+
+
+def test_to_pixels_resizes_and_normalises(encoder, digits):
+    pixels = to_pixels(digits.images[:4], encoder.bundle)
+    assert pixels.shape == (4, 3, 32, 32) and pixels.dtype == torch.float32
+    white = to_pixels(np.full((1, 8, 8, 3), 255, np.uint8), encoder.bundle)
+    expected = (1 - torch.tensor(encoder.bundle.mean)) / torch.tensor(encoder.bundle.std)
+    assert torch.allclose(white[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_training_changes_only_the_adapter_and_raises_accuracy(encoder, digits):
+    # Untrained tiny backbone: a two-class task ("zero" vs "one") is what it can learn quickly.
+    pool = load_source("digits", "train")
+    keep = np.flatnonzero(np.isin(pool.labels, (0, 1)))[:120]
+    images, labels = pool.images[keep], pool.labels[keep]
+    encoder.load_lora_state(encoder.init_state)
+    frozen = {n: p.clone() for n, p in encoder.bundle.model.named_parameters() if ".lora_" not in n}
+    text = class_text_features(encoder.bundle, digits.class_names[:2])
+    before = accuracy(encoder, images, labels, text, 64)
+    loss = train_encoder(encoder, images, labels, text, CFG, seed=0)
+    after = accuracy(encoder, images, labels, text, 64)
+    assert np.isfinite(loss)
+    assert before < 0.7 and after > 0.85, (before, after)
+    for name, param in encoder.bundle.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    assert not any(
+        torch.equal(encoder.init_state[k], v)
+        for k, v in encoder.lora_state().items()
+        if "lora_B" in k
+    )
+
+
+def test_adapters_swap_without_leaking_between_clients(encoder, digits):
+    pixels = to_pixels(digits.images[:8], encoder.bundle)
+    text = class_text_features(encoder.bundle, digits.class_names)
+    encoder.load_lora_state(encoder.init_state)
+    train_encoder(encoder, digits.images[:64], digits.labels[:64], text, CFG, seed=1)
+    trained = encoder.lora_state()
+    with torch.no_grad():
+        trained_features = encoder.encode_images(pixels)
+        encoder.load_lora_state(encoder.init_state)
+        init_features = encoder.encode_images(pixels)
+        encoder.load_lora_state(trained)
+        again = encoder.encode_images(pixels)
+    assert torch.equal(again, trained_features)
+    assert not torch.allclose(init_features, trained_features)
+
+
+def test_foreign_adapter_state_is_refused(encoder):
+    state = dict(encoder.init_state)
+    state.pop(next(iter(state)))
+    with pytest.raises(ValueError, match="missing"):
+        encoder.load_lora_state(state)
+
+
+def test_training_is_reproducible_for_a_seed(encoder, digits):
+    text = class_text_features(encoder.bundle, digits.class_names)
+    results = []
+    for _ in range(2):
+        encoder.load_lora_state(encoder.init_state)
+        train_encoder(encoder, digits.images[:64], digits.labels[:64], text, CFG, seed=7)
+        results.append(encoder.lora_state())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
