@@ -1,17 +1,22 @@
 """What a client does in one round, free of Flower.
 
-It loads its partition, updates its image encoder and evaluates. The ClientApp only unpacks
-the message and calls :func:`run_task`.
+Each task takes the run config, who the client is, its saved state and the arrays the server
+sent, and returns metrics, the new state and the arrays to send back. The ClientApp only
+unpacks the message and calls :func:`run_task`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from cmfl_flower.backbones import resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DataConfig
@@ -28,14 +33,25 @@ from cmfl_flower.encoder import (
     ClipEncoder,
     LoraSpec,
     LoraState,
+    TrainingSet,
     accuracy,
-    class_text_features,
     load_encoder,
     train_encoder,
 )
+from cmfl_flower.generation import GenerationRequest, load_generator
 from cmfl_flower.protocol import ROUND_KEY
+from cmfl_flower.tokens import (
+    ClassTokenBank,
+    TextSide,
+    TokenState,
+    class_vectors,
+    image_features,
+    train_bank,
+)
+from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, reply_arrays
 
 Metrics = dict[str, Any]  # scalar values: int | float
+Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -52,14 +68,16 @@ class ClientState:
     """What a client keeps between rounds (small; the backbone is shared)."""
 
     lora: LoraState | None = None
+    tokens: TokenState | None = None
 
 
 @dataclass
 class RoundOutput:
-    """A round's metrics and the client's updated state."""
+    """A round's metrics, the client's updated state and the arrays it sends back."""
 
     metrics: Metrics
     state: ClientState = field(default_factory=ClientState)
+    arrays: Arrays = field(default_factory=dict)
 
 
 def parse_task(
@@ -124,59 +142,234 @@ def client_seed(cfg: AppConfig, task: ClientTask) -> int:
     return (cfg.seed * 1_000_003 + task.server_round * 10_007 + task.partition_id) % 2**31
 
 
-def encoder_for(cfg: AppConfig, state: ClientState) -> ClipEncoder:
-    """The process-wide encoder with this client's adapter active."""
+@dataclass
+class Workspace:
+    """Everything a round works with: data, the shared encoder, the text side."""
+
+    cfg: AppConfig
+    task: ClientTask
+    data: ClientData
+    global_test: LabeledImages
+    encoder: ClipEncoder
+    text: TextSide
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of every class of the dataset, index = label id."""
+        return self.global_test.class_names
+
+    @property
+    def seed(self) -> int:
+        """The client's seed for the round."""
+        return client_seed(self.cfg, self.task)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; reported as ``seconds-<name>``."""
+        start = time.perf_counter()
+        yield
+        self.timings[f"seconds-{name}"] = time.perf_counter() - start
+
+    def local_set(self) -> TrainingSet:
+        """The local training images at the CLIP's size, weight 1."""
+        train = self.data.train
+        return TrainingSet.mix(self.encoder.bundle.image_size, (train.images, train.labels, 1.0))
+
+
+def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> Workspace:
+    """Load the client's data and activate its adapter on the process-wide encoder."""
+    directory = data_dir(cfg.data, task.num_partitions)
     device = resolve_device(cfg.backbone.device)
     spec = LoraSpec.from_config(cfg.encoder)
     encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
-    encoder.load_lora_state(state.lora if state.lora is not None else encoder.init_state)
-    return encoder
-
-
-def evaluate_client(
-    cfg: AppConfig, encoder: ClipEncoder, data: ClientData, global_test: LabeledImages
-) -> Metrics:
-    """Accuracy on the client's own test split and on the global test set."""
-    text = class_text_features(encoder.bundle, global_test.class_names)  # (C, D)
-    batch = cfg.encoder.eval_batch_size
-    return {
-        "local-acc": accuracy(encoder, data.test.images, data.test.labels, text, batch),
-        "global-acc": accuracy(encoder, global_test.images, global_test.labels, text, batch),
-    }
-
-
-def local_only_round(cfg: AppConfig, task: ClientTask, state: ClientState) -> RoundOutput:
-    """Train the vision LoRA on local images only, then evaluate."""
-    directory = data_dir(cfg.data, task.num_partitions)
-    data = load_partition(directory, task.partition_id)
-    global_test = _global_test(directory)
-    encoder = encoder_for(cfg, state)
-    text = class_text_features(encoder.bundle, global_test.class_names)  # (C, D)
-    start = time.perf_counter()
-    loss = train_encoder(
-        encoder, data.train.images, data.train.labels, text, cfg.encoder, client_seed(cfg, task)
+    encoder.load_lora_state(lora if lora is not None else encoder.init_state)
+    return Workspace(
+        cfg=cfg,
+        task=task,
+        data=load_partition(directory, task.partition_id),
+        global_test=_global_test(directory),
+        encoder=encoder,
+        text=TextSide.build(encoder.bundle, cfg.tokens.template),
     )
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = evaluate_client(cfg, encoder, data, global_test)
-    metrics |= {
-        "partition-id": task.partition_id,
-        "num-train": len(data.train),
-        "num-test": len(data.test),
-        "train-loss": loss,
-        "seconds-encoder": train_seconds,
-        "seconds-eval": time.perf_counter() - start,
+
+
+def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
+    """Accuracy on the client's own test split and on the global test set."""
+    batch = ws.cfg.encoder.eval_batch_size
+    test, glob = ws.data.test, ws.global_test
+    with ws.phase("eval"):
+        return {
+            "local-acc": accuracy(ws.encoder, test.images, test.labels, text_features, batch),
+            "global-acc": accuracy(ws.encoder, glob.images, glob.labels, text_features, batch),
+        }
+
+
+def _base_metrics(ws: Workspace) -> Metrics:
+    return {
+        "partition-id": ws.task.partition_id,
+        "num-train": len(ws.data.train),
+        "num-test": len(ws.data.test),
     }
-    return RoundOutput(metrics, ClientState(lora=encoder.lora_state()))
 
 
-TASKS: dict[str, Callable[[AppConfig, ClientTask, ClientState], RoundOutput]] = {
+def local_only_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Train the vision LoRA on local images only (pretrained class names), then evaluate."""
+    ws = open_workspace(cfg, task, state.lora)
+    with torch.no_grad():
+        names = ws.text.encode([ws.text.name_vectors(n) for n in ws.class_names])  # (C, E)
+    with ws.phase("encoder"):
+        loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed)
+    metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
+    return RoundOutput(metrics | ws.timings, ClientState(lora=ws.encoder.lora_state()))
+
+
+def _received_means(entries: list[TokenEntry]) -> dict[int, torch.Tensor]:
+    """Per class, the mean of the received vectors (over senders with equal token counts)."""
+    by_class: dict[int, list[np.ndarray]] = {}
+    for entry in entries:
+        if entry.class_id is not None:
+            by_class.setdefault(entry.class_id, []).append(entry.vectors)
+    means = {}
+    for class_id, arrays in by_class.items():
+        same = [a for a in arrays if a.shape == arrays[0].shape]
+        means[class_id] = torch.from_numpy(np.mean(same, axis=0))
+    return means
+
+
+def _requests(
+    ws: Workspace, entries: list[TokenEntry], text: torch.Tensor
+) -> list[GenerationRequest]:
+    """Generation requests; unlabelled vectors get the label of their nearest class."""
+    requests = []
+    device = ws.encoder.bundle.device
+    for entry in entries:
+        vectors = torch.from_numpy(entry.vectors).to(device)
+        class_id = entry.class_id
+        if class_id is None:
+            with torch.no_grad():
+                feature = ws.text.encode([vectors])  # (1, E)
+            class_id = int((feature @ text.T).argmax())
+        requests.append(GenerationRequest(entry.sender, class_id, vectors))
+    return requests
+
+
+def relay_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """One CMFL round: generate from peers' tokens, update the encoder, train own tokens."""
+    ws = open_workspace(cfg, task, state.lora)
+    names = ws.class_names
+    limits = WireLimits(ws.text.token_dim, len(names), cfg.tokens.max_tokens, cfg.tokens.max_bytes)
+    entries = parse_relay(received, limits)
+    local_classes = sorted(int(c) for c in np.unique(ws.data.train.labels))
+    bank = (
+        ClassTokenBank.from_state(state.tokens)
+        if state.tokens is not None
+        else ClassTokenBank.from_names(ws.text, local_classes, names)
+    )
+    fallback = _received_means(entries) if cfg.tokens.unseen == "received-mean" else None
+
+    def text_features() -> torch.Tensor:
+        with torch.no_grad():
+            return ws.text.encode(class_vectors(ws.text, bank, names, fallback))  # (C, E)
+
+    with ws.phase("generation"):
+        generator = load_generator(
+            resolve_preset(cfg.backbone),
+            str(ws.encoder.bundle.device),
+            cfg.seed,
+            cfg.tokens.template,
+        )
+        requests = _requests(ws, entries, text_features())
+        generated = generator.generate(requests, cfg.generation, cfg.seed, task.server_round)
+    with ws.phase("encoder"):
+        data = TrainingSet.mix(
+            ws.encoder.bundle.image_size,
+            (ws.data.train.images, ws.data.train.labels, 1.0),
+            (generated.images, generated.labels, cfg.generation.sample_weight),
+        )
+        encoder_loss = train_encoder(ws.encoder, data, text_features(), cfg.encoder, ws.seed)
+    with ws.phase("tokens"):
+        features = image_features(ws.encoder, ws.data.train.images, cfg.encoder.eval_batch_size)
+        token_loss = train_bank(
+            ws.text, bank, features, ws.data.train.labels, names, cfg.tokens, ws.seed
+        )
+    metrics = evaluate(ws, text_features()) | _base_metrics(ws)
+    metrics |= {
+        "num-received-classes": len(entries),
+        "num-generated": len(generated.labels),
+        "encoder-loss": encoder_loss,
+        "token-loss": token_loss,
+    }
+    tokens = bank.state()
+    sent = reply_arrays({c: tokens[f"c{c}"].numpy() for c in bank.class_ids}, _labelled(cfg))
+    new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens)
+    return RoundOutput(metrics | ws.timings, new_state, sent)
+
+
+def _labelled(cfg: AppConfig) -> bool:
+    return cfg.tokens.relay == "labelled"
+
+
+def _global_adapter(ws: Workspace, received: Arrays) -> None:
+    """Activate the server's averaged adapter (round 1: the shared seeded initialisation)."""
+    if not received:
+        ws.encoder.load_lora_state(ws.encoder.init_state)
+        return
+    expected = ws.encoder.init_state
+    for key, value in received.items():
+        if key in expected and value.shape != tuple(expected[key].shape):
+            raise ValueError(
+                f"global adapter {key!r}: shape {value.shape}, expected "
+                f"{tuple(expected[key].shape)}"
+            )
+        if not np.isfinite(value).all():
+            raise ValueError(f"global adapter {key!r} holds NaN or Inf")
+    ws.encoder.load_lora_state({k: torch.from_numpy(np.array(v)) for k, v in received.items()})
+
+
+def _averaged_round(cfg: AppConfig, task: ClientTask, received: Arrays, mu: float) -> RoundOutput:
+    ws = open_workspace(cfg, task, None)
+    _global_adapter(ws, received)
+    with torch.no_grad():
+        names = ws.text.encode([ws.text.name_vectors(n) for n in ws.class_names])  # (C, E)
+    with ws.phase("encoder"):
+        loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, mu)
+    metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
+    arrays = {k: v.numpy() for k, v in ws.encoder.lora_state().items()}
+    return RoundOutput(metrics | ws.timings, ClientState(), arrays)
+
+
+def fedavg_encoder_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Start from the global vision LoRA, train locally, send the adapter back."""
+    return _averaged_round(cfg, task, received, 0.0)
+
+
+def fedprox_encoder_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """As :func:`fedavg_encoder_round`, with FedProx's proximal term."""
+    return _averaged_round(cfg, task, received, cfg.federation.proximal_mu)
+
+
+Task = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
+TASKS: dict[str, Task] = {
     "local-only": local_only_round,
+    "cmfl-relay": relay_round,
+    "encoder-fedavg": fedavg_encoder_round,
+    "encoder-fedprox": fedprox_encoder_round,
 }
 
 
-def run_task(name: str, cfg: AppConfig, task: ClientTask, state: ClientState) -> RoundOutput:
+def run_task(
+    name: str, cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
     """Run the named client routine (the server names it in every message)."""
     if name not in TASKS:
         raise ValueError(f"unknown client task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name](cfg, task, state)
+    return TASKS[name](cfg, task, state, received)

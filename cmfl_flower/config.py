@@ -92,6 +92,53 @@ class BackboneConfig(_Section):
         return value
 
 
+class TokensConfig(_Section):
+    """Learned class tokens: prompt, training, what is accepted from peers."""
+
+    template: str = Field(
+        "a photo of a {name}.", description="Prompt; `{name}` is replaced by the class tokens."
+    )
+    epochs: int = Field(5, ge=1, description="Local epochs of class-token training per round.")
+    batch_size: int = Field(32, ge=1, description="Class-token training batch size.")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the class tokens.")
+    relay: Literal["labelled", "unlabelled"] = Field(
+        "labelled",
+        description="`labelled`: class ids travel with vectors; `unlabelled`: receivers "
+        "pseudo-label each vector by its nearest class.",
+    )
+    unseen: Literal["pretrained", "received-mean"] = Field(
+        "pretrained",
+        description="Text side of classes a client never saw: pretrained name embeddings, or "
+        "the mean of the vectors received for that class.",
+    )
+    max_tokens: int = Field(16, ge=1, description="Most tokens accepted per received class.")
+    max_bytes: int = Field(
+        4_000_000, ge=1, description="Most bytes of token vectors accepted in one message."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if value.count("{name}") != 1:
+            raise ValueError(f"must contain '{{name}}' exactly once, got {value!r}")
+        return value
+
+
+class GenerationConfig(_Section):
+    """Synthetic images from received class tokens (BK-SDM / the tiny pipeline)."""
+
+    images_per_class: int = Field(4, ge=0, description="Images generated per received class.")
+    batch_size: int = Field(8, ge=1, description="Images per denoising batch.")
+    steps: int = Field(20, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=1, description="Classifier-free guidance scale.")
+    scheduler: Literal["dpm-solver++", "pndm", "ddim"] = Field(
+        "dpm-solver++", description="Noise scheduler."
+    )
+    sample_weight: float = Field(
+        0.5, ge=0, description="Loss weight of a generated image (a local image weighs 1)."
+    )
+
+
 class EncoderConfig(_Section):
     """LoRA on the CLIP vision tower and its local training."""
 
@@ -126,10 +173,13 @@ class EncoderConfig(_Section):
 class FederationConfig(_Section):
     """Rounds, client sampling and timeouts."""
 
-    rounds: int = Field(2, ge=1, description="Number of server rounds.")
+    rounds: int = Field(3, ge=1, description="Number of server rounds.")
     fraction: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled every round.")
     min_nodes: int = Field(2, ge=1, description="Fewest nodes to sample (and to wait for).")
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
+    proximal_mu: float = Field(
+        0.01, ge=0, description="FedProx proximal weight (`fedprox-encoder` only)."
+    )
     wait_for_nodes: float = Field(
         120.0, gt=0, description="Seconds to wait for `min-nodes` nodes to connect."
     )
@@ -157,11 +207,13 @@ class AppConfig(_Section):
     """The whole run configuration; the single source of truth for server and clients."""
 
     strategy: str = Field(
-        "local-only", description="Registry name (`cmfl-strategies`) or `package.module:Class`."
+        "cmfl-relay", description="Registry name (see the README) or `package.module:Class`."
     )
     seed: int = Field(0, ge=0, description="Seed of training, sampling and generation.")
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
+    tokens: TokensConfig = TokensConfig()
+    generation: GenerationConfig = GenerationConfig()
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()
     output: OutputConfig = OutputConfig()

@@ -25,7 +25,6 @@ from cmfl_flower.backbones import ClipBundle, Preset, load_clip
 from cmfl_flower.config import EncoderConfig
 
 LoraState = dict[str, torch.Tensor]
-PROMPT_TEMPLATE = "a photo of a {name}."
 
 
 @dataclass(frozen=True)
@@ -131,13 +130,49 @@ def to_pixels(images: np.ndarray, bundle: ClipBundle) -> torch.Tensor:
     return (x - mean) / std
 
 
-@torch.no_grad()
-def class_text_features(bundle: ClipBundle, class_names: tuple[str, ...]) -> torch.Tensor:
-    """(C, D) unit-norm text features of ``a photo of a {name}.`` for every class."""
-    prompts = [PROMPT_TEMPLATE.format(name=name) for name in class_names]
-    tokens = bundle.tokenizer(prompts).to(bundle.device)  # (C, L)
-    features: torch.Tensor = bundle.model.encode_text(tokens, normalize=True)
-    return features
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 (bilinear, antialiased)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out: np.ndarray = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Images with labels and per-sample loss weights (generated images weigh less)."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    weights: np.ndarray  # (N,) float32
+
+    @classmethod
+    def mix(cls, size: int, *parts: tuple[np.ndarray, np.ndarray, float]) -> TrainingSet:
+        """Concatenate ``(images, labels, weight)`` parts, resized to ``size``."""
+        kept = [part for part in parts if len(part[0])]
+        return cls(
+            images=np.concatenate([resize_uint8(images, size) for images, _, _ in kept]),
+            labels=np.concatenate([labels.astype(np.int64) for _, labels, _ in kept]),
+            weights=np.concatenate(
+                [np.full(len(labels), weight, np.float32) for _, labels, weight in kept]
+            ),
+        )
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample cross-entropy, then the weighted mean. logits: (B, C); target, weights: (B,)."""
+    losses = F.cross_entropy(logits, target, reduction="none")  # (B,)
+    return (weights * losses).sum() / weights.sum().clamp_min(1e-12)
+
+
+def proximal_term(params: list[torch.nn.Parameter], reference: list[torch.Tensor]) -> torch.Tensor:
+    """FedProx's ``||w - w_global||^2 / 2`` over the adapter."""
+    squared = [((p - r) ** 2).sum() for p, r in zip(params, reference, strict=True)]
+    return torch.stack(squared).sum() / 2
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[np.ndarray]:
@@ -148,19 +183,21 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iter
 
 def train_encoder(
     encoder: ClipEncoder,
-    images: np.ndarray,
-    labels: np.ndarray,
+    data: TrainingSet,
     text_features: torch.Tensor,
     cfg: EncoderConfig,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> float:
-    """Train the active adapter with cross-entropy over image-text logits; mean loss.
+    """Train the active adapter with weighted cross-entropy over image-text logits.
 
-    images: (N, H, W, 3) uint8; labels: (N,) class ids; text_features: (C, D).
+    text_features: (C, D). With ``proximal_mu`` > 0, FedProx's proximal term pulls the
+    adapter towards the one it started from. Returns the mean training loss.
     """
-    if len(images) == 0:
+    if len(data.images) == 0:
         raise ValueError("cannot train the image encoder on an empty training set")
     params = encoder.lora_parameters()
+    reference = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale = encoder.bundle.model.logit_scale.exp().detach()
     generator = torch.Generator().manual_seed(seed)
@@ -171,11 +208,14 @@ def train_encoder(
             p.requires_grad_(True)
         encoder.bundle.model.visual.train()
         for _ in range(cfg.epochs):
-            for idx in _batches(len(images), cfg.batch_size, generator):
-                features = encoder.encode_images(to_pixels(images[idx], encoder.bundle))  # (B, D)
-                logits = scale * features @ text_features.T  # (B, C)
-                target = torch.from_numpy(labels[idx]).to(device)
-                loss = F.cross_entropy(logits, target)
+            for idx in _batches(len(data.images), cfg.batch_size, generator):
+                pixels = to_pixels(data.images[idx], encoder.bundle)
+                logits = scale * encoder.encode_images(pixels) @ text_features.T  # (B, C)
+                target = torch.from_numpy(data.labels[idx]).to(device)
+                weights = torch.from_numpy(data.weights[idx]).to(device)
+                loss = weighted_cross_entropy(logits, target, weights)
+                if proximal_mu > 0:
+                    loss = loss + proximal_mu * proximal_term(params, reference)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -28,12 +28,10 @@ def _wait_finished(link, run_id: int, timeout: float) -> str:
     return status
 
 
-def test_flwr_run_two_clients_one_round_completes(tmp_path):
+def flwr_run(tmp_path, num_nodes: int, overrides: str) -> Path:
+    """`flwr run` the app; return its run directory once the run status is completed."""
     out_root = tmp_path / "runs"
-    overrides = (
-        f"federation.rounds=1 output.dir='{out_root}' output.run-name='e2e' "
-        f"data.dir='{tmp_path / 'data'}'"
-    )
+    overrides += f" output.dir='{out_root}' output.run-name='e2e' data.dir='{tmp_path / 'data'}'"
     with simulation_superlink(tmp_path) as link:
         started = flwr(
             link,
@@ -41,7 +39,7 @@ def test_flwr_run_two_clients_one_round_completes(tmp_path):
             str(ROOT),
             link.connection,
             "--federation-config",
-            "num-supernodes=2",
+            f"num-supernodes={num_nodes}",
             "--run-config",
             overrides,
             "--format",
@@ -51,10 +49,14 @@ def test_flwr_run_two_clients_one_round_completes(tmp_path):
         payload = re.search(r"\{.*\}", started.stdout, re.S)
         assert payload, started.stdout
         run_id = int(json.loads(payload.group(0))["run-id"])
-        status = _wait_finished(link, run_id, timeout=300)
+        status = _wait_finished(link, run_id, timeout=400)
         logs = flwr(link, "log", str(run_id), link.connection, "--show").stdout
     assert status == "finished:completed", f"{status}\n{logs[-4000:]}"
-    run_dir = out_root / "e2e"
+    return out_root / "e2e"
+
+
+def test_flwr_run_two_clients_one_round_completes(tmp_path):
+    run_dir = flwr_run(tmp_path, 2, "strategy='local-only' federation.rounds=1")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     clients = json.loads((run_dir / "clients.json").read_text())
     assert sorted(row["partition-id"] for row in clients) == [0, 1]
@@ -65,3 +67,16 @@ def test_flwr_run_two_clients_one_round_completes(tmp_path):
     assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_config"]["federation.rounds"] == 1
+
+
+def test_flwr_run_cmfl_relay_four_clients_three_rounds(tmp_path):
+    run_dir = flwr_run(tmp_path, 4, "strategy='cmfl-relay' federation.rounds=3 generation.steps=2")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert len(clients) == 12 and not any("error" in row or "refused" in row for row in clients)
+    for row in clients:
+        assert row["num-generated"] > 0 if row["round"] >= 2 else row["num-generated"] == 0
+        assert row["bytes-sent"] > 0 and row["bytes-received"] > 0
+        assert row["seconds-generation"] >= 0 and row["seconds-tokens"] > 0
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["replies"] for r in rounds] == [4, 4, 4]

@@ -9,12 +9,27 @@ from cmfl_flower.config import EncoderConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.encoder import (
     LoraSpec,
+    TrainingSet,
     accuracy,
-    class_text_features,
     load_encoder,
+    proximal_term,
+    resize_uint8,
     to_pixels,
     train_encoder,
+    weighted_cross_entropy,
 )
+from cmfl_flower.tokens import TextSide
+
+
+def class_text_features(bundle, names):
+    text = TextSide.build(bundle, "a photo of a {name}.")
+    with torch.no_grad():
+        return text.encode([text.name_vectors(n) for n in names])
+
+
+def as_set(images, labels, weight=1.0):
+    return TrainingSet.mix(32, (images, labels, weight))
+
 
 CFG = EncoderConfig(epochs=10, lr=1e-2, batch_size=32)
 
@@ -66,7 +81,7 @@ def test_training_changes_only_the_adapter_and_raises_accuracy(encoder, digits):
     frozen = {n: p.clone() for n, p in encoder.bundle.model.named_parameters() if ".lora_" not in n}
     text = class_text_features(encoder.bundle, digits.class_names[:2])
     before = accuracy(encoder, images, labels, text, 64)
-    loss = train_encoder(encoder, images, labels, text, CFG, seed=0)
+    loss = train_encoder(encoder, as_set(images, labels), text, CFG, seed=0)
     after = accuracy(encoder, images, labels, text, 64)
     assert np.isfinite(loss)
     assert before < 0.7 and after > 0.85, (before, after)
@@ -84,7 +99,7 @@ def test_adapters_swap_without_leaking_between_clients(encoder, digits):
     pixels = to_pixels(digits.images[:8], encoder.bundle)
     text = class_text_features(encoder.bundle, digits.class_names)
     encoder.load_lora_state(encoder.init_state)
-    train_encoder(encoder, digits.images[:64], digits.labels[:64], text, CFG, seed=1)
+    train_encoder(encoder, as_set(digits.images[:64], digits.labels[:64]), text, CFG, seed=1)
     trained = encoder.lora_state()
     with torch.no_grad():
         trained_features = encoder.encode_images(pixels)
@@ -108,6 +123,40 @@ def test_training_is_reproducible_for_a_seed(encoder, digits):
     results = []
     for _ in range(2):
         encoder.load_lora_state(encoder.init_state)
-        train_encoder(encoder, digits.images[:64], digits.labels[:64], text, CFG, seed=7)
+        train_encoder(encoder, as_set(digits.images[:64], digits.labels[:64]), text, CFG, seed=7)
         results.append(encoder.lora_state())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_sample_weight_scales_the_gradient_of_a_sample():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0])
+    grads: list[torch.Tensor] = []
+    for weights in (torch.ones(4), torch.tensor([1.0, 1.0, 1.0, 0.1])):
+        logits.grad = None
+        weighted_cross_entropy(logits, target, weights).backward()
+        assert logits.grad is not None
+        grads.append(logits.grad.clone())
+    # the down-weighted sample's gradient shrinks relative to the others'
+    ratio_full = grads[0][3].norm() / grads[0][0].norm()
+    ratio_low = grads[1][3].norm() / grads[1][0].norm()
+    assert torch.isclose(ratio_low, ratio_full * 0.1, rtol=1e-5)
+    unweighted = torch.nn.functional.cross_entropy(logits, target)
+    assert torch.isclose(weighted_cross_entropy(logits, target, torch.ones(4)), unweighted)
+
+
+def test_mix_resizes_and_weights_generated_images(digits):
+    generated = np.zeros((3, 32, 32, 3), np.uint8)
+    data = TrainingSet.mix(
+        32, (digits.images[:5], digits.labels[:5], 1.0), (generated, np.array([1, 2, 3]), 0.25)
+    )
+    assert data.images.shape == (8, 32, 32, 3) and data.images.dtype == np.uint8
+    assert data.weights.tolist() == [1.0] * 5 + [0.25] * 3
+    assert resize_uint8(digits.images[:2], 16).shape == (2, 16, 16, 3)
+
+
+def test_proximal_term_is_half_squared_distance():
+    a = [torch.nn.Parameter(torch.tensor([1.0, 2.0]))]
+    b = [torch.tensor([0.0, 0.0])]
+    assert float(proximal_term(a, b).detach()) == 2.5

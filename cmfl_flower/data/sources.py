@@ -22,6 +22,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "tiny-imagenet", "folder")
+# Number of classes of each fixed dataset (a local folder has as many as it has sub-folders).
+CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
 DIGITS_SPLITS: tuple[str, ...] = ("public", "train", "test")
 SPLITS: tuple[str, ...] = ("train", "test")
 DIGIT_NAMES: tuple[str, ...] = (

@@ -16,11 +16,16 @@ from flwr.serverapp import Grid
 
 from cmfl_flower.config import AppConfig
 from cmfl_flower.results import RunRecorder
+from cmfl_flower.strategies.averaging import FedAvgEncoder, FedProxEncoder
 from cmfl_flower.strategies.base import CmflStrategy
 from cmfl_flower.strategies.local_only import LocalOnly
+from cmfl_flower.strategies.relay import CmflRelay
 
 STRATEGIES: dict[str, type[CmflStrategy]] = {
+    "cmfl-relay": CmflRelay,
     "local-only": LocalOnly,
+    "fedavg-encoder": FedAvgEncoder,
+    "fedprox-encoder": FedProxEncoder,
 }
 
 __all__ = ["STRATEGIES", "CmflStrategy", "build_strategy", "run_federation"]

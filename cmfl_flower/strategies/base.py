@@ -9,10 +9,12 @@ A strategy is a Flower :class:`~flwr.serverapp.strategy.Strategy` constructed as
 * seeded sampling of ``federation.fraction`` of the nodes *every* round, waiting up to
   ``federation.wait-for-nodes`` seconds for ``federation.min-nodes`` to connect;
 * messages that carry the whole flat run config (clients parse it with the same model);
-* recording of every client's metrics and the round's mean/min/max, error replies counted.
+* recording of every client's metrics, the bytes of every message sent and received, and
+  the round's summary; error replies and refused replies are logged and counted.
 
-Subclasses override :meth:`train_content` to add records for a node and
-:meth:`aggregate_train` to combine replies (call :meth:`record_round` to keep results).
+Subclasses override :meth:`arrays_for` (what a node receives besides the config),
+:meth:`absorb` (take one reply's arrays; return a reason to refuse them) and
+:meth:`end_round` (combine what was absorbed).
 """
 
 from __future__ import annotations
@@ -24,16 +26,42 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from cmfl_flower.config import AppConfig
-from cmfl_flower.protocol import CONFIG_KEY, METRICS_KEY, ROUND_KEY, TASK_KEY
+from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY, TASK_KEY
 from cmfl_flower.results import Row, RunRecorder
 
-SUMMARY_METRICS = ("local-acc", "global-acc")
+Arrays = dict[str, np.ndarray]
+SPREAD_METRICS = ("local-acc", "global-acc")  # reported as mean, min and max
+TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received")  # reported as sums
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of ``message`` as Flower ships it: every serialised object of its tree."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    """Numpy arrays as an ArrayRecord (Flower wants ``Array`` values)."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    """An ArrayRecord as numpy arrays."""
+    return {key: array.numpy() for key, array in record.items()}
 
 
 class CmflStrategy(Strategy):
@@ -44,6 +72,20 @@ class CmflStrategy(Strategy):
     def __init__(self, cfg: AppConfig, recorder: RunRecorder) -> None:
         self.cfg = cfg
         self.recorder = recorder
+        self._sent_bytes: dict[int, int] = {}
+
+    # ----- hooks for subclasses ----------------------------------------------------------
+    def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
+        """Arrays to send to ``node_id`` this round (None: none)."""
+        return None
+
+    def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
+        """Take one reply's arrays; return why they are refused, or None."""
+        return None
+
+    def end_round(self, server_round: int) -> dict[str, Any]:
+        """Combine the absorbed replies; return extra summary metrics."""
+        return {}
 
     # ----- sampling and messages -------------------------------------------------------
     def sample(self, grid: Grid, server_round: int) -> list[int]:
@@ -61,20 +103,26 @@ class CmflStrategy(Strategy):
         return sorted(random.Random(f"{self.cfg.seed}/{server_round}").sample(nodes, size))
 
     def train_content(self, server_round: int, node_id: int) -> RecordDict:
-        """The records sent to ``node_id``: task name, round and the run config."""
+        """The records sent to ``node_id``: run config and round, task, optional arrays."""
         config = ConfigRecord({**self.cfg.to_run_config(), ROUND_KEY: server_round})
-        return RecordDict({CONFIG_KEY: config, TASK_KEY: ConfigRecord({"name": self.task})})
+        content = RecordDict({CONFIG_KEY: config, TASK_KEY: ConfigRecord({"name": self.task})})
+        arrays = self.arrays_for(server_round, node_id)
+        if arrays is not None:
+            content[ARRAYS_KEY] = to_record(arrays)
+        return content
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per sampled node."""
+        """One message per sampled node; remembers how many bytes each carries."""
         nodes = self.sample(grid, server_round)
         log(INFO, "round %d: sampled %d node(s)", server_round, len(nodes))
-        return [
+        messages = [
             Message(self.train_content(server_round, node), node, MessageType.TRAIN)
             for node in nodes
         ]
+        self._sent_bytes = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -88,44 +136,45 @@ class CmflStrategy(Strategy):
         """Nothing to aggregate (see :meth:`configure_evaluate`)."""
         return None
 
-    # ----- results ---------------------------------------------------------------------
-    def client_rows(self, server_round: int, replies: Iterable[Message]) -> list[Row]:
-        """Every reply as a row of metrics; error replies are logged and flagged."""
-        rows: list[Row] = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error)
-                rows.append({"node-id": node, "error": str(reply.error.reason)})
-                continue
-            metrics = reply.content.metric_records.get(METRICS_KEY, MetricRecord())
-            rows.append({"node-id": node, **dict(metrics)})
-        return rows
+    # ----- replies and results ---------------------------------------------------------
+    def _row(self, server_round: int, reply: Message) -> Row:
+        node = reply.metadata.src_node_id
+        row: Row = {"node-id": node, "bytes-sent": self._sent_bytes.get(node, 0)}
+        row["bytes-received"] = message_bytes(reply)
+        if reply.has_error():
+            log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
+            return row | {"error": str(reply.error.reason)}
+        content = reply.content
+        row |= dict(content.metric_records.get(METRICS_KEY, MetricRecord()))
+        record = content.array_records.get(ARRAYS_KEY)
+        reason = self.absorb(server_round, node, row, from_record(record) if record else {})
+        if reason is not None:
+            log(WARNING, "round %d: refused reply of node %d: %s", server_round, node, reason)
+            return row | {"refused": reason}
+        return row
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every reply, let the subclass combine them, store the round summary."""
+        rows = [self._row(server_round, reply) for reply in replies]
+        extra = self.end_round(server_round)
+        return None, self.record_round(server_round, rows, **extra)
 
     def record_round(self, server_round: int, rows: list[Row], **extra: Any) -> MetricRecord:
         """Store the client rows and the round summary; return the summary."""
-        ok = [row for row in rows if "error" not in row]
-        summary: dict[str, Any] = {"replies": len(ok), "errors": len(rows) - len(ok)}
-        for name in SUMMARY_METRICS:
-            values = [float(row[name]) for row in ok if name in row]
-            if values:
-                summary |= {
-                    f"{name}-mean": float(np.mean(values)),
-                    f"{name}-min": min(values),
-                    f"{name}-max": max(values),
-                }
-        summary |= extra
+        ok = [row for row in rows if "error" not in row and "refused" not in row]
+        summary: dict[str, Any] = {
+            "replies": len(ok),
+            "errors": sum("error" in row for row in rows),
+            "refused": sum("refused" in row for row in rows),
+        }
+        summary |= _spread(ok) | _totals(rows) | _mean_seconds(ok) | extra
         self.recorder.add_clients(server_round, rows)
         self.recorder.add_round(server_round, summary)
         for row in sorted(ok, key=lambda r: r.get("partition-id", -1)):
             log(INFO, "round %d: %s", server_round, _format_row(row))
         return MetricRecord(summary)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record the replies; no weights are aggregated by default."""
-        return None, self.record_round(server_round, self.client_rows(server_round, replies))
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -139,6 +188,28 @@ class CmflStrategy(Strategy):
             fed.fraction,
             fed.min_nodes,
         )
+
+
+def _spread(rows: list[Row]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in SPREAD_METRICS:
+        values = [float(row[name]) for row in rows if name in row]
+        if values:
+            out |= {
+                f"{name}-mean": float(np.mean(values)),
+                f"{name}-min": min(values),
+                f"{name}-max": max(values),
+            }
+    return out
+
+
+def _totals(rows: list[Row]) -> dict[str, int]:
+    return {name: int(sum(row.get(name, 0) for row in rows)) for name in TOTAL_METRICS}
+
+
+def _mean_seconds(rows: list[Row]) -> dict[str, float]:
+    keys = sorted({key for row in rows for key in row if key.startswith("seconds-")})
+    return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
 
 
 def _format_row(row: Row) -> str:

@@ -1,0 +1,226 @@
+"""Synthetic images from received class-token vectors (step 3 of the method).
+
+A client receives other clients' class-token vectors, which live in the token space shared by
+its CLIP and the diffusion pipeline's text encoder. :class:`Generator` lays each vector set into
+the prompt template, runs the pipeline's text encoder with the vectors substituted at the name
+positions (:func:`cmfl_flower.prompts.substituted`) and denoises with classifier-free guidance.
+
+Every image has its own noise seed, derived from ``(run seed, round, sender, class, index)``
+(:func:`image_seed`): reruns reproduce, images never share noise, and an image does not depend on
+the batch it was drawn in. The pipeline is loaded once per process (:func:`load_generator`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import open_clip
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
+from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
+
+from cmfl_flower.backbones import Preset, build_tiny_pipeline, load_clip, load_pipeline
+from cmfl_flower.config import GenerationConfig
+from cmfl_flower.prompts import PromptTemplate, substituted
+
+SCHEDULERS = ("dpm-solver++", "pndm", "ddim")
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Class-token vectors of one class, as received from one client."""
+
+    sender: int  # id of the client that sent the vectors
+    class_id: int  # label id the generated images get
+    vectors: torch.Tensor  # (n_tokens, D) in the shared token space
+
+    def __post_init__(self) -> None:
+        if self.sender < 0 or self.class_id < 0:
+            raise ValueError(
+                f"sender and class_id must be >= 0, got {self.sender} and {self.class_id}"
+            )
+        if self.vectors.ndim != 2 or self.vectors.shape[0] < 1:
+            raise ValueError(
+                f"vectors must be (n_tokens >= 1, D), got shape {tuple(self.vectors.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    """Generated images with their labels and the client each label came from."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64 class ids
+    senders: np.ndarray  # (N,) int64 client ids
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One image to draw: which request it renders and with which seed."""
+
+    request: int  # index into the request list
+    seed: int
+
+
+def image_seed(run_seed: int, server_round: int, sender: int, class_id: int, index: int) -> int:
+    """A stable 63-bit noise seed for one image (blake2b of the tuple, not ``hash()``)."""
+    key = f"cmfl-flower/image/{run_seed}/{server_round}/{sender}/{class_id}/{index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & _SEED_MASK
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+    """The scheduler called ``name`` (``generation.scheduler``), built from ``base_config``.
+
+    PNDM skips its Runge-Kutta warm-up (PLMS only, as Stable Diffusion configures it), which
+    also lets it run with fewer steps than its order.
+    """
+    if name == "dpm-solver++":
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++"
+        )
+    elif name == "pndm":
+        scheduler = PNDMScheduler.from_config(base_config, skip_prk_steps=True)
+    elif name == "ddim":
+        scheduler = DDIMScheduler.from_config(base_config)
+    else:
+        raise ValueError(
+            f"generation.scheduler = {name!r} is unknown; allowed: {', '.join(SCHEDULERS)}"
+        )
+    return cast(SchedulerMixin, scheduler)
+
+
+def _batches(jobs: list[_Job], size: int) -> Iterator[list[_Job]]:
+    for start in range(0, len(jobs), size):
+        yield jobs[start : start + size]
+
+
+class Generator:
+    """A loaded pipeline plus the prompt template; turns token vectors into images."""
+
+    def __init__(self, pipeline: Any, template: PromptTemplate) -> None:
+        tokenizer = pipeline.tokenizer
+        if (template.sot, template.eot) != (tokenizer.bos_token_id, tokenizer.eos_token_id):
+            raise ValueError(
+                f"prompt template start/end ids {(template.sot, template.eot)} differ from the "
+                f"pipeline tokenizer's {(tokenizer.bos_token_id, tokenizer.eos_token_id)}"
+            )
+        self.pipeline = pipeline
+        self.template = template
+        self._base_scheduler_config = dict(pipeline.scheduler.config)
+        self._schedulers: dict[str, SchedulerMixin] = {}
+        self._negative: torch.Tensor | None = None  # (1, L, D_text), the empty prompt
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline runs."""
+        return torch.device(self.pipeline.device)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The pipeline's default (height, width)."""
+        size = self.pipeline.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        factor = int(self.pipeline.vae_scale_factor)
+        return int(height) * factor, int(width) * factor
+
+    def prompt_embeds(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """Text-encoder states (B, L, D_text) of the template with ``vectors[b]`` as the name."""
+        text_encoder = self.pipeline.text_encoder
+        width = int(text_encoder.config.hidden_size)
+        for v in vectors:
+            if v.ndim != 2 or v.shape[1] != width:
+                raise ValueError(
+                    f"class-token vectors have dim {v.shape[-1]} (shape {tuple(v.shape)}), but "
+                    f"the text encoder's hidden size is {width}"
+                )
+        tokenizer = self.pipeline.tokenizer
+        ids, mask = self.template.layout(  # (B, L), (B, L)
+            [v.shape[0] for v in vectors], tokenizer.model_max_length, tokenizer.pad_token_id
+        )
+        flat = torch.cat(vectors).to(self.device)  # (K, D), K = mask.sum()
+        with torch.no_grad(), substituted(text_encoder.get_input_embeddings(), mask, flat):
+            out = text_encoder(input_ids=ids.to(self.device))
+        return out[0]  # type: ignore[no-any-return]  # last_hidden_state (B, L, D_text)
+
+    def _negative_embeds(self) -> torch.Tensor:
+        """The pipeline's own encoding (1, L, D_text) of the empty prompt, computed once."""
+        if self._negative is None:
+            embeds, _ = self.pipeline.encode_prompt("", self.device, 1, False)
+            self._negative = embeds
+        return self._negative
+
+    def _use_scheduler(self, name: str) -> None:
+        """Put the ``name`` scheduler on the pipeline (built once per name, then reused)."""
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._base_scheduler_config)
+        self.pipeline.scheduler = self._schedulers[name]
+
+    def _render(self, embeds: torch.Tensor, seeds: list[int], cfg: GenerationConfig) -> np.ndarray:
+        """Denoise one batch: embeds (B, L, D_text) -> images (B, H, W, 3) uint8."""
+        negative = self._negative_embeds().expand(embeds.shape[0], -1, -1)  # (B, L, D_text)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = self.pipeline(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=generators,
+            output_type="np",
+        )
+        images = np.asarray(out.images, dtype=np.float32)  # (B, H, W, 3) in [0, 1]
+        return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        cfg: GenerationConfig,
+        run_seed: int,
+        server_round: int,
+        show_progress: bool = False,
+    ) -> GeneratedImages:
+        """``cfg.images_per_class`` images per request, each with its own noise seed."""
+        jobs = [
+            _Job(r, image_seed(run_seed, server_round, req.sender, req.class_id, i))
+            for r, req in enumerate(requests)
+            for i in range(cfg.images_per_class)
+        ]
+        labels = np.array([requests[j.request].class_id for j in jobs], dtype=np.int64)
+        senders = np.array([requests[j.request].sender for j in jobs], dtype=np.int64)
+        if not jobs:
+            empty = np.zeros((0, *self.image_size, 3), dtype=np.uint8)
+            return GeneratedImages(empty, labels, senders)
+        self._use_scheduler(cfg.scheduler)
+        chunks: list[np.ndarray] = []
+        with torch.no_grad():
+            embeds = self.prompt_embeds([req.vectors for req in requests])  # (R, L, D_text)
+            batches = list(_batches(jobs, cfg.batch_size))
+            for batch in tqdm(batches, desc="generating", disable=not show_progress):
+                rows = torch.tensor([j.request for j in batch], device=embeds.device)
+                chunks.append(self._render(embeds[rows], [j.seed for j in batch], cfg))
+        return GeneratedImages(np.concatenate(chunks), labels, senders)
+
+
+@functools.cache
+def load_generator(preset: Preset, device_name: str, seed: int, template: str) -> Generator:
+    """The preset's pipeline and prompt template, loaded once per process."""
+    device = torch.device(device_name)
+    if preset.diffusion:
+        pipeline = load_pipeline(preset.diffusion, device, torch.float32)
+        tokenizer = open_clip.get_tokenizer(preset.clip)  # the CLIP itself is not needed here
+    else:
+        bundle = load_clip(preset, device_name, seed)  # tiny: its token table seeds the pipeline
+        tmp_dir = Path(tempfile.mkdtemp(prefix="cmfl-tiny-sd-"))
+        pipeline = build_tiny_pipeline(bundle.model, seed, tmp_dir).to(device)
+        tokenizer = bundle.tokenizer
+        del bundle  # drop the CLIP copy; only its tokenizer is kept
+    pipeline.set_progress_bar_config(disable=True)
+    return Generator(pipeline, PromptTemplate.build(tokenizer, template))

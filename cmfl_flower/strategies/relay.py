@@ -1,0 +1,65 @@
+"""``cmfl-relay``: the method. The server relays learned class-token vectors between clients.
+
+Every round the sampled clients receive the latest vectors of every *other* client (record
+``arrays``, schema in :mod:`cmfl_flower.wire`), generate images from them, update their vision
+LoRA, train their own vectors and send those back. Only vectors and scalar metrics leave a
+client: no image, image feature or weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.config import AppConfig
+from cmfl_flower.data.sources import CLASS_COUNTS
+from cmfl_flower.results import Row, RunRecorder
+from cmfl_flower.strategies.base import Arrays, CmflStrategy
+from cmfl_flower.wire import TokenEntry, WireError, WireLimits, parse_reply, relay_arrays
+
+UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
+
+
+class CmflRelay(CmflStrategy):
+    """Relay each client's latest class tokens to the other sampled clients."""
+
+    task = "cmfl-relay"
+
+    def __init__(self, cfg: AppConfig, recorder: RunRecorder) -> None:
+        super().__init__(cfg, recorder)
+        self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
+        self.partitions: dict[int, int] = {}  # node id -> partition id
+        self.labelled = cfg.tokens.relay == "labelled"
+        self.limits = WireLimits(
+            token_dim=resolve_preset(cfg.backbone).token_dim,
+            num_classes=CLASS_COUNTS.get(cfg.data.dataset, UNKNOWN_CLASS_COUNT),
+            max_tokens=cfg.tokens.max_tokens,
+            max_bytes=cfg.tokens.max_bytes,
+        )
+
+    def arrays_for(self, server_round: int, node_id: int) -> Arrays:
+        """The latest vectors of every sender except the node itself."""
+        own = self.partitions.get(node_id)
+        entries = [
+            entry for sender, sent in sorted(self.latest.items()) if sender != own for entry in sent
+        ]
+        return relay_arrays(entries)
+
+    def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
+        """Validate the reply's vectors and keep them as the sender's latest."""
+        partition = row.get("partition-id")
+        if not isinstance(partition, int) or partition < 0:
+            return f"metric 'partition-id' missing or invalid: {partition!r}"
+        try:
+            entries = parse_reply(arrays, self.limits, self.labelled)
+        except WireError as err:
+            return str(err)
+        self.partitions[node_id] = partition
+        self.latest[partition] = [
+            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
+        ]
+        return None
+
+    def end_round(self, server_round: int) -> dict[str, Any]:
+        """Report how many senders' vectors the server holds."""
+        return {"senders-known": len(self.latest)}

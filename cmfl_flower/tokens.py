@@ -1,0 +1,166 @@
+"""Learned class tokens: the vectors that replace a class name's tokens in the prompt.
+
+A client's :class:`ClassTokenBank` holds, for every class it has seen, an ``(n, D)`` tensor
+initialised from the CLIP's pretrained token embeddings of the class name. Text features come
+from the frozen open_clip text tower with the vectors substituted at the name's positions
+(:mod:`cmfl_flower.prompts`); training moves the bank and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmfl_flower.backbones import ClipBundle
+from cmfl_flower.config import TokensConfig
+from cmfl_flower.encoder import ClipEncoder, to_pixels
+from cmfl_flower.prompts import PromptTemplate, substituted
+
+TokenState = dict[str, torch.Tensor]
+
+
+def state_key(class_id: int) -> str:
+    """The key of a class's vectors in saved state and on the wire (``c<id>``)."""
+    return f"c{class_id}"
+
+
+@dataclass
+class TextSide:
+    """The CLIP text tower and prompt layout, ready to encode class-token vectors."""
+
+    bundle: ClipBundle
+    template: PromptTemplate
+
+    @classmethod
+    def build(cls, bundle: ClipBundle, template: str) -> TextSide:
+        """Tokenise ``template`` with the bundle's tokenizer."""
+        if not hasattr(bundle.model, "token_embedding"):
+            raise ValueError("class tokens need an open_clip CLIP with a built-in text tower")
+        return cls(bundle, PromptTemplate.build(bundle.tokenizer, template))
+
+    @property
+    def token_dim(self) -> int:
+        """Width D of the token embeddings."""
+        return int(self.bundle.model.token_embedding.weight.shape[1])
+
+    def name_vectors(self, name: str) -> torch.Tensor:
+        """(n, D) pretrained token embeddings of ``name`` (a copy)."""
+        ids = torch.tensor(self.bundle.tokenizer.encode(name), device=self.bundle.device)
+        if len(ids) == 0:
+            raise ValueError(f"class name {name!r} has no tokens")
+        table: torch.Tensor = self.bundle.model.token_embedding.weight
+        return table[ids].detach().clone()
+
+    def encode(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """(C, E) unit-norm text features of prompts whose name slots hold ``vectors[c]``.
+
+        vectors[c]: (n_c, D). Gradients flow to the vectors only.
+        """
+        model = self.bundle.model
+        ids, mask = self.template.layout(
+            [len(v) for v in vectors], int(model.positional_embedding.shape[0]), pad_id=0
+        )
+        flat = torch.cat(vectors).to(self.bundle.device)  # (K, D)
+        with substituted(model.token_embedding, mask, flat):
+            features: torch.Tensor = model.encode_text(ids.to(self.bundle.device), normalize=True)
+        return features
+
+
+class ClassTokenBank(torch.nn.Module):
+    """Learnable name-token vectors for a client's classes, always in sorted class order."""
+
+    def __init__(self, vectors: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.class_ids = sorted(vectors)
+        self.vectors = torch.nn.ParameterList(
+            torch.nn.Parameter(vectors[c].detach().clone().float()) for c in self.class_ids
+        )
+
+    @classmethod
+    def from_names(
+        cls, text: TextSide, class_ids: list[int], class_names: tuple[str, ...]
+    ) -> ClassTokenBank:
+        """Initialise each class from the pretrained embeddings of its name."""
+        return cls({c: text.name_vectors(class_names[c]) for c in class_ids})
+
+    @classmethod
+    def from_state(cls, state: TokenState) -> ClassTokenBank:
+        """Rebuild a bank saved with :meth:`state`."""
+        return cls({int(key.removeprefix("c")): value for key, value in state.items()})
+
+    def state(self) -> TokenState:
+        """CPU copies of the vectors, keyed ``c<class id>``."""
+        return {
+            state_key(c): v.detach().to("cpu", copy=True)
+            for c, v in zip(self.class_ids, self.vectors, strict=True)
+        }
+
+    def get(self, class_id: int) -> torch.Tensor:
+        """(n, D) vectors of ``class_id``."""
+        vectors: torch.Tensor = self.vectors[self.class_ids.index(class_id)]
+        return vectors
+
+
+def class_vectors(
+    text: TextSide,
+    bank: ClassTokenBank,
+    class_names: tuple[str, ...],
+    fallback: dict[int, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """(n_c, D) vectors for every class: the bank's, else ``fallback``'s, else the name's."""
+    fallback = fallback or {}
+    vectors = []
+    for class_id, name in enumerate(class_names):
+        if class_id in bank.class_ids:
+            vectors.append(bank.get(class_id))
+        elif class_id in fallback:
+            vectors.append(fallback[class_id])
+        else:
+            vectors.append(text.name_vectors(name))
+    return vectors
+
+
+@torch.no_grad()
+def image_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(N, E) unit-norm image features; images: (N, H, W, 3) uint8."""
+    chunks = [
+        encoder.encode_images(to_pixels(images[start : start + batch_size], encoder.bundle))
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def train_bank(
+    text: TextSide,
+    bank: ClassTokenBank,
+    features: torch.Tensor,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    cfg: TokensConfig,
+    seed: int,
+) -> float:
+    """Cross-entropy over image-text logits; only the bank's vectors move. Mean loss.
+
+    features: (N, E) fixed image features; labels: (N,) class ids over ``class_names``.
+    """
+    optimizer = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scale = text.bundle.model.logit_scale.exp().detach()
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.from_numpy(labels).to(features.device)
+    losses: list[float] = []
+    with torch.enable_grad():
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(features), generator=generator)
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                text_features = text.encode(class_vectors(text, bank, class_names))  # (C, E)
+                logits = scale * features[idx] @ text_features.T  # (B, C)
+                loss = F.cross_entropy(logits, target[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+    return float(np.mean(losses))

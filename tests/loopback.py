@@ -1,0 +1,78 @@
+"""An in-process Grid: the real ServerApp strategy talks to the real ClientApp, no Ray.
+
+Every message and reply is kept for inspection. Each node has its own ``Context`` (its
+``context.state`` persists across rounds, as on a SuperNode). A client that raises produces
+an error reply, as Flower does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+ClientCall = Callable[[Message, Context], Message]
+
+
+class LoopbackGrid(Grid):
+    """Deliver each message to an in-process ClientApp and return its reply."""
+
+    def __init__(self, client_app: ClientCall, num_nodes: int, first_node_id: int = 1000) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            first_node_id + pid: Context(
+                run_id=1,
+                node_id=first_node_id + pid,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for pid in range(num_nodes)
+        }
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.overrides: dict[int, ClientCall] = {}  # node id -> another ClientApp
+        # what a ServerApp process has set before it builds messages
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    # --- Grid API used by strategies ---
+    def set_run(self, run):  # pragma: no cover - not used in-process
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def get_nodes(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            app = self.overrides.get(node, self.client_app)
+            try:
+                reply = app(message, self.contexts[node])
+            except Exception as err:
+                reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.replies.append(reply)
+            replies.append(reply)
+        return replies
