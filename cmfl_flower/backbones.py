@@ -14,13 +14,14 @@ import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import open_clip
 import torch
 from safetensors.torch import save_file
 
 from cmfl_flower.config import BackboneConfig
+from cmfl_flower.zoo import locate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ class Preset:
     clip_pretrained: str  # open_clip pretrained tag or checkpoint file ("" = none)
     diffusion: str  # diffusers hub id or local directory ("" = build from configs)
     token_dim: int  # width of the shared token embeddings
-    random_init_ok: bool = False  # may the CLIP load without weights (seeded random init)?
 
 
+ZOO = "zoo:"  # a path inside the project's own zoo (see cmfl_flower.zoo.locate)
 PRESETS: dict[str, Preset] = {
-    # Untrained until the project ships its own weights: seeded random init, offline.
-    "tiny": Preset("tiny", f"{LOCAL_DIR}{ZOO_DIR / 'tiny' / 'clip'}", "", "", 64, True),
+    # Trained by `python -m cmfl_flower.zoo.train_tiny` on public digits; ships with the package.
+    "tiny": Preset("tiny", f"{ZOO}tiny/clip", "", f"{ZOO}tiny/diffusion", 64),
     "bk-sdm-small": Preset("bk-sdm-small", "ViT-L-14", "openai", "nota-ai/bk-sdm-small", 768),
     "bk-sdm-v2-small": Preset(
         "bk-sdm-v2-small", "ViT-H-14", "laion2b_s32b_b79k", "nota-ai/bk-sdm-v2-small", 1024
@@ -72,13 +73,15 @@ def resolve_preset(cfg: BackboneConfig) -> Preset:
         clip = cfg.clip
         if Path(clip).expanduser().is_absolute():
             clip = f"{LOCAL_DIR}{Path(clip).expanduser()}"
-        preset = replace(
-            preset, clip=clip, clip_pretrained=cfg.clip_pretrained, random_init_ok=False
-        )
+        preset = replace(preset, clip=clip, clip_pretrained=cfg.clip_pretrained)
     elif cfg.clip_pretrained:
-        preset = replace(preset, clip_pretrained=cfg.clip_pretrained, random_init_ok=False)
+        preset = replace(preset, clip_pretrained=cfg.clip_pretrained)
     if cfg.diffusion:
         preset = replace(preset, diffusion=cfg.diffusion)
+    if preset.clip.startswith(ZOO):
+        preset = replace(preset, clip=f"{LOCAL_DIR}{locate(preset.clip.removeprefix(ZOO))}")
+    if preset.diffusion.startswith(ZOO):
+        preset = replace(preset, diffusion=str(locate(preset.diffusion.removeprefix(ZOO))))
     return preset
 
 
@@ -98,7 +101,7 @@ def _check_local_clip(preset: Preset) -> None:
     if not (directory / CLIP_CONFIG_FILE).is_file():
         raise ValueError(f"CLIP directory {directory} has no {CLIP_CONFIG_FILE}")
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
-    if not has_weights and not preset.random_init_ok:
+    if not has_weights:
         raise ValueError(f"CLIP directory {directory} holds no weights (*.safetensors, *.bin)")
 
 
@@ -151,6 +154,69 @@ def tiny_clip_config() -> dict[str, Any]:
     return dict(config["model_cfg"])
 
 
+def clip_text_to_hf(clip: open_clip.CLIP) -> Any:
+    """The CLIP's text tower as a transformers ``CLIPTextModel`` (same weights, same outputs).
+
+    This is how a Stable Diffusion text encoder relates to its CLIP: the pipeline reads class
+    tokens through exactly the function the CLIP was trained with. Needs a built-in open_clip
+    text tower with GELU (not QuickGELU) and no layer scale.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    blocks = clip.transformer.resblocks
+    width = int(clip.token_embedding.weight.shape[1])
+    config = CLIPTextConfig(
+        vocab_size=int(clip.token_embedding.weight.shape[0]),
+        hidden_size=width,
+        intermediate_size=int(blocks[0].mlp.c_fc.out_features),
+        num_hidden_layers=len(blocks),
+        num_attention_heads=int(blocks[0].attn.num_heads),
+        max_position_embeddings=int(clip.positional_embedding.shape[0]),
+        projection_dim=int(clip.text_projection.shape[1]),
+        hidden_act="gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model = CLIPTextModel(config)
+    # transformers 4 nests the tower under ``text_model.``; transformers 5 does not
+    nested = any(key.startswith("text_model.") for key in model.state_dict())
+    state = {
+        (key if nested else key.removeprefix("text_model.")): value
+        for key, value in _hf_text_state(clip).items()
+    }
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _hf_text_state(clip: open_clip.CLIP) -> dict[str, torch.Tensor]:
+    """open_clip text-tower weights under transformers' ``CLIPTextModel`` names."""
+    state = {
+        "text_model.embeddings.token_embedding.weight": clip.token_embedding.weight,
+        "text_model.embeddings.position_embedding.weight": clip.positional_embedding,
+        "text_model.final_layer_norm.weight": clip.ln_final.weight,
+        "text_model.final_layer_norm.bias": clip.ln_final.bias,
+    }
+    for i, block in enumerate(clip.transformer.resblocks):
+        prefix = f"text_model.encoder.layers.{i}."
+        q, k, v = block.attn.in_proj_weight.chunk(3)  # (3W, W) -> 3 x (W, W)
+        qb, kb, vb = block.attn.in_proj_bias.chunk(3)
+        names = {
+            "self_attn.q_proj": (q, qb),
+            "self_attn.k_proj": (k, kb),
+            "self_attn.v_proj": (v, vb),
+            "self_attn.out_proj": (block.attn.out_proj.weight, block.attn.out_proj.bias),
+            "layer_norm1": (block.ln_1.weight, block.ln_1.bias),
+            "layer_norm2": (block.ln_2.weight, block.ln_2.bias),
+            "mlp.fc1": (block.mlp.c_fc.weight, block.mlp.c_fc.bias),
+            "mlp.fc2": (block.mlp.c_proj.weight, block.mlp.c_proj.bias),
+        }
+        for name, (weight, bias) in names.items():
+            state[f"{prefix}{name}.weight"] = weight
+            state[f"{prefix}{name}.bias"] = bias
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
 def write_clip_tokenizer_files(out_dir: Path) -> Path:
     """Write ``vocab.json`` + ``merges.txt`` equal to open_clip's BPE (for ``CLIPTokenizer``)."""
     bpe_path = Path(open_clip.tokenizer.default_bpe())
@@ -166,11 +232,19 @@ def write_clip_tokenizer_files(out_dir: Path) -> Path:
     return out_dir
 
 
-def build_tiny_pipeline(clip: open_clip.CLIP, seed: int, tmp_dir: Path) -> Any:
-    """Build the tiny SD-compatible pipeline from configs, seeded.
+def tiny_components() -> dict[str, dict[str, Any]]:
+    """The configs of the tiny pipeline's UNet, VAE and scheduler (``components.json``)."""
+    config: dict[str, dict[str, Any]] = json.loads(TINY_COMPONENTS_FILE.read_text())
+    return config
 
-    Its text encoder's token-embedding table is a copy of ``clip``'s, so both models read
-    class-token vectors in the same space. ``tmp_dir`` receives the tokenizer files.
+
+def build_tiny_pipeline(
+    clip: open_clip.CLIP, tokenizer_dir: Path, vae: Any = None, unet: Any = None
+) -> Any:
+    """An SD-compatible pipeline whose text encoder is ``clip``'s text tower.
+
+    ``vae`` and ``unet`` default to fresh ones built from :func:`tiny_components` (seed torch
+    first for a reproducible initialisation). ``tokenizer_dir`` receives the tokenizer files.
     """
     from diffusers import (
         AutoencoderKL,
@@ -178,33 +252,28 @@ def build_tiny_pipeline(clip: open_clip.CLIP, seed: int, tmp_dir: Path) -> Any:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    components = json.loads(TINY_COMPONENTS_FILE.read_text())
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**components["unet"])
-    vae = AutoencoderKL(**components["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**components["text_encoder"]))
-    table = cast(torch.nn.Embedding, text_encoder.get_input_embeddings())
-    with torch.no_grad():
-        table.weight.copy_(clip.token_embedding.weight)  # (vocab, token_dim)
-    tokenizer_dir = write_clip_tokenizer_files(tmp_dir / "tokenizer")
+    components = tiny_components()
+    files = write_clip_tokenizer_files(tokenizer_dir)
     tokenizer = CLIPTokenizer(
-        str(tokenizer_dir / "vocab.json"),
-        str(tokenizer_dir / "merges.txt"),
+        str(files / "vocab.json"),
+        str(files / "merges.txt"),
         pad_token="<|endoftext|>",
-        model_max_length=components["text_encoder"]["max_position_embeddings"],
+        model_max_length=int(clip.positional_embedding.shape[0]),
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+    pipeline: Any = StableDiffusionPipeline(
+        vae=vae if vae is not None else AutoencoderKL(**components["vae"]),
+        text_encoder=clip_text_to_hf(clip),
         tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**components["scheduler"]),
+        unet=unet if unet is not None else UNet2DConditionModel(**components["unet"]),
+        scheduler=DDIMScheduler.from_config(components["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:

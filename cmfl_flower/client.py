@@ -280,7 +280,6 @@ def relay_round(
         generator = load_generator(
             resolve_preset(cfg.backbone),
             str(ws.encoder.bundle.device),
-            cfg.seed,
             cfg.tokens.template,
         )
         requests = _requests(ws, entries, text_features())

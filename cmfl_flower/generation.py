@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
 from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
-from cmfl_flower.backbones import Preset, build_tiny_pipeline, load_clip, load_pipeline
+from cmfl_flower.backbones import Preset, load_pipeline
 from cmfl_flower.config import GenerationConfig
 from cmfl_flower.prompts import PromptTemplate, substituted
 
@@ -210,17 +208,9 @@ class Generator:
 
 
 @functools.cache
-def load_generator(preset: Preset, device_name: str, seed: int, template: str) -> Generator:
+def load_generator(preset: Preset, device_name: str, template: str) -> Generator:
     """The preset's pipeline and prompt template, loaded once per process."""
-    device = torch.device(device_name)
-    if preset.diffusion:
-        pipeline = load_pipeline(preset.diffusion, device, torch.float32)
-        tokenizer = open_clip.get_tokenizer(preset.clip)  # the CLIP itself is not needed here
-    else:
-        bundle = load_clip(preset, device_name, seed)  # tiny: its token table seeds the pipeline
-        tmp_dir = Path(tempfile.mkdtemp(prefix="cmfl-tiny-sd-"))
-        pipeline = build_tiny_pipeline(bundle.model, seed, tmp_dir).to(device)
-        tokenizer = bundle.tokenizer
-        del bundle  # drop the CLIP copy; only its tokenizer is kept
+    pipeline = load_pipeline(preset.diffusion, torch.device(device_name), torch.float32)
+    tokenizer = open_clip.get_tokenizer(preset.clip)  # the CLIP itself is not needed here
     pipeline.set_progress_bar_config(disable=True)
     return Generator(pipeline, PromptTemplate.build(tokenizer, template))

@@ -1,14 +1,18 @@
-"""Backbone presets: the tiny preset builds offline, and the real loaders read saved models."""
+"""Backbone presets: the shipped tiny backbone loads offline, and the real loaders read saved
+models back."""
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
+from cmfl_flower import zoo
 from cmfl_flower.backbones import (
     LOCAL_DIR,
     PRESETS,
     build_tiny_pipeline,
+    clip_text_to_hf,
     load_clip,
     load_pipeline,
     resolve_device,
@@ -17,8 +21,10 @@ from cmfl_flower.backbones import (
     tiny_clip_config,
 )
 from cmfl_flower.config import BackboneConfig
+from cmfl_flower.data import load_source
+from cmfl_flower.encoder import to_pixels
 
-TINY = PRESETS["tiny"]
+TINY = resolve_preset(BackboneConfig())
 
 
 def test_real_presets_name_matching_clip_and_diffusion_models():
@@ -35,24 +41,39 @@ def test_overrides_accept_local_directories_and_hub_ids(tmp_path):
     cfg = BackboneConfig(preset="bk-sdm-small", clip=str(tmp_path), diffusion="org/other-sd")
     preset = resolve_preset(cfg)
     assert preset.clip == f"{LOCAL_DIR}{tmp_path}" and preset.diffusion == "org/other-sd"
-    hub = resolve_preset(BackboneConfig(clip="hf-hub:org/clip"))
-    assert hub.clip == "hf-hub:org/clip" and not hub.random_init_ok
+    assert resolve_preset(BackboneConfig(clip="hf-hub:org/clip")).clip == "hf-hub:org/clip"
 
 
-def test_tiny_clip_is_seeded_and_has_the_preset_token_dim():
-    first, second = load_clip(TINY, "cpu", 3), load_clip(TINY, "cpu", 3)
-    other = load_clip(TINY, "cpu", 4)
-    a, b, c = (m.model.token_embedding.weight for m in (first, second, other))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (49408, TINY.token_dim)
-    assert first.image_size == 32 and len(first.mean) == 3
+def test_tiny_preset_resolves_to_the_shipped_weights():
+    assert TINY.clip.startswith(LOCAL_DIR) and TINY.clip.endswith("tiny/clip")
+    assert (zoo.locate("tiny/clip") / "open_clip_model.safetensors").is_file()
+    assert (zoo.locate("tiny/diffusion") / "model_index.json").is_file()
+
+
+def test_zoo_without_weights_anywhere_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(zoo, "candidates", lambda: [tmp_path])
+    with pytest.raises(ValueError, match="CMFL_FLOWER_ZOO"):
+        zoo.locate("tiny/clip")
+
+
+def test_tiny_clip_is_pretrained_zero_shot_classifier_of_held_out_digits():
+    first, other_seed = load_clip(TINY, "cpu", 3), load_clip(TINY, "cpu", 4)
+    a, b = (m.model.token_embedding.weight for m in (first, other_seed))
+    assert torch.equal(a, b)  # every weight comes from disk
+    assert a.shape == (49408, TINY.token_dim) and first.image_size == 32
+    held_out = load_source("digits", "test")
+    names = [f"a photo of a {n}." for n in held_out.class_names]
+    with torch.no_grad():
+        text = first.model.encode_text(first.tokenizer(names), normalize=True)
+        image = first.model.encode_image(to_pixels(held_out.images, first), normalize=True)
+    accuracy = float(((image @ text.T).argmax(1).numpy() == held_out.labels).mean())
+    assert accuracy > 0.8, accuracy
 
 
 def test_saved_clip_loads_back_through_open_clip_local_dir(tmp_path):
     bundle = load_clip(TINY, "cpu", 1)
     save_clip(bundle.model, tiny_clip_config(), tmp_path / "clip")
-    preset = resolve_preset(BackboneConfig(clip=str(tmp_path / "clip")))
-    loaded = load_clip(preset, "cpu", 99)  # another seed: every weight must come from disk
+    loaded = load_clip(resolve_preset(BackboneConfig(clip=str(tmp_path / "clip"))), "cpu", 99)
     pixels = torch.randn(2, 3, 32, 32)
     tokens = bundle.tokenizer(["a photo of a seven."])
     with torch.no_grad():
@@ -70,19 +91,28 @@ def test_local_clip_without_weights_or_config_is_refused(tmp_path):
         load_clip(replace(TINY, clip=f"{LOCAL_DIR}{tmp_path / 'missing'}"), "cpu", 0)
 
 
-def test_tiny_pipeline_shares_the_clip_token_space(tmp_path):
+def test_pipeline_text_encoder_is_the_clip_text_tower():
+    clip = load_clip(TINY, "cpu", 0).model
+    encoder = clip_text_to_hf(clip)
+    ids = load_clip(TINY, "cpu", 0).tokenizer(["a photo of a seven.", "a photo of a Tinca tinca."])
+    with torch.no_grad():
+        x = clip.token_embedding(ids) + clip.positional_embedding
+        ours = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+        theirs = encoder(input_ids=ids).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_tiny_pipeline_tokenizer_matches_open_clip(tmp_path):
     clip = load_clip(TINY, "cpu", 0)
-    pipe = build_tiny_pipeline(clip.model, 0, tmp_path)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    assert torch.equal(table, clip.model.token_embedding.weight)
+    pipe = build_tiny_pipeline(clip.model, tmp_path)
     for prompt in ["a photo of a seven.", "a photo of a Tinca tinca, hippopotamus!"]:
         ours = pipe.tokenizer(prompt).input_ids
         assert ours == clip.tokenizer([prompt])[0][: len(ours)].tolist()
 
 
 def test_saved_pipeline_loads_back_through_diffusers(tmp_path):
-    clip = load_clip(TINY, "cpu", 0)
-    pipe = build_tiny_pipeline(clip.model, 0, tmp_path)
+    torch.manual_seed(0)
+    pipe = build_tiny_pipeline(load_clip(TINY, "cpu", 0).model, tmp_path)
     pipe.save_pretrained(tmp_path / "sd")
     loaded = load_pipeline(str(tmp_path / "sd"), torch.device("cpu"))
 
@@ -100,7 +130,19 @@ def test_saved_pipeline_loads_back_through_diffusers(tmp_path):
 
     images = render(loaded)
     assert images.shape == (1, 32, 32, 3)
-    assert (render(pipe) == images).all()
+    assert np.array_equal(render(pipe), images)
+
+
+def test_shipped_tiny_pipeline_loads_offline_and_renders():
+    pipe = load_pipeline(TINY.diffusion, torch.device("cpu"))
+    out = pipe(
+        "a photo of a seven.",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    assert pipe.unet.dtype == torch.float32  # float16 on disk, float32 when loaded on CPU
 
 
 def test_pipeline_directory_without_model_index_is_refused(tmp_path):

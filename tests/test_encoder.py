@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmfl_flower.backbones import PRESETS
-from cmfl_flower.config import EncoderConfig
+from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.config import BackboneConfig, EncoderConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.encoder import (
     LoraSpec,
@@ -19,6 +19,8 @@ from cmfl_flower.encoder import (
     weighted_cross_entropy,
 )
 from cmfl_flower.tokens import TextSide
+
+TINY = resolve_preset(BackboneConfig())
 
 
 def class_text_features(bundle, names):
@@ -36,7 +38,7 @@ CFG = EncoderConfig(epochs=10, lr=1e-2, batch_size=32)
 
 @pytest.fixture(scope="module")
 def encoder():
-    return load_encoder(PRESETS["tiny"], "cpu", 0, LoraSpec.from_config(CFG))
+    return load_encoder(TINY, "cpu", 0, LoraSpec.from_config(CFG))
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,9 @@ def test_unknown_target_module_is_refused():
     spec = LoraSpec(4, 8.0, 0.0, ("no_such_module",))
     bypassed = LoraSpec(4, 8.0, 0.0, ("out_proj",))
     with pytest.raises(ValueError, match="no effect or alters frozen weights"):
-        load_encoder(PRESETS["tiny"], "cpu", 5, bypassed)
+        load_encoder(TINY, "cpu", 5, bypassed)
     with pytest.raises(ValueError, match="encoder.target-modules"):
-        load_encoder(PRESETS["tiny"], "cpu", 5, spec)
+        load_encoder(TINY, "cpu", 5, spec)
 
 
 def test_to_pixels_resizes_and_normalises(encoder, digits):
@@ -73,10 +75,11 @@ def test_to_pixels_resizes_and_normalises(encoder, digits):
 
 
 def test_training_changes_only_the_adapter_and_raises_accuracy(encoder, digits):
-    # Untrained tiny backbone: a two-class task ("zero" vs "one") is what it can learn quickly.
+    # The pretrained tiny CLIP already tells "zero" from "one": swap the two labels, so the
+    # adapter has to learn something the backbone does not know.
     pool = load_source("digits", "train")
     keep = np.flatnonzero(np.isin(pool.labels, (0, 1)))[:120]
-    images, labels = pool.images[keep], pool.labels[keep]
+    images, labels = pool.images[keep], 1 - pool.labels[keep]
     encoder.load_lora_state(encoder.init_state)
     frozen = {n: p.clone() for n, p in encoder.bundle.model.named_parameters() if ".lora_" not in n}
     text = class_text_features(encoder.bundle, digits.class_names[:2])
@@ -84,7 +87,7 @@ def test_training_changes_only_the_adapter_and_raises_accuracy(encoder, digits):
     loss = train_encoder(encoder, as_set(images, labels), text, CFG, seed=0)
     after = accuracy(encoder, images, labels, text, 64)
     assert np.isfinite(loss)
-    assert before < 0.7 and after > 0.85, (before, after)
+    assert before < 0.3 and after > 0.85, (before, after)
     for name, param in encoder.bundle.model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name

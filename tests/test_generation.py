@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-from cmfl_flower.backbones import PRESETS
-from cmfl_flower.config import GenerationConfig
+from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.config import BackboneConfig, GenerationConfig
 from cmfl_flower.generation import (
     GeneratedImages,
     GenerationRequest,
@@ -19,7 +19,7 @@ from cmfl_flower.generation import (
 )
 from cmfl_flower.prompts import DEFAULT_TEMPLATE
 
-TINY = PRESETS["tiny"]
+TINY = resolve_preset(BackboneConfig())
 MULTI = "hippopotamus"  # three BPE tokens
 
 
@@ -30,7 +30,7 @@ def fast(**overrides) -> GenerationConfig:
 
 @pytest.fixture(scope="module")
 def generator() -> Generator:
-    return load_generator(TINY, "cpu", 0, DEFAULT_TEMPLATE)
+    return load_generator(TINY, "cpu", DEFAULT_TEMPLATE)
 
 
 def name_vectors(gen: Generator, name: str) -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_guidance_scale_changes_the_images(generator):
 
 
 def test_generator_is_loaded_once_per_process(generator):
-    assert load_generator(TINY, "cpu", 0, DEFAULT_TEMPLATE) is generator
+    assert load_generator(TINY, "cpu", DEFAULT_TEMPLATE) is generator
     assert generator.pipeline.device == torch.device("cpu")
 
 

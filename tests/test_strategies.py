@@ -14,7 +14,7 @@ from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.strategies import build_strategy, run_federation
 from cmfl_flower.strategies.base import from_record, to_record
-from tests.loopback import LoopbackGrid
+from cmfl_flower.strategies.loopback import LoopbackGrid
 
 TOKEN_DIM = 64
 

@@ -1,8 +1,8 @@
-"""An in-process Grid: the real ServerApp strategy talks to the real ClientApp, no Ray.
+"""An in-process Grid: a strategy talks to a ClientApp in the same process, without Ray.
 
-Every message and reply is kept for inspection. Each node has its own ``Context`` (its
-``context.state`` persists across rounds, as on a SuperNode). A client that raises produces
-an error reply, as Flower does.
+For tests and benchmarks. Every message and reply is kept for inspection. Each node has its
+own ``Context`` (its ``context.state`` persists across rounds, as on a SuperNode). A client
+that raises produces an error reply, as Flower does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 ClientCall = Callable[[Message, Context], Message]
@@ -38,30 +40,47 @@ class LoopbackGrid(Grid):
         # what a ServerApp process has set before it builds messages
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
-    # --- Grid API used by strategies ---
-    def set_run(self, run):  # pragma: no cover - not used in-process
+    # --- the Grid API; strategies use get_node_ids and send_and_receive ---
+    def set_run(self, run: Run) -> None:
+        """Not needed in-process."""
         raise NotImplementedError
 
     @property
-    def run(self):  # pragma: no cover
+    def run(self) -> Run:
+        """Not needed in-process."""
         raise NotImplementedError
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Build a message (deprecated in Flower; kept for the interface)."""
         return Message(content, dst_node_id, message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Every node of the loopback federation."""
         return list(self.contexts)
 
-    def get_nodes(self):  # pragma: no cover
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """Not needed in-process."""
         raise NotImplementedError
 
-    def push_messages(self, messages):  # pragma: no cover
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Not needed in-process."""
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # pragma: no cover
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Not needed in-process."""
         raise NotImplementedError
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver each message to its node's ClientApp; return the replies."""
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
