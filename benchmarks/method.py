@@ -36,10 +36,13 @@ SEED = 0
 STRATEGIES = ("local-only", "cmfl-relay", "fedavg-encoder")
 
 
-def config(strategy: str, root: Path, rounds: int) -> AppConfig:
-    """The fixed benchmark settings for ``strategy``."""
+def config(
+    strategy: str, root: Path, rounds: int, extra: dict[str, Any] | None = None
+) -> AppConfig:
+    """The fixed benchmark settings for ``strategy`` (plus ablation overrides)."""
     return AppConfig.from_run_config(
-        {
+        (extra or {})
+        | {
             "strategy": strategy,
             "seed": SEED,
             "data.partitioner": "dirichlet",
@@ -55,10 +58,13 @@ def config(strategy: str, root: Path, rounds: int) -> AppConfig:
     )
 
 
-def federated(strategy: str, root: Path, rounds: int) -> dict[str, Any]:
+def federated(
+    strategy: str, root: Path, rounds: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run ``strategy``; return the last round's summary and the wall time."""
     start = time.perf_counter()
-    run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), config(strategy, root, rounds))
+    cfg = config(strategy, root, rounds, extra)
+    run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), cfg)
     last: dict[str, Any] = json.loads((run_dir / "rounds.json").read_text())[-1]
     return last | {"seconds": time.perf_counter() - start, "run-dir": str(run_dir)}
 
@@ -104,8 +110,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only cmfl-relay with this run-config override (diagnosis, not the benchmark)",
+    )
     args = parser.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
+    if args.ablate:
+        extra = dict(_parse_override(item) for item in args.ablate)
+        row = federated("cmfl-relay", root, args.rounds, extra)
+        print(f"cmfl-relay with {extra}: {row['global-acc-mean']:.3f} ({row['seconds']:.0f} s)")
+        return
     print(f"clients={CLIENTS} rounds={args.rounds} seed={SEED} alpha=0.1; results in {root}")
     results: dict[str, dict[str, Any]] = {
         "centralised (pooled data)": centralised(root, args.rounds)
@@ -116,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     (root / "method.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"mean per-client label share of the largest class: {_skew(root):.2f}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--ablate expects KEY=VALUE, got {item!r}")
+    value = json.loads(text) if text[:1] in '-0123456789tf[{"' else text
+    return key, value
 
 
 def _skew(root: Path) -> float:

@@ -100,20 +100,24 @@ def simulation_superlink(tmp: Path) -> Iterator[SuperLink]:
     """A SuperLink in simulation mode on free loopback ports, with a Flower config for it."""
     home = tmp / "flwr-home"
     home.mkdir(parents=True)
-    env = flower_env(home)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "{address}"\ninsecure = true\n'
-    )
+    (home / "config.toml").write_text(_connection_toml(address, None))
+    flags = ["--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port)]
+    with _running_superlink(tmp, flower_env(home), address, flags) as link:
+        yield link
+
+
+@contextmanager
+def _running_superlink(
+    tmp: Path, env: dict[str, str], address: str, flags: list[str]
+) -> Iterator[SuperLink]:
+    """Start `flower-superlink` with ``flags``, wait for ``address``, stop it by PID after."""
     log = tmp / "superlink.log"
     command = [
         str(BIN / "flower-superlink"),
-        "--insecure",
-        "--simulation",
+        *flags,
         "--isolation", "subprocess",
-        "--host", "127.0.0.1",
-        "--port", str(port),
         "--database", str(tmp / "state.db"),
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
@@ -248,35 +252,18 @@ def deployment_superlink(
     """
     home = tmp / "superlink-home"
     home.mkdir(parents=True)
-    env = flower_env(home)
     port = free_port()
     address = f"{host}:{port}"
     (home / "config.toml").write_text(_connection_toml(address, tls))
-    log = tmp / "superlink.log"
     security = (
         ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
          "--ssl-keyfile", str(tls.server_key)]
         if tls else ["--insecure"]
     )  # fmt: skip
-    command = [
-        str(BIN / "flower-superlink"),
-        *security,
-        *(["--enable-supernode-auth"] if node_auth else []),
-        "--isolation", "subprocess",
-        "--host", host,
-        "--port", str(port),
-        "--database", str(tmp / "state.db"),
-        "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        _wait_for_port(address, process, log)
-        yield SuperLink(address, env, "e2e", log)
-    finally:
-        stop(process)
+    auth = ["--enable-supernode-auth"] if node_auth else []
+    flags = [*security, *auth, "--host", host, "--port", str(port)]
+    with _running_superlink(tmp, flower_env(home), address, flags) as link:
+        yield link
 
 
 @dataclass(frozen=True)
