@@ -196,3 +196,26 @@ def test_metric_record_summary_is_returned(tmp_path):
     assert rounds[0]["replies"] == 2
     assert 0 <= rounds[0]["global-acc-mean"] <= 1
     assert isinstance(MetricRecord({"x": 1}), MetricRecord)
+
+
+def test_received_mean_fallback_averages_vectors_of_equal_shape():
+    from cmfl_flower.client import _received_means
+    from cmfl_flower.wire import TokenEntry
+
+    a = np.ones((1, 4), np.float32)
+    entries = [
+        TokenEntry(0, 3, a),
+        TokenEntry(1, 3, 3 * a),
+        TokenEntry(2, 3, np.ones((2, 4), np.float32)),  # another token count: left out
+        TokenEntry(1, None, a),  # unlabelled: no class to average into
+    ]
+    means = _received_means(entries)
+    assert set(means) == {3} and np.allclose(means[3].numpy(), 2 * a)
+
+
+def test_unseen_classes_can_use_the_received_mean(tmp_path):
+    _, rows, rounds = run(
+        tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **{"tokens.unseen": "received-mean"}
+    )
+    assert [r["replies"] for r in rounds] == [3, 3]
+    assert all(0.0 <= row["global-acc"] <= 1.0 for row in rows)
