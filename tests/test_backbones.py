@@ -23,6 +23,7 @@ from cmfl_flower.backbones import (
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.encoder import to_pixels
+from tests.pipelines import render
 
 TINY = resolve_preset(BackboneConfig())
 
@@ -115,19 +116,6 @@ def test_saved_pipeline_loads_back_through_diffusers(tmp_path):
     pipe = build_tiny_pipeline(load_clip(TINY, "cpu", 0).model, tmp_path)
     pipe.save_pretrained(tmp_path / "sd")
     loaded = load_pipeline(str(tmp_path / "sd"), torch.device("cpu"))
-
-    def render(p):
-        generator = torch.Generator().manual_seed(0)
-        out = p(
-            "a photo of a seven",
-            num_inference_steps=2,
-            height=32,
-            width=32,
-            output_type="np",
-            generator=generator,
-        )
-        return out.images
-
     images = render(loaded)
     assert images.shape == (1, 32, 32, 3)
     assert np.array_equal(render(pipe), images)
@@ -135,13 +123,8 @@ def test_saved_pipeline_loads_back_through_diffusers(tmp_path):
 
 def test_shipped_tiny_pipeline_loads_offline_and_renders():
     pipe = load_pipeline(TINY.diffusion, torch.device("cpu"))
-    out = pipe(
-        "a photo of a seven.",
-        num_inference_steps=2,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    images = render(pipe)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     assert pipe.unet.dtype == torch.float32  # float16 on disk, float32 when loaded on CPU
 
 

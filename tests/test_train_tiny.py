@@ -8,6 +8,7 @@ import torch
 from cmfl_flower.backbones import load_clip, load_pipeline, resolve_preset
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.zoo import train_tiny
+from tests.pipelines import render
 
 
 def test_quick_training_writes_weights_card_and_grid(tmp_path):
@@ -29,13 +30,8 @@ def test_quick_training_writes_weights_card_and_grid(tmp_path):
     pipe = load_pipeline(preset.diffusion, torch.device("cpu"))
     table = pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(table, clip.model.token_embedding.weight)
-    out = pipe(
-        "a photo of a two.",
-        num_inference_steps=2,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+    images = render(pipe, "a photo of a two.")
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
 def test_augment_keeps_shape_and_range():
