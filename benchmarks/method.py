@@ -78,7 +78,7 @@ def centralised(root: Path, rounds: int) -> dict[str, Any]:
     pooled = TrainingSet.mix(
         ws.encoder.bundle.image_size, *((p.images, p.labels, 1.0) for p in parts)
     )
-    text = ws.text.encode([ws.text.name_vectors(n) for n in ws.class_names]).detach()
+    text = ws.name_features()
     epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * rounds})
     train_encoder(ws.encoder, pooled, text, epochs, SEED)
     glob = ws.global_test

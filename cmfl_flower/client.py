@@ -171,6 +171,11 @@ class Workspace:
         yield
         self.timings[f"seconds-{name}"] = time.perf_counter() - start
 
+    @torch.no_grad()
+    def name_features(self) -> torch.Tensor:
+        """(C, E) text features of every class with its pretrained name tokens."""
+        return self.text.encode([self.text.name_vectors(n) for n in self.class_names])
+
     def local_set(self) -> TrainingSet:
         """The local training images at the CLIP's size, weight 1."""
         train = self.data.train
@@ -218,8 +223,7 @@ def local_only_round(
 ) -> RoundOutput:
     """Train the vision LoRA on local images only (pretrained class names), then evaluate."""
     ws = open_workspace(cfg, task, state.lora)
-    with torch.no_grad():
-        names = ws.text.encode([ws.text.name_vectors(n) for n in ws.class_names])  # (C, E)
+    names = ws.name_features()  # (C, E)
     with ws.phase("encoder"):
         loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed)
     metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
@@ -276,13 +280,14 @@ def relay_round(
         with torch.no_grad():
             return ws.text.encode(class_vectors(ws.text, bank, names, fallback))  # (C, E)
 
+    before = text_features()  # the bank is fixed until token training: one encoding serves both
     with ws.phase("generation"):
         generator = load_generator(
             resolve_preset(cfg.backbone),
             str(ws.encoder.bundle.device),
             cfg.tokens.template,
         )
-        requests = _requests(ws, entries, text_features())
+        requests = _requests(ws, entries, before)
         generated = generator.generate(requests, cfg.generation, cfg.seed, task.server_round)
     with ws.phase("encoder"):
         data = TrainingSet.mix(
@@ -290,7 +295,7 @@ def relay_round(
             (ws.data.train.images, ws.data.train.labels, 1.0),
             (generated.images, generated.labels, cfg.generation.sample_weight),
         )
-        encoder_loss = train_encoder(ws.encoder, data, text_features(), cfg.encoder, ws.seed)
+        encoder_loss = train_encoder(ws.encoder, data, before, cfg.encoder, ws.seed)
     with ws.phase("tokens"):
         features = image_features(ws.encoder, ws.data.train.images, cfg.encoder.eval_batch_size)
         token_loss = train_bank(
@@ -333,8 +338,7 @@ def _global_adapter(ws: Workspace, received: Arrays) -> None:
 def _averaged_round(cfg: AppConfig, task: ClientTask, received: Arrays, mu: float) -> RoundOutput:
     ws = open_workspace(cfg, task, None)
     _global_adapter(ws, received)
-    with torch.no_grad():
-        names = ws.text.encode([ws.text.name_vectors(n) for n in ws.class_names])  # (C, E)
+    names = ws.name_features()  # (C, E)
     with ws.phase("encoder"):
         loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, mu)
     metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
