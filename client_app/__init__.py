@@ -1,7 +1,9 @@
 """Flower ClientApp: unpack the message, run the named client task, reply.
 
 Per-client state (vision LoRA, class tokens) lives in ``context.state``: in a deployment every
-message starts a fresh process, so nothing else survives between rounds.
+message starts a fresh process, so nothing else survives between rounds. The state after each
+of the last two rounds is kept, and round ``r`` always starts from the newest state of a round
+before ``r``: a round the server repeats after a resume starts where it first started.
 """
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -13,24 +15,39 @@ from cmfl_flower.strategies.base import from_record, to_record
 
 app = ClientApp()
 
-STATE_KEYS = {"lora": "cmfl.encoder-lora", "tokens": "cmfl.class-tokens"}
+STATE_FIELDS = ("lora", "tokens")
+KEEP_ROUNDS = 2
 
 
-def _load_state(context: Context) -> ClientState:
+def _state_key(server_round: int, field: str) -> str:
+    return f"cmfl.r{server_round}.{field}"
+
+
+def _saved_rounds(context: Context) -> list[int]:
+    return sorted({int(key.split(".")[1][1:]) for key in context.state.array_records})
+
+
+def _load_state(context: Context, server_round: int) -> ClientState:
+    """The state after the newest saved round before ``server_round``."""
+    earlier = [r for r in _saved_rounds(context) if r < server_round]
+    if not earlier:
+        return ClientState()
     records = context.state.array_records
-    loaded = {
-        field: records[key].to_torch_state_dict()
-        for field, key in STATE_KEYS.items()
-        if key in records
-    }
-    return ClientState(**loaded)
+    keys = {field: _state_key(earlier[-1], field) for field in STATE_FIELDS}
+    return ClientState(
+        **{f: records[k].to_torch_state_dict() for f, k in keys.items() if k in records}
+    )
 
 
-def _save_state(context: Context, state: ClientState) -> None:
-    for field, key in STATE_KEYS.items():
+def _save_state(context: Context, state: ClientState, server_round: int) -> None:
+    records = context.state.array_records
+    for field in STATE_FIELDS:
         value = getattr(state, field)
         if value is not None:
-            context.state.array_records[key] = ArrayRecord(value)
+            records[_state_key(server_round, field)] = ArrayRecord(value)
+    for old in _saved_rounds(context)[:-KEEP_ROUNDS]:
+        for field in STATE_FIELDS:
+            records.pop(_state_key(old, field), None)
 
 
 @app.train()
@@ -41,8 +58,9 @@ def train(msg: Message, context: Context) -> Message:
     record = content.array_records.get(ARRAYS_KEY)
     received = from_record(record) if record is not None else {}
     name = str(content.config_records[TASK_KEY]["name"])
-    output = run_task(name, cfg, task, _load_state(context), received)
-    _save_state(context, output.state)
+    state = _load_state(context, task.server_round)
+    output = run_task(name, cfg, task, state, received)
+    _save_state(context, output.state, task.server_round)
     reply = RecordDict({METRICS_KEY: MetricRecord(output.metrics)})
     if output.arrays:
         reply[ARRAYS_KEY] = to_record(output.arrays)

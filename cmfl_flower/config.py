@@ -19,7 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Scalar = bool | int | float | str
 
@@ -192,6 +199,11 @@ class OutputConfig(_Section):
         "", description="Absolute root of run directories; empty = `~/.cache/cmfl-flower/runs`."
     )
     run_name: str = Field("", description="Run directory name; empty = timestamp + strategy.")
+    resume: bool = Field(
+        False,
+        description="Continue run `run-name` from its last checkpoint (same config; more "
+        "`federation.rounds` allowed).",
+    )
 
     _check_dir = field_validator("dir")(_absolute_or_empty)
 
@@ -201,6 +213,12 @@ class OutputConfig(_Section):
         if value and not re.match(r"^[\w.-]+$", value):
             raise ValueError(f"must use letters, digits, '.', '_' or '-' only, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_resume(self) -> OutputConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("output.resume = true needs output.run-name: the run to continue")
+        return self
 
 
 class AppConfig(_Section):

@@ -8,6 +8,10 @@ Layout::
         rounds.json/csv  one row per round: aggregated metrics
         clients.json/csv one row per (round, client): that client's metrics
         status.json      {"status": "running" | "completed" | "failed", "error": ...}
+        checkpoint/      the strategy's state after the latest round (see checkpoint.py)
+
+``output.resume = true`` reopens an existing directory: the config must match the one it was
+started with (apart from :data:`RESUMABLE_KEYS`) and rows after the checkpoint are dropped.
 """
 
 from __future__ import annotations
@@ -23,12 +27,21 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.paths import cache_root
 
 Row = dict[str, Any]
+RESUMABLE_KEYS = frozenset(
+    {"output.resume", "federation.rounds", "federation.round-timeout", "federation.wait-for-nodes"}
+)
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def output_root(cfg: AppConfig) -> Path:
+    """The absolute directory that holds run directories."""
+    root = Path(cfg.output.dir).expanduser() if cfg.output.dir else cache_root() / "runs"
+    return root.resolve()
 
 
 def _csv_text(rows: list[Row]) -> str:
@@ -45,21 +58,31 @@ def _csv_text(rows: list[Row]) -> str:
 class RunRecorder:
     """Collects a run's metrics and keeps its directory up to date."""
 
-    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: AppConfig,
+        run_dir: Path,
+        rounds: list[Row] | None = None,
+        clients: list[Row] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.rounds: list[Row] = []
-        self.clients: list[Row] = []
+        self.rounds: list[Row] = rounds or []
+        self.clients: list[Row] = clients or []
         config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
         _write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         self._status("running")
 
     @classmethod
+    def open(cls, cfg: AppConfig) -> RunRecorder:
+        """A fresh run directory, or the existing one when ``output.resume`` is set."""
+        return cls.reopen(cfg) if cfg.output.resume else cls.create(cfg)
+
+    @classmethod
     def create(cls, cfg: AppConfig) -> RunRecorder:
         """Make a fresh run directory under the configured output root."""
-        root = Path(cfg.output.dir).expanduser() if cfg.output.dir else cache_root() / "runs"
         name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
-        run_dir = root.resolve() / name
+        run_dir = output_root(cfg) / name
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
@@ -67,6 +90,32 @@ class RunRecorder:
                 f"run directory {run_dir} already exists: choose another output.run-name"
             ) from None
         return cls(cfg, run_dir)
+
+    @classmethod
+    def reopen(cls, cfg: AppConfig) -> RunRecorder:
+        """Reopen run ``output.run-name`` with its recorded rows, checking the config."""
+        run_dir = output_root(cfg) / cfg.output.run_name
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(
+                f"output.resume = true but {run_dir} holds no run (no config.json): "
+                "check output.run-name and output.dir"
+            )
+        before = json.loads((run_dir / "config.json").read_text())["run_config"]
+        now = cfg.to_run_config()
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed := [key for key in changed if key not in RESUMABLE_KEYS]:
+            raise ValueError(
+                f"output.resume: the run config differs from {run_dir}'s in {', '.join(changed)}; "
+                f"only {', '.join(sorted(RESUMABLE_KEYS))} may change"
+            )
+        rows = {n: json.loads((run_dir / f"{n}.json").read_text()) for n in ("rounds", "clients")}
+        return cls(cfg, run_dir, rows["rounds"], rows["clients"])
+
+    def truncate(self, last_round: int) -> None:
+        """Forget rows recorded after ``last_round`` (they are redone on resume)."""
+        self.rounds = [row for row in self.rounds if row["round"] <= last_round]
+        self.clients = [row for row in self.clients if row["round"] <= last_round]
+        self.flush()
 
     def add_clients(self, server_round: int, rows: list[Row]) -> None:
         """Record every replying client's metrics for ``server_round``."""

@@ -90,7 +90,7 @@ def test_relay_never_returns_a_client_its_own_vectors(tmp_path):
 def test_client_state_persists_between_rounds(tmp_path):
     grid, _, _ = run(tmp_path, "cmfl-relay", num_nodes=2, rounds=1)
     for context in grid.contexts.values():
-        assert set(context.state.array_records) == {"cmfl.encoder-lora", "cmfl.class-tokens"}
+        assert set(context.state.array_records) == {"cmfl.r1.lora", "cmfl.r1.tokens"}
 
 
 def test_unlabelled_relay_sends_no_class_ids_and_still_generates(tmp_path):

@@ -10,7 +10,6 @@ import importlib
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -55,17 +54,16 @@ def build_strategy(cfg: AppConfig, recorder: RunRecorder) -> CmflStrategy:
 
 
 def run_federation(grid: Grid, cfg: AppConfig) -> Path:
-    """Run the configured strategy to the end, recording into a fresh run directory."""
-    recorder = RunRecorder.create(cfg)
+    """Run the configured strategy to the end, recording into its run directory.
+
+    The directory is fresh, or with ``output.resume`` the named run's, continued after its
+    last checkpoint.
+    """
+    recorder = RunRecorder.open(cfg)
     log(INFO, "cmfl-flower run directory: %s", recorder.run_dir)
     try:
         strategy = build_strategy(cfg, recorder)
-        strategy.start(
-            grid,
-            ArrayRecord(),
-            num_rounds=cfg.federation.rounds,
-            timeout=cfg.federation.round_timeout,
-        )
+        strategy.run(grid, strategy.restore() if cfg.output.resume else 1)
     except BaseException as err:
         recorder.finish(err)
         raise

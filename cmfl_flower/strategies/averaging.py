@@ -49,6 +49,14 @@ class FedAvgEncoder(CmflStrategy):
         self._collected = []
         return {"averaged": averaged}
 
+    def state(self) -> tuple[Arrays, dict[str, Any]]:
+        """The global adapter (empty before the first average)."""
+        return dict(self.global_arrays or {}), {}
+
+    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Restore the global adapter."""
+        self.global_arrays = dict(arrays) or None
+
 
 class FedProxEncoder(FedAvgEncoder):
     """FedAvg with FedProx's proximal term on the clients (``federation.proximal-mu``)."""

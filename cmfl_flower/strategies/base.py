@@ -13,8 +13,10 @@ A strategy is a Flower :class:`~flwr.serverapp.strategy.Strategy` constructed as
   the round's summary; error replies and refused replies are logged and counted.
 
 Subclasses override :meth:`arrays_for` (what a node receives besides the config),
-:meth:`absorb` (take one reply's arrays; return a reason to refuse them) and
-:meth:`end_round` (combine what was absorbed).
+:meth:`absorb` (take one reply's arrays; return a reason to refuse them),
+:meth:`end_round` (combine what was absorbed), and, when they keep state between rounds,
+:meth:`state` / :meth:`load_state` (checkpointed after every round; restored on
+``output.resume``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from cmfl_flower.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cmfl_flower.config import AppConfig
 from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY, TASK_KEY
 from cmfl_flower.results import Row, RunRecorder
@@ -86,6 +89,36 @@ class CmflStrategy(Strategy):
     def end_round(self, server_round: int) -> dict[str, Any]:
         """Combine the absorbed replies; return extra summary metrics."""
         return {}
+
+    def state(self) -> tuple[Arrays, dict[str, Any]]:
+        """What to checkpoint after each round: arrays and JSON-able metadata."""
+        return {}, {}
+
+    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned (stateless strategies have nothing to do)."""
+
+    # ----- the round loop --------------------------------------------------------------
+    def restore(self) -> int:
+        """Load the run's checkpoint, drop rows recorded after it; return the next round."""
+        checkpoint = load_checkpoint(self.recorder.run_dir)
+        done = checkpoint.round if checkpoint else 0
+        if checkpoint is not None:
+            self.load_state(checkpoint.arrays, checkpoint.meta)
+        self.recorder.truncate(done)
+        log(INFO, "resuming %s after round %d", self.recorder.run_dir, done)
+        return done + 1
+
+    def run(self, grid: Grid, first_round: int = 1) -> None:
+        """Rounds ``first_round`` to ``federation.rounds``, checkpointing after each."""
+        self.summary()
+        fed = self.cfg.federation
+        for server_round in range(first_round, fed.rounds + 1):
+            log(INFO, "[ROUND %d/%d]", server_round, fed.rounds)
+            messages = self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            self.aggregate_train(server_round, replies)
+            arrays, meta = self.state()
+            save_checkpoint(self.recorder.run_dir, Checkpoint(server_round, arrays, meta))
 
     # ----- sampling and messages -------------------------------------------------------
     def sample(self, grid: Grid, server_round: int) -> list[int]:

@@ -8,6 +8,8 @@ client: no image, image feature or weight.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from typing import Any
 
 from cmfl_flower.backbones import resolve_preset
@@ -15,7 +17,14 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
 from cmfl_flower.results import Row, RunRecorder
 from cmfl_flower.strategies.base import Arrays, CmflStrategy
-from cmfl_flower.wire import TokenEntry, WireError, WireLimits, parse_reply, relay_arrays
+from cmfl_flower.wire import (
+    TokenEntry,
+    WireError,
+    WireLimits,
+    parse_relay,
+    parse_reply,
+    relay_arrays,
+)
 
 UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
 
@@ -63,3 +72,18 @@ class CmflRelay(CmflStrategy):
     def end_round(self, server_round: int) -> dict[str, Any]:
         """Report how many senders' vectors the server holds."""
         return {"senders-known": len(self.latest)}
+
+    def state(self) -> tuple[Arrays, dict[str, Any]]:
+        """Every sender's latest vectors (relay layout) and the node -> partition map."""
+        entries = [entry for _, sent in sorted(self.latest.items()) for entry in sent]
+        return relay_arrays(entries), {
+            "partitions": {str(n): p for n, p in self.partitions.items()}
+        }
+
+    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Restore the vectors and node map that :meth:`state` saved."""
+        self.latest = {}
+        every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
+        for entry in parse_relay(arrays, every_sender):
+            self.latest.setdefault(entry.sender, []).append(entry)
+        self.partitions = {int(node): int(p) for node, p in meta["partitions"].items()}

@@ -1,0 +1,83 @@
+"""A run stopped after a round and resumed ends like an uninterrupted run (server side)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from client_app import app as client_app
+from cmfl_flower import checkpoint
+from cmfl_flower.config import AppConfig
+from cmfl_flower.strategies import run_federation
+from cmfl_flower.strategies.loopback import LoopbackGrid
+from tests.test_strategies import make_cfg
+
+
+def _rows(run_dir, name):
+    return json.loads((run_dir / f"{name}.json").read_text())
+
+
+def _final_accuracies(run_dir):
+    rows = [r for r in _rows(run_dir, "clients") if r["round"] == 3]
+    return {r["partition-id"]: (r["local-acc"], r["global-acc"]) for r in rows}
+
+
+@pytest.mark.parametrize("strategy", ["cmfl-relay", "fedavg-encoder"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, strategy):
+    whole = run_federation(
+        LoopbackGrid(client_app, 3), make_cfg(tmp_path, strategy, 3, **{"output.run-name": "a"})
+    )
+
+    # crash right after round 3 was recorded, before its checkpoint was written
+    save = checkpoint.save_checkpoint
+
+    def crash_in_round_3(run_dir, state):
+        if state.round == 3:
+            raise KeyboardInterrupt
+        return save(run_dir, state)
+
+    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", crash_in_round_3)
+    grid = LoopbackGrid(client_app, 3)  # the clients (and their state) outlive the server
+    cfg = make_cfg(tmp_path, strategy, 3, **{"output.run-name": "b"})
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(grid, cfg)
+    cut = tmp_path / "runs" / "b"
+    assert json.loads((cut / "status.json").read_text())["status"] == "failed"
+    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]
+    assert json.loads((cut / "checkpoint" / "latest.json").read_text())["round"] == 2
+
+    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
+    resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
+    assert run_federation(grid, resumed) == cut
+
+    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]  # round 3 redone once
+    assert _final_accuracies(cut) == _final_accuracies(whole)
+    expected, got = checkpoint.load_checkpoint(whole), checkpoint.load_checkpoint(cut)
+    assert expected is not None and got is not None and got.round == 3
+    assert expected.arrays and set(got.arrays) == set(expected.arrays)
+    for key, value in expected.arrays.items():
+        np.testing.assert_array_equal(got.arrays[key], value)
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_run(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 1, **{"output.run-name": "r"})
+    run_federation(LoopbackGrid(client_app, 2), cfg)
+    changed = cfg.to_run_config() | {"output.resume": True, "seed": 7}
+    with pytest.raises(ValueError, match="differs .* in seed"):
+        run_federation(LoopbackGrid(client_app, 2), AppConfig.from_run_config(changed))
+    missing = changed | {"seed": 0, "output.run-name": "nope"}
+    with pytest.raises(ValueError, match="holds no run"):
+        run_federation(LoopbackGrid(client_app, 2), AppConfig.from_run_config(missing))
+    with pytest.raises(ValueError, match="output.run-name"):
+        AppConfig.from_run_config({"output.resume": True})
+
+
+def test_more_rounds_can_be_added_to_a_finished_run(tmp_path):
+    cfg = make_cfg(tmp_path, "fedavg-encoder", 1, **{"output.run-name": "grow"})
+    grid = LoopbackGrid(client_app, 2)
+    run_dir = run_federation(grid, cfg)
+    more = cfg.to_run_config() | {"output.resume": True, "federation.rounds": 2}
+    run_federation(grid, AppConfig.from_run_config(more))
+    assert [r["round"] for r in _rows(run_dir, "rounds")] == [1, 2]
+    sent_round_2 = grid.sent[-1].content.array_records  # the restored global adapter
+    assert sent_round_2, "round 2 starts from the checkpointed global adapter"
