@@ -79,7 +79,7 @@ def build_pipeline(name: str, tokenizer_dir: Path) -> Any:
     tokenizer = CLIPTokenizer(
         str(files / "vocab.json"), str(files / "merges.txt"), **arch["tokenizer"]
     )
-    pipeline = StableDiffusionPipeline(
+    pipeline: Any = StableDiffusionPipeline(
         vae=build_vae(name),
         text_encoder=build_text_encoder(name),
         tokenizer=tokenizer,
