@@ -95,6 +95,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map ``backbone.dtype`` to a torch dtype for ``device`` (``auto``: bf16/fp16 on CUDA)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(
+            f"backbone.dtype = {name!r} is unknown; allowed: auto, {', '.join(DTYPES)}"
+        )
+    if name == "float16" and device.type == "cpu":
+        raise ValueError("backbone.dtype = 'float16' needs a GPU; use float32 or bfloat16 on CPU")
+    return DTYPES[name]
+
+
 def _check_local_clip(preset: Preset) -> None:
     """Fail early and precisely on a local CLIP directory that cannot load."""
     directory = Path(preset.clip.removeprefix(LOCAL_DIR))

@@ -286,6 +286,7 @@ def relay_round(
             resolve_preset(cfg.backbone),
             str(ws.encoder.bundle.device),
             cfg.tokens.template,
+            cfg.backbone.dtype,
         )
         requests = _requests(ws, entries, before)
         generated = generator.generate(requests, cfg.generation, cfg.seed, task.server_round)

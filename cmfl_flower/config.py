@@ -90,6 +90,11 @@ class BackboneConfig(_Section):
         "", description="Override the preset's diffusion pipeline: hub id or local directory."
     )
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Diffusion pipeline dtype; `auto` = bfloat16 on CUDA (float16 without bf16 "
+        "support), float32 elsewhere. The CLIP and its LoRA stay float32.",
+    )
 
     @field_validator("device")
     @classmethod

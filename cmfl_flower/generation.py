@@ -7,7 +7,10 @@ positions (:func:`cmfl_flower.prompts.substituted`) and denoises with classifier
 
 Every image has its own noise seed, derived from ``(run seed, round, sender, class, index)``
 (:func:`image_seed`): reruns reproduce, images never share noise, and an image does not depend on
-the batch it was drawn in. The pipeline is loaded once per process (:func:`load_generator`).
+the batch it was drawn in. The pipeline is loaded once per process (:func:`load_generator`),
+in the dtype ``backbone.dtype`` selects, with SDPA attention and channels-last UNet and VAE
+(:func:`prepare_pipeline`); generation batches images across requests and runs under
+``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
 from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
-from cmfl_flower.backbones import Preset, load_pipeline
+from cmfl_flower.backbones import Preset, load_pipeline, resolve_dtype
 from cmfl_flower.config import GenerationConfig
 from cmfl_flower.prompts import PromptTemplate, substituted
 
@@ -96,6 +99,16 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     return cast(SchedulerMixin, scheduler)
 
 
+def prepare_pipeline(pipeline: Any) -> Any:
+    """Put the UNet and VAE in channels-last layout with SDPA attention (in place)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for model in (pipeline.unet, pipeline.vae):
+        model.to(memory_format=torch.channels_last)
+        model.set_attn_processor(AttnProcessor2_0())
+    return pipeline
+
+
 def _batches(jobs: list[_Job], size: int) -> Iterator[list[_Job]]:
     for start in range(0, len(jobs), size):
         yield jobs[start : start + size]
@@ -111,7 +124,7 @@ class Generator:
                 f"prompt template start/end ids {(template.sot, template.eot)} differ from the "
                 f"pipeline tokenizer's {(tokenizer.bos_token_id, tokenizer.eos_token_id)}"
             )
-        self.pipeline = pipeline
+        self.pipeline = prepare_pipeline(pipeline)
         self.template = template
         self._base_scheduler_config = dict(pipeline.scheduler.config)
         self._schedulers: dict[str, SchedulerMixin] = {}
@@ -166,7 +179,10 @@ class Generator:
         """Denoise one batch: embeds (B, L, D_text) -> images (B, H, W, 3) uint8."""
         negative = self._negative_embeds().expand(embeds.shape[0], -1, -1)  # (B, L, D_text)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        height, width = self.image_size
         out = self.pipeline(
+            height=height,
+            width=width,
             prompt_embeds=embeds,
             negative_prompt_embeds=negative,
             num_inference_steps=cfg.steps,
@@ -198,7 +214,7 @@ class Generator:
             return GeneratedImages(empty, labels, senders)
         self._use_scheduler(cfg.scheduler)
         chunks: list[np.ndarray] = []
-        with torch.no_grad():
+        with torch.inference_mode():
             embeds = self.prompt_embeds([req.vectors for req in requests])  # (R, L, D_text)
             batches = list(_batches(jobs, cfg.batch_size))
             for batch in tqdm(batches, desc="generating", disable=not show_progress):
@@ -208,9 +224,15 @@ class Generator:
 
 
 @functools.cache
-def load_generator(preset: Preset, device_name: str, template: str) -> Generator:
-    """The preset's pipeline and prompt template, loaded once per process."""
-    pipeline = load_pipeline(preset.diffusion, torch.device(device_name), torch.float32)
+def load_generator(
+    preset: Preset, device_name: str, template: str, dtype_name: str = "auto"
+) -> Generator:
+    """The preset's pipeline and prompt template, loaded once per process.
+
+    ``dtype_name`` is ``backbone.dtype`` (see :func:`cmfl_flower.backbones.resolve_dtype`).
+    """
+    device = torch.device(device_name)
+    pipeline = load_pipeline(preset.diffusion, device, resolve_dtype(dtype_name, device))
     tokenizer = open_clip.get_tokenizer(preset.clip)  # the CLIP itself is not needed here
     pipeline.set_progress_bar_config(disable=True)
     return Generator(pipeline, PromptTemplate.build(tokenizer, template))

@@ -28,7 +28,7 @@ def _wait_finished(link, run_id: int, timeout: float) -> str:
     return status
 
 
-def flwr_run(tmp_path, num_nodes: int, overrides: str) -> Path:
+def flwr_run(tmp_path, num_nodes: int, overrides: str, federation: str = "") -> Path:
     """`flwr run` the app; return its run directory once the run status is completed."""
     out_root = tmp_path / "runs"
     overrides += f" output.dir='{out_root}' output.run-name='e2e' data.dir='{tmp_path / 'data'}'"
@@ -39,7 +39,7 @@ def flwr_run(tmp_path, num_nodes: int, overrides: str) -> Path:
             str(ROOT),
             link.connection,
             "--federation-config",
-            f"num-supernodes={num_nodes}",
+            f"num-supernodes={num_nodes} {federation}".strip(),
             "--run-config",
             overrides,
             "--format",
@@ -48,6 +48,7 @@ def flwr_run(tmp_path, num_nodes: int, overrides: str) -> Path:
         assert started.returncode == 0, started.stderr
         payload = re.search(r"\{.*\}", started.stdout, re.S)
         assert payload, started.stdout
+        assert "run-id" in json.loads(payload.group(0)), started.stdout
         run_id = int(json.loads(payload.group(0))["run-id"])
         status = _wait_finished(link, run_id, timeout=400)
         logs = flwr(link, "log", str(run_id), link.connection, "--show").stdout
@@ -80,3 +81,15 @@ def test_flwr_run_cmfl_relay_four_clients_three_rounds(tmp_path):
         assert row["seconds-generation"] >= 0 and row["seconds-tokens"] > 0
     rounds = json.loads((run_dir / "rounds.json").read_text())
     assert [r["replies"] for r in rounds] == [4, 4, 4]
+
+
+def test_client_resources_and_cpu_device_run_on_a_gpu_less_machine(tmp_path):
+    resources = "client-resources-num-cpus=1 "
+    resources += "client-resources-num-gpus=0.0"
+    overrides = "strategy='local-only' federation.rounds=1 backbone.device='auto' "
+    overrides += "backbone.dtype='auto' generation.batch-size=4"
+    run_dir = flwr_run(tmp_path, 2, overrides, federation=resources)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert rounds[0]["replies"] == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["backbone.dtype"] == "auto"

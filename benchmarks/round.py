@@ -1,0 +1,139 @@
+"""Wall time per round and per phase, and bytes on the wire per round, strategy by strategy.
+
+``python -m benchmarks.round`` runs every strategy in :data:`STRATEGIES` with the app's default
+config (same backbone, data, seed and clients) through the real ServerApp strategy and
+ClientApp code on an in-process grid, where the clients are served one after another by one
+process (as one simulation worker serves them). Per round it prints the wall time of the
+round's message exchange, the mean seconds per client of each phase (the ``seconds-*``
+metrics the clients report) and the bytes sent and received (the round metrics), then each
+strategy's bytes and time per round relative to the first strategy.
+
+A new strategy is measured by adding its registry name to :data:`STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message
+
+from client_app import app as client_app
+from cmfl_flower.config import AppConfig
+from cmfl_flower.strategies import run_federation
+from cmfl_flower.strategies.loopback import LoopbackGrid
+
+STRATEGIES = ["cmfl-relay", "fedavg-encoder"]  # registry names; the first is the reference
+CLIENTS = 4
+ROUNDS = 3
+PHASES = ("generation", "encoder", "tokens", "eval")
+
+
+class TimedGrid(LoopbackGrid):
+    """A loopback grid that records the wall time of every training exchange."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.train_seconds: list[float] = []
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver the messages; time the exchange when it is a training round."""
+        batch = list(messages)
+        start = time.perf_counter()
+        replies = super().send_and_receive(batch, timeout=timeout)
+        if batch and batch[0].metadata.message_type.startswith("train"):
+            self.train_seconds.append(time.perf_counter() - start)
+        return replies
+
+
+def measure(strategy: str, root: Path, clients: int, rounds: int) -> list[dict[str, Any]]:
+    """Run ``strategy``; one row per round with wall time, phase means and bytes."""
+    cfg = AppConfig.from_run_config(
+        {
+            "strategy": strategy,
+            "federation.rounds": rounds,
+            "federation.min-nodes": clients,
+            "data.dir": str(root / "data"),
+            "output.dir": str(root / "runs"),
+            "output.run-name": strategy,
+        }
+    )
+    grid = TimedGrid(clients)
+    run_dir = run_federation(grid, cfg)
+    summaries = json.loads((run_dir / "rounds.json").read_text())
+    return [
+        {"strategy": strategy, "round": index + 1, "wall": seconds} | summary
+        for index, (seconds, summary) in enumerate(zip(grid.train_seconds, summaries, strict=True))
+    ]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The per-round rows as a Markdown table."""
+    phases = " | ".join(f"{phase} s" for phase in PHASES)
+    lines = [
+        f"| strategy | round | wall s | {phases} | bytes sent | bytes received |",
+        "| --- | --- " + "| --- " * (len(PHASES) + 3) + "|",
+    ]
+    for row in rows:
+        seconds = " | ".join(_seconds(row.get(f"seconds-{phase}")) for phase in PHASES)
+        lines.append(
+            f"| {row['strategy']} | {row['round']} | {row['wall']:.1f} | {seconds} | "
+            f"{row['bytes-sent']:,} | {row['bytes-received']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Per strategy: mean bytes and wall time per round relative to the first strategy."""
+
+    def means(name: str) -> tuple[float, float]:
+        own = [row for row in rows if row["strategy"] == name]
+        wire = sum(row["bytes-sent"] + row["bytes-received"] for row in own) / len(own)
+        return wire, sum(row["wall"] for row in own) / len(own)
+
+    base_wire, base_wall = means(STRATEGIES[0])
+    lines = []
+    for name in STRATEGIES:
+        wire, wall = means(name)
+        lines.append(
+            f"{name}: {wire:,.0f} bytes/round ({wire / base_wire:.2f}x {STRATEGIES[0]}), "
+            f"{wall:.1f} s/round ({wall / base_wall:.2f}x)"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every strategy on the default config; print the table and the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"clients={args.clients} rounds={args.rounds} default config, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cmfl-round-") as tmp:
+        for strategy in STRATEGIES:
+            rows += measure(strategy, Path(tmp), args.clients, args.rounds)
+    print(table(rows))
+    print("\n".join(ratios(rows)))
+
+
+if __name__ == "__main__":
+    main()
