@@ -29,6 +29,15 @@ FAST = {
 LORA_KEY = re.compile(r".*\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.weight")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads make tiny convs 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(tmp_path, strategy, nodes=3, rounds=2, **extra):
     cfg = make_cfg(tmp_path, strategy, rounds, **(FAST | extra))
     grid = LoopbackGrid(client_app, nodes)
