@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,13 +69,13 @@ def ddpm_unet_name(cfg: DiffusionConfig, preset: str) -> str:
     return "tiny" if preset == "tiny" else "ddpm-cifar10"
 
 
-def build_ddpm_unet(name: str, seed: int) -> UNet2DModel:
-    """A freshly initialised pixel DDPM UNet (seeded)."""
+def build_ddpm_unet(name: str, seed: int) -> torch.nn.Module:
+    """A freshly initialised pixel DDPM UNet (a diffusers ``UNet2DModel``, seeded)."""
     torch.manual_seed(seed)
-    return UNet2DModel(**DDPM_UNETS[name])
+    return cast(torch.nn.Module, UNet2DModel(**DDPM_UNETS[name]))
 
 
-def ddpm_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+def ddpm_scheduler(cfg: DiffusionConfig) -> Any:
     """The training noise schedule of the pixel DDPM (linear 1e-4 .. 0.02, T = 1000 default)."""
     return DDPMScheduler(
         num_train_timesteps=cfg.timesteps,
@@ -94,7 +94,8 @@ def to_unit_range(images: np.ndarray, size: int) -> torch.Tensor:
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) float in [0, 1] (a pipeline's ``np`` output) -> uint8."""
-    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    out: np.ndarray = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return out
 
 
 # ----- weights as arrays ------------------------------------------------------------------
@@ -151,10 +152,9 @@ class LatentModel:
         """Pixel size the pipeline renders (latent size x VAE factor)."""
         return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
 
-    def scheduler(self) -> DDPMScheduler:
+    def scheduler(self) -> Any:
         """The pipeline's own noise schedule, as a DDPM training scheduler."""
-        scheduler: DDPMScheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
-        return scheduler
+        return DDPMScheduler.from_config(self.pipeline.scheduler.config)
 
     @torch.no_grad()
     def latents(self, images: np.ndarray, generator: torch.Generator) -> torch.Tensor:
@@ -162,7 +162,7 @@ class LatentModel:
         pixels = to_unit_range(images, self.image_size).to(self.pipeline.device)
         dist = self.pipeline.vae.encode(pixels).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
-        sample = dist.mean + dist.std * noise  # (B, C_lat, h, w)
+        sample: torch.Tensor = dist.mean + dist.std * noise  # (B, C_lat, h, w)
         return sample * float(self.pipeline.vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -295,7 +295,7 @@ def train_steps(
 
 def _loss(
     unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
+    scheduler: Any,  # diffusers DDPMScheduler
     data: LocalData,
     idx: np.ndarray,
     generator: torch.Generator,
@@ -304,7 +304,8 @@ def _loss(
 ) -> torch.Tensor:
     """MSE between the noise added at random timesteps and the UNet's prediction."""
     if latent is None:
-        x0 = to_unit_range(data.images[idx], int(unet.config["sample_size"])).to(device)
+        config: Any = unet.config
+        x0 = to_unit_range(data.images[idx], int(config["sample_size"])).to(device)
         condition: dict[str, torch.Tensor] = {}
     else:
         x0 = latent.latents(data.images[idx], generator)  # (B, C_lat, h, w)
@@ -320,10 +321,10 @@ def _loss(
 
 # ----- sampling ---------------------------------------------------------------------------
 def sample_ddpm(
-    unet: UNet2DModel, cfg: DiffusionConfig, count: int, seed: int, batch: int
+    unet: torch.nn.Module, cfg: DiffusionConfig, count: int, seed: int, batch: int
 ) -> np.ndarray:
     """``count`` unconditional samples (DDIM, ``cfg.sample_steps``) -> (N, S, S, 3) uint8."""
-    pipeline = DDIMPipeline(unet=unet, scheduler=ddpm_scheduler(cfg))
+    pipeline: Any = DDIMPipeline(unet=unet, scheduler=ddpm_scheduler(cfg))
     pipeline.set_progress_bar_config(disable=True)
     chunks = []
     for start in range(0, count, batch):
@@ -360,7 +361,7 @@ def render_prompts(
 
 # ----- one client round -------------------------------------------------------------------
 @functools.cache
-def ddpm_unet(name: str, device_name: str) -> UNet2DModel:
+def ddpm_unet(name: str, device_name: str) -> torch.nn.Module:
     """The process-wide pixel DDPM module clients load the global weights into."""
     return build_ddpm_unet(name, 0).to(device_name)
 
@@ -376,7 +377,7 @@ def fedavg_round(
     latent = None
     if cfg.diffusion.model == "conditional":
         latent = latent_model(preset, device, "fedavg")
-        unet: torch.nn.Module = latent.unet
+        unet = latent.unet
     else:
         unet = ddpm_unet(ddpm_unet_name(cfg.diffusion, preset.name), device)
     load_module_arrays(unet, received)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from cmfl_flower.backbones import Preset, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig
-from cmfl_flower.data import load_source
+from cmfl_flower.data import LabeledImages, load_source
 from cmfl_flower.diffusion import (
     Arrays,
     LatentModel,
@@ -78,7 +78,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def save_adapter(arrays: Arrays, rank: int, alpha: float, directory: Path) -> Path:
     """Write a UNet LoRA (peft keys) as diffusers' ``pytorch_lora_weights.safetensors``."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +111,7 @@ class DiffusionPublisher:
         return self.reference.class_names
 
     @functools.cached_property
-    def reference(self) -> Any:
+    def reference(self) -> LabeledImages:
         """The dataset's test split (the FD reference set)."""
         data = self.cfg.data
         return load_source(data.dataset, "test", data.path)
@@ -163,17 +163,18 @@ class DiffusionPublisher:
         shutil.rmtree(tmp, ignore_errors=True)
         if self.kind == "conditional":
             load_module_arrays(self.latent.unet, arrays)
-            self.latent.unet.save_pretrained(tmp / "unet")
+            self.latent.pipeline.unet.save_pretrained(tmp / "unet")
             images = self._render_prompts()
         else:
             from diffusers import DDPMPipeline
 
             load_module_arrays(self.ddpm, arrays)
-            DDPMPipeline(unet=self.ddpm, scheduler=ddpm_scheduler(cfg)).save_pretrained(tmp)
+            pipeline: Any = DDPMPipeline(unet=self.ddpm, scheduler=ddpm_scheduler(cfg))
+            pipeline.save_pretrained(tmp)
             with torch.no_grad():
                 images = sample_ddpm(
                     self.ddpm, cfg, cfg.eval_samples, self.cfg.seed, cfg.batch_size
-                )  # type: ignore[arg-type]
+                )
         _replace_dir(tmp, self.run_dir / MODEL_DIR)
         return self._evaluate(server_round, images)
 

@@ -72,9 +72,7 @@ def test_aggregation_is_the_exact_example_weighted_mean(tmp_path):
 def test_fedavg_diffusion_trains_averages_and_publishes(tmp_path):
     grid, run_dir, rounds = run(tmp_path, "fedavg-diffusion", nodes=3, rounds=2)
     first = replies_of_round(grid, 1)
-    items = [
-        (from_record(r.content["arrays"]), r.content[METRICS_KEY]["num-train"]) for r in first
-    ]
+    items = [(from_record(r.content["arrays"]), r.content[METRICS_KEY]["num-train"]) for r in first]
     total = sum(n for _, n in items)
     sent_2 = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     start = from_record(grid.sent[0].content["arrays"])
