@@ -29,6 +29,13 @@ from cmfl_flower.data import (
     load_global_test,
     load_partition,
 )
+from cmfl_flower.diffusion import (
+    LocalData,
+    captions_for,
+    fedavg_round,
+    fedlora_round,
+    limit_images,
+)
 from cmfl_flower.encoder import (
     ClipEncoder,
     LoraSpec,
@@ -361,12 +368,56 @@ def fedprox_encoder_round(
     return _averaged_round(cfg, task, received, cfg.federation.proximal_mu)
 
 
+# ----- federated diffusion training (fedavg-diffusion, fedlora-diffusion) -----------------
+def _diffusion_data(cfg: AppConfig, task: ClientTask) -> LocalData:
+    """The client's training images (at most ``diffusion.images-per-client``), captioned."""
+    train = load_partition(data_dir(cfg.data, task.num_partitions), task.partition_id).train
+    keep = limit_images(
+        len(train), cfg.diffusion.images_per_client, cfg.data.seed + task.partition_id
+    )
+    template = cfg.diffusion.caption_template
+    return LocalData(
+        train.images[keep], captions_for(train.labels[keep], train.class_names, template)
+    )
+
+
+def _diffusion_round(cfg: AppConfig, task: ClientTask, received: Arrays, lora: bool) -> RoundOutput:
+    data = _diffusion_data(cfg, task)
+    start = time.perf_counter()
+    train = fedlora_round if lora else fedavg_round
+    arrays, loss = train(cfg, data, received, client_seed(cfg, task))
+    metrics: Metrics = {
+        "partition-id": task.partition_id,
+        "num-train": len(data.images),
+        "train-loss": loss,
+        "seconds-diffusion": time.perf_counter() - start,
+    }
+    return RoundOutput(metrics, ClientState(), arrays)
+
+
+def diffusion_fedavg_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Train the global diffusion UNet for E local steps on local images; send it back."""
+    return _diffusion_round(cfg, task, received, lora=False)
+
+
+def diffusion_fedlora_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Fine-tune the global UNet LoRA on local image-caption pairs; send the LoRA back."""
+    return _diffusion_round(cfg, task, received, lora=True)
+
+
+# ----- end of federated diffusion training ------------------------------------------------
 Task = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
 TASKS: dict[str, Task] = {
     "local-only": local_only_round,
     "cmfl-relay": relay_round,
     "encoder-fedavg": fedavg_encoder_round,
     "encoder-fedprox": fedprox_encoder_round,
+    "diffusion-fedavg": diffusion_fedavg_round,
+    "diffusion-fedlora": diffusion_fedlora_round,
 }
 
 

@@ -226,6 +226,69 @@ class OutputConfig(_Section):
         return self
 
 
+# ----- federated diffusion training (fedavg-diffusion, fedlora-diffusion) -----------------
+class DiffusionConfig(_Section):
+    """Federated diffusion training: the UNet, local steps, noise schedule, LoRA, evaluation."""
+
+    model: Literal["ddpm", "conditional"] = Field(
+        "ddpm",
+        description="`fedavg-diffusion` trains a pixel-space DDPM UNet (`ddpm`) or the preset's "
+        "text-conditional latent UNet (`conditional`).",
+    )
+    unet: Literal["auto", "tiny", "ddpm-cifar10"] = Field(
+        "auto",
+        description="Pixel DDPM architecture (`cmfl_flower.diffusion.DDPM_UNETS`); `auto` = "
+        "`tiny` on the tiny preset, else `ddpm-cifar10`.",
+    )
+    local_steps: int = Field(2, ge=1, description="Local optimiser steps per round (E).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of local training.")
+    batch_size: int = Field(16, ge=1, description="Local training batch size.")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="First beta of the DDPM schedule.")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="Last beta of the DDPM schedule.")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="DDPM beta schedule (the preset's UNets keep their own)."
+    )
+    timesteps: int = Field(1000, ge=2, description="DDPM training timesteps (T).")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of `fedlora-diffusion`.")
+    lora_alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (alpha / rank).")
+    caption_template: str = Field(
+        "a photo of a {name}.", description="Caption of a training image; `{name}` = its class."
+    )
+    prompts: str = Field(
+        "", description="`|`-separated prompts to render; empty = the caption of every class."
+    )
+    images_per_client: int = Field(
+        0, ge=0, description="Use at most this many training images per client; 0 = all."
+    )
+    eval_samples: int = Field(100, ge=2, description="Images rendered per round for the FD.")
+    sample_steps: int = Field(50, ge=1, description="DDIM steps when rendering samples.")
+    fid: Literal["clip", "inception"] = Field(
+        "clip",
+        description="Fréchet distance in the preset CLIP's image features, or Inception FID "
+        "(needs `diffusion.inception-weights`).",
+    )
+    inception_weights: str = Field(
+        "", description="Absolute path of the FID Inception weights file (torch-fidelity's)."
+    )
+
+    _check_weights = field_validator("inception_weights")(_absolute_or_empty)
+
+    @field_validator("caption_template")
+    @classmethod
+    def _check_caption(cls, value: str) -> str:
+        if value.count("{name}") != 1:
+            raise ValueError(f"must contain '{{name}}' exactly once, got {value!r}")
+        return value
+
+    @property
+    def prompt_list(self) -> list[str]:
+        """The configured prompts (empty when the class captions are to be used)."""
+        return [p.strip() for p in self.prompts.split("|") if p.strip()]
+
+
+# ----- end of federated diffusion training ------------------------------------------------
+
+
 class AppConfig(_Section):
     """The whole run configuration; the single source of truth for server and clients."""
 
@@ -240,6 +303,7 @@ class AppConfig(_Section):
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()
     output: OutputConfig = OutputConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
 
     @field_validator("strategy")
     @classmethod

@@ -17,6 +17,7 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.strategies.averaging import FedAvgEncoder, FedProxEncoder
 from cmfl_flower.strategies.base import CmflStrategy
+from cmfl_flower.strategies.diffusion import FedAvgDiffusion, FedLoraDiffusion
 from cmfl_flower.strategies.local_only import LocalOnly
 from cmfl_flower.strategies.relay import CmflRelay
 
@@ -25,6 +26,8 @@ STRATEGIES: dict[str, type[CmflStrategy]] = {
     "local-only": LocalOnly,
     "fedavg-encoder": FedAvgEncoder,
     "fedprox-encoder": FedProxEncoder,
+    "fedavg-diffusion": FedAvgDiffusion,
+    "fedlora-diffusion": FedLoraDiffusion,
 }
 
 __all__ = ["STRATEGIES", "CmflStrategy", "build_strategy", "run_federation"]

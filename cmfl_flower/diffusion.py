@@ -1,0 +1,398 @@
+"""Diffusion UNets trained on local images: pixel DDPM, the preset's latent UNet, its LoRA.
+
+The client side of ``fedavg-diffusion`` and ``fedlora-diffusion`` (free of Flower):
+
+* :func:`build_ddpm_unet` builds a diffusers ``UNet2DModel`` from a named config
+  (:data:`DDPM_UNETS`, architecture as data); it denoises images in pixel space with the
+  configured linear beta schedule (:func:`ddpm_scheduler`).
+* :class:`LatentModel` wraps the preset's Stable Diffusion pipeline: images go through its VAE,
+  captions through its text encoder, and its ``UNet2DConditionModel`` is trained with the
+  pipeline's own noise schedule (a pretrained UNet keeps the schedule it was trained with).
+* :func:`attach_lora` puts a peft LoRA on the UNet's attention projections
+  (:data:`LORA_TARGETS`); only those weights are trained and sent.
+* :func:`train_steps` runs E optimiser steps of the epsilon-prediction loss.
+
+Weights travel as float32 numpy arrays named by the module's ``state_dict`` (or peft) keys.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from cmfl_flower.backbones import Preset, load_pipeline, resolve_device, resolve_preset
+from cmfl_flower.config import AppConfig, DiffusionConfig
+from cmfl_flower.encoder import resize_uint8
+
+Arrays = dict[str, np.ndarray]
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# Pixel-space DDPM UNets as data. `ddpm-cifar10` is the 35.7 M-parameter CIFAR-10 model of
+# Ho et al. (2020); `tiny` keeps its shape at a size that trains on a CPU in seconds.
+DDPM_UNETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "sample_size": 16,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    },
+    "ddpm-cifar10": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [128, 256, 256, 256],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "dropout": 0.1,
+    },
+}
+
+
+def ddpm_unet_name(cfg: DiffusionConfig, preset: str) -> str:
+    """The DDPM architecture ``cfg.unet`` names (``auto``: ``tiny`` on the tiny preset)."""
+    if cfg.unet != "auto":
+        return cfg.unet
+    return "tiny" if preset == "tiny" else "ddpm-cifar10"
+
+
+def build_ddpm_unet(name: str, seed: int) -> torch.nn.Module:
+    """A freshly initialised pixel DDPM UNet (a diffusers ``UNet2DModel``, seeded)."""
+    torch.manual_seed(seed)
+    return cast(torch.nn.Module, UNet2DModel(**DDPM_UNETS[name]))
+
+
+def ddpm_scheduler(cfg: DiffusionConfig) -> Any:
+    """The training noise schedule of the pixel DDPM (linear 1e-4 .. 0.02, T = 1000 default)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        clip_sample=True,
+    )
+
+
+def to_unit_range(images: np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, size, size) float in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(resize_uint8(images, size)))
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) float in [0, 1] (a pipeline's ``np`` output) -> uint8."""
+    out: np.ndarray = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return out
+
+
+# ----- weights as arrays ------------------------------------------------------------------
+def module_arrays(module: torch.nn.Module) -> Arrays:
+    """Every weight of ``module`` as float32 numpy arrays (``state_dict`` keys)."""
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in _state(module)}
+
+
+def _state(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(module.state_dict().items())
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's weights in float32 (LoRA layers not counted)."""
+    return sum(4 * v.numel() for k, v in _state(module) if "lora_" not in k)
+
+
+def check_arrays(expected: Arrays, arrays: Arrays) -> str | None:
+    """Why ``arrays`` cannot replace ``expected`` (keys, shapes, finiteness), or None."""
+    if set(arrays) != set(expected):
+        diff = sorted(set(arrays) ^ set(expected))
+        return f"weight keys differ from the global model's: {diff[:3]} ({len(diff)} in all)"
+    for key, value in arrays.items():
+        if value.shape != expected[key].shape:
+            return f"weight {key!r}: shape {value.shape}, expected {expected[key].shape}"
+        if not np.isfinite(value).all():
+            return f"weight {key!r} holds NaN or Inf"
+    return None
+
+
+def load_module_arrays(module: torch.nn.Module, arrays: Arrays) -> None:
+    """Load a full set of weights into ``module``; refuse any mismatch."""
+    reason = check_arrays(module_arrays(module), arrays)
+    if reason is not None:
+        raise ValueError(f"global UNet does not fit: {reason}")
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+
+
+# ----- the preset's latent, text-conditional UNet -----------------------------------------
+@dataclass
+class LatentModel:
+    """The preset's SD pipeline as a trainable text-to-image model (VAE and text frozen)."""
+
+    pipeline: Any  # diffusers StableDiffusionPipeline
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The pipeline's ``UNet2DConditionModel``."""
+        unet: torch.nn.Module = self.pipeline.unet
+        return unet
+
+    @property
+    def image_size(self) -> int:
+        """Pixel size the pipeline renders (latent size x VAE factor)."""
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    def scheduler(self) -> Any:
+        """The pipeline's own noise schedule, as a DDPM training scheduler."""
+        return DDPMScheduler.from_config(self.pipeline.scheduler.config)
+
+    @torch.no_grad()
+    def latents(self, images: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, C_lat, h, w) scaled VAE latents."""
+        pixels = to_unit_range(images, self.image_size).to(self.pipeline.device)
+        dist = self.pipeline.vae.encode(pixels).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
+        sample: torch.Tensor = dist.mean + dist.std * noise  # (B, C_lat, h, w)
+        return sample * float(self.pipeline.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def text_states(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, L, D_text) text-encoder states."""
+        embeds, _ = self.pipeline.encode_prompt(captions, self.pipeline.device, 1, False)
+        return embeds  # type: ignore[no-any-return]
+
+
+@functools.cache
+def latent_model(preset: Preset, device_name: str, purpose: str) -> LatentModel:
+    """The preset's pipeline, loaded once per process and ``purpose`` (separate copies)."""
+    pipeline = load_pipeline(preset.diffusion, torch.device(device_name), torch.float32)
+    pipeline.unet.requires_grad_(False)
+    pipeline.vae.requires_grad_(False)
+    pipeline.text_encoder.requires_grad_(False)
+    return LatentModel(pipeline)
+
+
+def lora_config(rank: int, alpha: float) -> LoraConfig:
+    """The LoRA on the UNet's attention projections."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft accepts float scaling
+        init_lora_weights="gaussian",
+        target_modules=list(LORA_TARGETS),
+    )
+
+
+@dataclass
+class LoraModel:
+    """A latent model whose UNet carries one LoRA; the active adapter is swappable."""
+
+    model: LatentModel
+    init_state: Arrays
+
+    def state(self) -> Arrays:
+        """The active adapter as float32 arrays (peft keys, adapter name removed)."""
+        state = get_peft_model_state_dict(self.model.unet)
+        return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+    def load(self, arrays: Arrays) -> None:
+        """Make ``arrays`` the active adapter; refuse a mismatch."""
+        reason = check_arrays(self.init_state, arrays)
+        if reason is not None:
+            raise ValueError(f"global LoRA adapter does not fit: {reason}")
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        set_peft_model_state_dict(self.model.unet, tensors)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The adapter's trainable parameters."""
+        return [p for n, p in self.model.unet.named_parameters() if "lora_" in n]
+
+
+@functools.cache
+def attach_lora(preset: Preset, device_name: str, rank: int, alpha: float, seed: int) -> LoraModel:
+    """The preset's pipeline with a seeded LoRA on its UNet (once per process and shape)."""
+    model = latent_model(preset, device_name, f"lora-{rank}-{alpha}-{seed}")
+    torch.manual_seed(seed)
+    model.pipeline.unet.add_adapter(lora_config(rank, alpha))
+    lora = LoraModel(model, {})
+    lora.init_state = lora.state()
+    return lora
+
+
+# ----- local training ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalData:
+    """A client's training images with their captions (None for the unconditional DDPM)."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    captions: list[str] | None
+
+
+def captions_for(labels: np.ndarray, class_names: tuple[str, ...], template: str) -> list[str]:
+    """One caption per image from its class name."""
+    return [template.replace("{name}", class_names[int(label)]) for label in labels]
+
+
+def limit_images(n: int, limit: int, seed: int) -> np.ndarray:
+    """Indices of at most ``limit`` of ``n`` items (all when ``limit`` is 0), seeded."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:limit] if limit else order)
+
+
+def _batch_indices(n: int, batch: int, steps: int, generator: torch.Generator) -> Iterator[Any]:
+    """``steps`` batches drawn by walking seeded permutations of ``range(n)``."""
+    order = torch.randperm(n, generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position + min(batch, n) > n:
+            order, position = torch.randperm(n, generator=generator), 0
+        yield order[position : position + batch].numpy()
+        position += batch
+
+
+def train_steps(
+    unet: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    data: LocalData,
+    cfg: DiffusionConfig,
+    seed: int,
+    latent: LatentModel | None = None,
+) -> float:
+    """``cfg.local_steps`` AdamW steps of the epsilon-prediction MSE; returns the mean loss.
+
+    Pixel DDPM when ``latent`` is None (images in [-1, 1] at the UNet's size), otherwise the
+    latent UNet conditioned on the captions through ``latent``'s VAE and text encoder.
+    """
+    if len(data.images) == 0:
+        raise ValueError("cannot train a diffusion model on an empty training set")
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = latent.scheduler() if latent is not None else ddpm_scheduler(cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    device = next(unet.parameters()).device
+    losses = []
+    for p in params:
+        p.requires_grad_(True)
+    unet.train()
+    with torch.enable_grad():
+        for idx in _batch_indices(len(data.images), cfg.batch_size, cfg.local_steps, generator):
+            loss = _loss(unet, scheduler, data, idx, generator, latent, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    unet.eval()
+    return float(np.mean(losses))
+
+
+def _loss(
+    unet: torch.nn.Module,
+    scheduler: Any,  # diffusers DDPMScheduler
+    data: LocalData,
+    idx: np.ndarray,
+    generator: torch.Generator,
+    latent: LatentModel | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """MSE between the noise added at random timesteps and the UNet's prediction."""
+    if latent is None:
+        config: Any = unet.config
+        x0 = to_unit_range(data.images[idx], int(config["sample_size"])).to(device)
+        condition: dict[str, torch.Tensor] = {}
+    else:
+        x0 = latent.latents(data.images[idx], generator)  # (B, C_lat, h, w)
+        captions = [data.captions[i] for i in idx] if data.captions else [""] * len(idx)
+        condition = {"encoder_hidden_states": latent.text_states(captions)}
+    noise = torch.randn(x0.shape, generator=generator).to(device)  # (B, C, h, w)
+    steps = int(scheduler.config["num_train_timesteps"])
+    t = torch.randint(0, steps, (x0.shape[0],), generator=generator).to(device)  # (B,)
+    noisy = scheduler.add_noise(x0, noise, t)
+    prediction = unet(noisy, t, **condition).sample
+    return F.mse_loss(prediction, noise)
+
+
+# ----- sampling ---------------------------------------------------------------------------
+def sample_ddpm(
+    unet: torch.nn.Module, cfg: DiffusionConfig, count: int, seed: int, batch: int
+) -> np.ndarray:
+    """``count`` unconditional samples (DDIM, ``cfg.sample_steps``) -> (N, S, S, 3) uint8."""
+    pipeline: Any = DDIMPipeline(unet=unet, scheduler=ddpm_scheduler(cfg))
+    pipeline.set_progress_bar_config(disable=True)
+    chunks = []
+    for start in range(0, count, batch):
+        size = min(batch, count - start)
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(size)]
+        out = pipeline(
+            batch_size=size,
+            generator=generators,
+            num_inference_steps=cfg.sample_steps,
+            output_type="np",
+        )
+        chunks.append(to_uint8(np.asarray(out.images)))
+    return np.concatenate(chunks)
+
+
+def render_prompts(
+    pipeline: Any, prompts: list[str], steps: int, guidance: float, seed: int, batch: int
+) -> np.ndarray:
+    """One image per prompt (seeded per index) -> (N, H, W, 3) uint8."""
+    chunks = []
+    for start in range(0, len(prompts), batch):
+        part = prompts[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(part))]
+        out = pipeline(
+            part,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+        )
+        chunks.append(to_uint8(np.asarray(out.images)))
+    return np.concatenate(chunks)
+
+
+# ----- one client round -------------------------------------------------------------------
+@functools.cache
+def ddpm_unet(name: str, device_name: str) -> torch.nn.Module:
+    """The process-wide pixel DDPM module clients load the global weights into."""
+    return build_ddpm_unet(name, 0).to(device_name)
+
+
+def fedavg_round(
+    cfg: AppConfig, data: LocalData, received: Arrays, seed: int
+) -> tuple[Arrays, float]:
+    """Load the global UNet, train it for E steps on ``data``; return it and the mean loss."""
+    if not received:
+        raise ValueError("fedavg-diffusion: the server sent no global UNet")
+    preset = resolve_preset(cfg.backbone)
+    device = str(resolve_device(cfg.backbone.device))
+    latent = None
+    if cfg.diffusion.model == "conditional":
+        latent = latent_model(preset, device, "fedavg")
+        unet = latent.unet
+    else:
+        unet = ddpm_unet(ddpm_unet_name(cfg.diffusion, preset.name), device)
+    load_module_arrays(unet, received)
+    loss = train_steps(unet, list(unet.parameters()), data, cfg.diffusion, seed, latent)
+    return module_arrays(unet), loss
+
+
+def fedlora_round(
+    cfg: AppConfig, data: LocalData, received: Arrays, seed: int
+) -> tuple[Arrays, float]:
+    """Activate the global LoRA (round 1: the seeded one), train it; return it and the loss."""
+    d = cfg.diffusion
+    preset = resolve_preset(cfg.backbone)
+    device = str(resolve_device(cfg.backbone.device))
+    lora = attach_lora(preset, device, d.lora_rank, d.lora_alpha, cfg.seed)
+    lora.load(received or lora.init_state)
+    loss = train_steps(lora.model.unet, lora.parameters(), data, d, seed, lora.model)
+    return lora.state(), loss

@@ -1,0 +1,176 @@
+"""fedavg-diffusion and fedlora-diffusion on the tiny preset, through an in-process grid."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from client_app import app as client_app
+from cmfl_flower import checkpoint
+from cmfl_flower.backbones import load_pipeline, resolve_preset
+from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
+from cmfl_flower.data import load_source
+from cmfl_flower.fid import FrechetDistance, build_fd_metric
+from cmfl_flower.protocol import METRICS_KEY
+from cmfl_flower.results import RunRecorder
+from cmfl_flower.strategies import build_strategy, run_federation
+from cmfl_flower.strategies.base import from_record
+from cmfl_flower.strategies.loopback import LoopbackGrid
+from tests.test_strategies import make_cfg
+
+FAST = {
+    "diffusion.eval-samples": 8,
+    "diffusion.sample-steps": 2,
+    "diffusion.local-steps": 2,
+    "diffusion.batch-size": 8,
+}
+LORA_KEY = re.compile(r".*\.(to_q|to_k|to_v|to_out\.0)\.lora_[AB]\.weight")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads make tiny convs 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, strategy, nodes=3, rounds=2, **extra):
+    cfg = make_cfg(tmp_path, strategy, rounds, **(FAST | extra))
+    grid = LoopbackGrid(client_app, nodes)
+    run_dir = run_federation(grid, cfg)
+    return grid, run_dir, json.loads((run_dir / "rounds.json").read_text())
+
+
+def replies_of_round(grid, server_round):
+    sent = [m.content.config_records["config"]["server-round"] for m in grid.sent]
+    return [r for r, s in zip(grid.replies, sent, strict=True) if s == server_round]
+
+
+def test_aggregation_is_the_exact_example_weighted_mean(tmp_path):
+    cfg = make_cfg(tmp_path, "fedavg-diffusion", 1, **FAST)
+    strategy = build_strategy(cfg, RunRecorder.create(cfg))
+    strategy.publish = lambda server_round, arrays: {}  # no rendering of a 2-weight "UNet"
+    a = {"w": np.array([[1.0, 2.0]], np.float32), "b": np.array([0.5], np.float32)}
+    b = {"w": np.array([[3.0, 6.0]], np.float32), "b": np.array([-1.5], np.float32)}
+    c = {"w": np.array([[0.0, 4.0]], np.float32), "b": np.array([1.0], np.float32)}
+    for node, (arrays, n) in enumerate([(a, 1), (b, 3), (c, 4)]):
+        assert strategy.absorb(1, node, {"num-train": n}, arrays) is None
+    assert strategy.absorb(1, 9, {"num-train": 0}, a) is not None  # no examples: refused
+    assert strategy.end_round(1)["averaged"] == 3
+    # by hand: (1*a + 3*b + 4*c) / 8
+    np.testing.assert_allclose(strategy.global_arrays["w"], [[10 / 8, 36 / 8]], rtol=1e-7)
+    np.testing.assert_allclose(strategy.global_arrays["b"], [(0.5 - 4.5 + 4.0) / 8], atol=1e-7)
+    bad = {"w": np.full((1, 2), np.nan, np.float32), "b": b["b"]}
+    assert "NaN" in strategy.absorb(2, 0, {"num-train": 2}, bad)
+    assert "shape" in strategy.absorb(2, 0, {"num-train": 2}, {"w": a["w"].T, "b": a["b"]})
+
+
+def test_fedavg_diffusion_trains_averages_and_publishes(tmp_path):
+    grid, run_dir, rounds = run(tmp_path, "fedavg-diffusion", nodes=3, rounds=2)
+    first = replies_of_round(grid, 1)
+    items = [(from_record(r.content["arrays"]), r.content[METRICS_KEY]["num-train"]) for r in first]
+    total = sum(n for _, n in items)
+    sent_2 = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
+    start = from_record(grid.sent[0].content["arrays"])
+    for key in ("conv_in.weight", "time_embedding.linear_1.bias"):
+        expected = sum(arrays[key].astype(np.float64) * n for arrays, n in items) / total
+        assert not np.allclose(items[0][0][key], start[key])  # clients did train
+        for message in sent_2:
+            np.testing.assert_allclose(from_record(message.content["arrays"])[key], expected, 1e-6)
+    assert [r["averaged"] for r in rounds] == [3, 3]
+    for row in rounds:  # the whole UNet travels both ways
+        assert row["bytes-sent"] > 3 * row["model-bytes"] * 0.99
+        assert row["fd-clip"] > 0
+    assert (run_dir / "samples" / "round-2.png").is_file()
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(run_dir / "model")
+    final = checkpoint.load_checkpoint(run_dir)
+    np.testing.assert_array_equal(
+        pipe.unet.state_dict()["conv_in.weight"].numpy(), final.arrays["conv_in.weight"]
+    )
+
+
+def test_fedlora_only_lora_weights_travel_and_the_adapter_loads(tmp_path):
+    grid, run_dir, rounds = run(
+        tmp_path, "fedlora-diffusion", nodes=2, rounds=2, **{"diffusion.images-per-client": 4}
+    )
+    assert "arrays" not in grid.sent[0].content.array_records  # round 1: the seeded adapter
+    messages = [*grid.replies, *grid.sent[2:]]
+    for message in messages:
+        arrays = from_record(message.content["arrays"])
+        assert arrays and all(LORA_KEY.fullmatch(key) for key in arrays)
+    assert all(r.content[METRICS_KEY]["num-train"] == 4 for r in grid.replies)
+    for row in rounds:
+        assert 0 < row["bytes-received"] < row["model-bytes"] / 10
+        assert row["fd-clip"] > 0
+    assert (run_dir / "samples" / "round-2.png").is_file()
+
+    final = checkpoint.load_checkpoint(run_dir).arrays
+    assert any(np.abs(v).max() > 0 for k, v in final.items() if "lora_B" in k)
+    pipe = load_pipeline(resolve_preset(BackboneConfig()).diffusion, torch.device("cpu"))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(x, 10, encoder_hidden_states=text).sample
+        pipe.load_lora_weights(str(run_dir / "adapter"))
+        tuned = pipe.unet(x, 10, encoder_hidden_states=text).sample
+    loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(final)
+    for key, value in final.items():  # same weights under the adapter name diffusers chose
+        match = [p for n, p in loaded.items() if n.replace(".default_0", "") == key]
+        assert len(match) == 1
+        np.testing.assert_array_equal(match[0].detach().numpy(), value)
+    assert not torch.allclose(base, tuned)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg-diffusion", "fedlora-diffusion"])
+def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkeypatch, strategy):
+    extra = {"diffusion.images-per-client": 8, "output.run-name": "whole"}
+    whole_cfg = make_cfg(tmp_path, strategy, 2, **(FAST | extra))
+    whole = run_federation(LoopbackGrid(client_app, 2), whole_cfg)
+
+    save = checkpoint.save_checkpoint
+
+    def stop_in_round_2(run_dir, state):  # stopped after round 1's checkpoint
+        if state.round == 2:
+            raise KeyboardInterrupt
+        return save(run_dir, state)
+
+    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", stop_in_round_2)
+    cfg = make_cfg(tmp_path, strategy, 2, **(FAST | extra | {"output.run-name": "cut"}))
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(LoopbackGrid(client_app, 2), cfg)
+    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
+    resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
+    cut = run_federation(LoopbackGrid(client_app, 2), resumed)  # a fresh server and clients
+
+    expected, got = checkpoint.load_checkpoint(whole), checkpoint.load_checkpoint(cut)
+    assert expected.round == got.round == 2 and set(got.arrays) == set(expected.arrays)
+    for key, value in expected.arrays.items():
+        np.testing.assert_array_equal(got.arrays[key], value)
+
+
+def test_missing_inception_weights_file_is_a_clear_error(tmp_path):
+    preset = resolve_preset(BackboneConfig())
+    cfg = DiffusionConfig(fid="inception", inception_weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match=r"^diffusion\.inception-weights = .*nope\.pth"):
+        build_fd_metric(cfg, preset, "cpu")
+    with pytest.raises(ValueError, match="diffusion.inception-weights"):
+        build_fd_metric(DiffusionConfig(fid="inception"), preset, "cpu")
+
+
+def test_clip_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    images = load_source("digits", "test", "").images  # (360, 8, 8, 3)
+    metric = build_fd_metric(DiffusionConfig(), resolve_preset(BackboneConfig()), "cpu")
+    distance = FrechetDistance(metric, images[:180])
+    same = distance(images[:180])
+    other_half = distance(images[180:])
+    shifted = distance(np.roll(images[180:], 2, axis=2))
+    inverted = distance(255 - images[180:])
+    assert abs(same) < 1e-3
+    assert same < other_half < shifted and other_half < inverted
