@@ -85,4 +85,3 @@ def test_flwr_run_cmfl_relay_four_clients_three_rounds(tmp_path):
         assert row["seconds-generation"] >= 0 and row["seconds-tokens"] > 0
     rounds = json.loads((run_dir / "rounds.json").read_text())
     assert [r["replies"] for r in rounds] == [4, 4, 4]
-
