@@ -192,6 +192,12 @@ class OutputConfig(_Section):
         "", description="Absolute root of run directories; empty = `~/.cache/cmfl-flower/runs`."
     )
     run_name: str = Field("", description="Run directory name; empty = timestamp + strategy.")
+    # issue 9: what a user sees
+    progress: bool = Field(True, description="Progress bars (stderr) for the long client phases.")
+    tensorboard: bool = Field(
+        False,
+        description="Also log round scalars and images for TensorBoard (extra `tensorboard`).",
+    )
 
     _check_dir = field_validator("dir")(_absolute_or_empty)
 

@@ -8,6 +8,12 @@ Layout::
         rounds.json/csv  one row per round: aggregated metrics
         clients.json/csv one row per (round, client): that client's metrics
         status.json      {"status": "running" | "completed" | "failed", "error": ...}
+        accuracy.png     accuracy per round; report.html: curves, tables, pictures
+        labels.json/png  label counts per client and class (from the clients' files)
+        clients/partition-<i>/  what client i wrote: labels.json, samples-round-<k>.png
+        tensorboard/     event files (``output.tensorboard = true``)
+
+The report files are rewritten after each round and at the end (:mod:`cmfl_flower.report`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmfl_flower.config import AppConfig
+from cmfl_flower import report
+from cmfl_flower.config import AppConfig, OutputConfig
 from cmfl_flower.paths import cache_root
 
 Row = dict[str, Any]
@@ -42,6 +49,11 @@ def _csv_text(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
+def output_root(cfg: OutputConfig) -> Path:
+    """The absolute root of run directories (``output.dir``, default in the cache)."""
+    return (Path(cfg.dir).expanduser() if cfg.dir else cache_root() / "runs").resolve()
+
+
 class RunRecorder:
     """Collects a run's metrics and keeps its directory up to date."""
 
@@ -50,6 +62,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.rounds: list[Row] = []
         self.clients: list[Row] = []
+        self.tensorboard = report.TensorBoardLog(run_dir) if cfg.output.tensorboard else None
         config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
         _write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         self._status("running")
@@ -57,16 +70,17 @@ class RunRecorder:
     @classmethod
     def create(cls, cfg: AppConfig) -> RunRecorder:
         """Make a fresh run directory under the configured output root."""
-        root = Path(cfg.output.dir).expanduser() if cfg.output.dir else cache_root() / "runs"
         name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
-        run_dir = root.resolve() / name
+        run_dir = output_root(cfg.output) / name
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
             raise ValueError(
                 f"run directory {run_dir} already exists: choose another output.run-name"
             ) from None
-        return cls(cfg, run_dir)
+        # the resolved name travels to the clients, which write under <root>/<name>/clients/
+        resolved = cfg.output.model_copy(update={"run_name": name})
+        return cls(cfg.model_copy(update={"output": resolved}), run_dir)
 
     def add_clients(self, server_round: int, rows: list[Row]) -> None:
         """Record every replying client's metrics for ``server_round``."""
@@ -76,6 +90,9 @@ class RunRecorder:
         """Record the round's aggregates and rewrite the metric files."""
         self.rounds.append({"round": server_round, **metrics})
         self.flush()
+        report.write_report(self.run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.log_round(server_round, self.rounds[-1])
 
     def flush(self) -> None:
         """Rewrite the metric files (JSON and CSV) from memory."""
@@ -87,6 +104,9 @@ class RunRecorder:
         """Write the final status: ``completed``, or ``failed`` with the error."""
         self.flush()
         self._status("failed" if error else "completed", repr(error) if error else None)
+        report.write_report(self.run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _status(self, status: str, error: str | None = None) -> None:
         payload = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

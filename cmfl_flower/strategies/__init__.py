@@ -57,6 +57,7 @@ def build_strategy(cfg: AppConfig, recorder: RunRecorder) -> CmflStrategy:
 def run_federation(grid: Grid, cfg: AppConfig) -> Path:
     """Run the configured strategy to the end, recording into a fresh run directory."""
     recorder = RunRecorder.create(cfg)
+    cfg = recorder.cfg  # with the resolved output.run-name, which the clients need
     log(INFO, "cmfl-flower run directory: %s", recorder.run_dir)
     try:
         strategy = build_strategy(cfg, recorder)
@@ -71,4 +72,5 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
         raise
     recorder.finish()
     log(INFO, "cmfl-flower results written to: %s", recorder.run_dir)
+    log(INFO, "cmfl-flower report: %s", recorder.run_dir / "report.html")
     return recorder.run_dir
