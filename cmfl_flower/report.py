@@ -305,19 +305,21 @@ def round_line(server_round: int, rounds: int, sampled: int, summary: Row) -> st
     return ", ".join(parts + problems)
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
-        return human_bytes(value)
-    return str(value)
+def _cell(value: Any, key: str = "") -> str:
+    """A table cell: bytes in kB/MB, seconds to 0.1, other floats to 0.001."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "bytes" in key:
+            return human_bytes(value)
+        if "seconds" in key:
+            return f"{value:.1f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _html_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>"
-        + "".join(f"<td>{html.escape(_cell(row.get(c, '')))}</td>" for c in columns)
+        + "".join(f"<td>{html.escape(_cell(row.get(c, ''), c))}</td>" for c in columns)
         + "</tr>"
         for row in rows
     )
@@ -458,7 +460,7 @@ def comparison_table(rows: Sequence[Row]) -> str:
     """The rows as a Markdown table (the columns of :data:`COMPARE_COLUMNS`)."""
     lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + " --- |" * len(COMPARE_COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in COMPARE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c, ""), c) for c in COMPARE_COLUMNS) + " |")
     return "\n".join(lines)
 
 
