@@ -22,12 +22,18 @@ IMAGES_PER_CLASS = 2
 NODES = 3
 
 
-def _cfg(root, strategy, rounds, **extra):
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One prepared copy of the offline data for every run of this module."""
+    return tmp_path_factory.mktemp("data")
+
+
+def _cfg(root, data, strategy, rounds, **extra):
     flat = {
         "strategy": strategy,
         "federation.rounds": rounds,
         "federation.min-nodes": 2,
-        "data.dir": str(root / "data"),
+        "data.dir": str(data),
         "output.dir": str(root / "runs"),
         "generation.images-per-class": IMAGES_PER_CLASS,
         "generation.steps": 2,
@@ -38,7 +44,7 @@ def _cfg(root, strategy, rounds, **extra):
 
 
 @pytest.fixture(scope="module")
-def relay_run(tmp_path_factory):
+def relay_run(tmp_path_factory, data_dir):
     """A 2-round cmfl-relay run of 3 clients, with TensorBoard on; its grid and run dir."""
     root = tmp_path_factory.mktemp("relay")
     grid = LoopbackGrid(client_app, NODES)
@@ -48,16 +54,18 @@ def relay_run(tmp_path_factory):
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
     flwr_logger.addHandler(handler)
     try:
-        run_dir = run_federation(grid, _cfg(root, "cmfl-relay", 2, **{"output.tensorboard": True}))
+        run_dir = run_federation(
+            grid, _cfg(root, data_dir, "cmfl-relay", 2, **{"output.tensorboard": True})
+        )
     finally:
         flwr_logger.removeHandler(handler)
     return grid, run_dir, records
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("local")
-    return run_federation(LoopbackGrid(client_app, 2), _cfg(root, "local-only", 1))
+    return run_federation(LoopbackGrid(client_app, 2), _cfg(root, data_dir, "local-only", 1))
 
 
 def _labels(run_dir, partition):
@@ -211,17 +219,17 @@ def test_tensorboard_holds_the_round_scalars_and_grids(relay_run):
     assert [i.step for i in events.Images("samples/client-0")] == [2]
 
 
-def test_tensorboard_missing_names_the_extra(tmp_path, monkeypatch):
+def test_tensorboard_missing_names_the_extra(tmp_path, data_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    cfg = _cfg(tmp_path, "local-only", 1, **{"output.tensorboard": True})
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.tensorboard": True})
     with pytest.raises(RuntimeError, match=r"pip install 'cmfl-flower\[tensorboard\]'"):
         RunRecorder.create(cfg)
 
 
 @pytest.mark.parametrize("enabled", [False, True])
-def test_progress_switch(tmp_path, capsys, enabled):
-    cfg = _cfg(tmp_path, "local-only", 1, **{"output.progress": enabled})
-    run_task("local-only", cfg, ClientTask(0, 2, 1), ClientState(), {})
+def test_progress_switch(tmp_path, data_dir, capsys, enabled):
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.progress": enabled})
+    run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
     err = capsys.readouterr().err
     if enabled:
         # stderr is not a terminal here: plain lines, the finished bar, no carriage returns
