@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
@@ -24,19 +24,22 @@ LOG_WIDTH = 100  # characters of a bar line in a log
 
 
 class _LogLines:
-    """A stream for logs: each bar refresh becomes one line; the initial 0 % one is dropped."""
+    """A stream for logs: one line per bar refresh that shows new progress.
+
+    tqdm draws 0/N before any work and redraws the last count when it closes; a log gains
+    nothing from either, so a line is written only when the bar's count has moved.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.started = False
+        self.bar: Any = None  # the tqdm bar writing here (set once it exists)
+        self.written = 0  # the bar's count at the last line
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if not line:
+        if not line or self.bar is None or self.bar.n == self.written:
             return
-        if not self.started:  # tqdm draws 0/N before any work: nothing to tell a log
-            self.started = True
-            return
+        self.written = self.bar.n
         self.stream.write(line + "\n")
 
     def flush(self) -> None:
@@ -57,17 +60,20 @@ class Progress:
             return
         stream = sys.stderr  # looked up per bar: tests and loggers may swap it
         tty = stream.isatty()
+        log = None if tty else _LogLines(stream)
         bar = tqdm(
             items,
             total=total,
             desc=f"{self.label} {phase}".strip(),
-            file=stream if tty else _LogLines(stream),
+            file=stream if log is None else log,
             mininterval=TTY_INTERVAL if tty else LOG_INTERVAL,
             ncols=None if tty else LOG_WIDTH,
             dynamic_ncols=tty,
             leave=True,
             unit="batch",
         )
+        if log is not None:
+            log.bar = bar
         try:
             yield from bar
         finally:

@@ -49,9 +49,7 @@ def relay_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("relay")
     grid = LoopbackGrid(client_app, NODES)
     flwr_logger = logging.getLogger("flwr")
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    handler = _Collect()
     flwr_logger.addHandler(handler)
     try:
         run_dir = run_federation(
@@ -59,7 +57,18 @@ def relay_run(tmp_path_factory, data_dir):
         )
     finally:
         flwr_logger.removeHandler(handler)
-    return grid, run_dir, records
+    return grid, run_dir, handler.messages
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages the server logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
     """Run the configured strategy to the end, recording into a fresh run directory."""
     recorder = RunRecorder.create(cfg)
     cfg = recorder.cfg  # with the resolved output.run-name, which the clients need
-    log(INFO, "cmfl-flower run directory: %s", recorder.run_dir)
+    log(INFO, "==> cmfl-flower run directory: %s", recorder.run_dir)
     try:
         strategy = build_strategy(cfg, recorder)
         strategy.start(
@@ -69,8 +69,9 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
         )
     except BaseException as err:
         recorder.finish(err)
+        log(INFO, "==> cmfl-flower run failed; what it had is in: %s", recorder.run_dir)
         raise
     recorder.finish()
-    log(INFO, "cmfl-flower results written to: %s", recorder.run_dir)
-    log(INFO, "cmfl-flower report: %s", recorder.run_dir / "report.html")
+    log(INFO, "==> cmfl-flower results written to: %s", recorder.run_dir)
+    log(INFO, "==> open %s", recorder.run_dir / "report.html")
     return recorder.run_dir
