@@ -7,6 +7,7 @@ unpacks the message and calls :func:`run_task`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -194,10 +195,19 @@ class Workspace:
         return client_dir(output_root(self.cfg.output) / run_name, self.task.partition_id)
 
     def save_artifacts(self, generated: GeneratedImages | None = None) -> None:
-        """Write the partition's label counts and the round's sample grid, if any."""
+        """Write the partition's label counts and the round's sample grid, if any.
+
+        The pictures are for people: a folder this machine cannot write is logged, not fatal.
+        """
         directory = self.artifacts
         if directory is None:
             return
+        try:
+            self._write_artifacts(directory, generated)
+        except OSError as err:
+            logging.getLogger(__name__).warning("client artifacts not written: %s", err)
+
+    def _write_artifacts(self, directory: Path, generated: GeneratedImages | None) -> None:
         train, test = self.data.train.labels, self.data.test.labels
         write_label_counts(directory, self.task.partition_id, self.class_names, train, test)
         if generated is not None and len(generated.labels):

@@ -217,7 +217,7 @@ def accuracy_figure(runs: Sequence[RunView]) -> Figure:
     axes = figure.add_subplot()
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
-        label = run.name if len(runs) > 1 else "global test"
+        label = f"{run.name} (global test)" if len(runs) > 1 else "global test"
         rounds = [row["round"] for row in run.rounds if "global-acc-mean" in row]
         rows = [row for row in run.rounds if "global-acc-mean" in row]
         if not rows:

@@ -246,3 +246,13 @@ def test_progress_switch(tmp_path, data_dir, capsys, enabled):
         assert "\r" not in err
     else:
         assert "client 0" not in err and "%|" not in err
+
+
+def test_a_client_that_cannot_write_its_pictures_still_finishes_the_round(tmp_path, data_dir):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output root should be")
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.run-name": "r"})
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(blocker)})})
+    output = run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
+    assert 0.0 <= output.metrics["global-acc"] <= 1.0
+    assert blocker.is_file()
