@@ -5,7 +5,9 @@
 ``cmfl-relay`` and ``fedavg-encoder`` through the real ServerApp strategy and ClientApp code
 (in process), plus centralised training on the pooled client data as an upper bound. It prints
 one table of mean client accuracy on the global test set after the last round, and
-``cmfl-relay - local-only`` in points.
+``cmfl-relay - local-only`` in points. The federated runs' figures are read back from their run
+directories with :mod:`cmfl_flower.report` (what ``cmfl-report`` prints), which also writes
+``comparison/compare.html`` and ``compare.png`` (accuracy per round, overlaid) under the root.
 
 The settings below were fixed before the first run; they are the app's defaults except the
 number of clients and rounds.
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from client_app import app as client_app
+from cmfl_flower import report
 from cmfl_flower.client import ClientTask, data_dir, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
@@ -65,8 +68,8 @@ def federated(
     start = time.perf_counter()
     cfg = config(strategy, root, rounds, extra)
     run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), cfg)
-    last: dict[str, Any] = json.loads((run_dir / "rounds.json").read_text())[-1]
-    return last | {"seconds": time.perf_counter() - start, "run-dir": str(run_dir)}
+    final = report.comparison_rows([report.load_run(run_dir)])[0]
+    return final | {"seconds": time.perf_counter() - start, "run-dir": str(run_dir)}
 
 
 def centralised(root: Path, rounds: int) -> dict[str, Any]:
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{strategy}: {results[strategy]['global-acc-mean']:.3f}", flush=True)
     print(table(results))
     (root / "method.json").write_text(json.dumps(results, indent=2, default=float))
+    runs = [report.load_run(Path(results[name]["run-dir"])) for name in STRATEGIES]
+    page, _ = report.write_comparison(runs, root / "comparison")
+    print(f"accuracy per round, overlaid: {page}")
     print(f"mean per-client label share of the largest class: {_skew(root):.2f}")
 
 

@@ -7,6 +7,7 @@ unpacks the message and calls :func:`run_task`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,8 +46,11 @@ from cmfl_flower.encoder import (
     load_encoder,
     train_encoder,
 )
-from cmfl_flower.generation import GenerationRequest, load_generator
+from cmfl_flower.generation import GeneratedImages, GenerationRequest, load_generator
+from cmfl_flower.progress import Progress
 from cmfl_flower.protocol import ROUND_KEY
+from cmfl_flower.report import client_dir, write_label_counts, write_sample_grid
+from cmfl_flower.results import output_root
 from cmfl_flower.tokens import (
     ClassTokenBank,
     TextSide,
@@ -183,6 +187,47 @@ class Workspace:
         """(C, E) text features of every class with its pretrained name tokens."""
         return self.text.encode([self.text.name_vectors(n) for n in self.class_names])
 
+    @property
+    def progress(self) -> Progress:
+        """Progress bars labelled with the client and round (``output.progress``)."""
+        label = f"client {self.task.partition_id} round {self.task.server_round}"
+        return Progress(self.cfg.output.progress, label)
+
+    @property
+    def artifacts(self) -> Path | None:
+        """The client's folder of the run directory, on this machine (None: no run name)."""
+        run_name = self.cfg.output.run_name  # the server sends the resolved name
+        if not run_name:
+            return None
+        return client_dir(output_root(self.cfg.output) / run_name, self.task.partition_id)
+
+    def save_artifacts(self, generated: GeneratedImages | None = None) -> None:
+        """Write the partition's label counts and the round's sample grid, if any.
+
+        The pictures are for people: a folder this machine cannot write is logged, not fatal.
+        """
+        directory = self.artifacts
+        if directory is None:
+            return
+        try:
+            self._write_artifacts(directory, generated)
+        except OSError as err:
+            logging.getLogger(__name__).warning("client artifacts not written: %s", err)
+
+    def _write_artifacts(self, directory: Path, generated: GeneratedImages | None) -> None:
+        train, test = self.data.train.labels, self.data.test.labels
+        write_label_counts(directory, self.task.partition_id, self.class_names, train, test)
+        if generated is not None and len(generated.labels):
+            task = self.task
+            write_sample_grid(
+                directory,
+                task.partition_id,
+                task.server_round,
+                generated.images,
+                generated.labels,
+                self.class_names,
+            )
+
     def local_set(self) -> TrainingSet:
         """The local training images at the CLIP's size, weight 1."""
         train = self.data.train
@@ -232,7 +277,10 @@ def local_only_round(
     ws = open_workspace(cfg, task, state.lora)
     names = ws.name_features()  # (C, E)
     with ws.phase("encoder"):
-        loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed)
+        loss = train_encoder(
+            ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, progress=ws.progress
+        )
+    ws.save_artifacts()
     metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
     return RoundOutput(metrics | ws.timings, ClientState(lora=ws.encoder.lora_state()))
 
@@ -296,18 +344,23 @@ def relay_round(
             cfg.backbone.dtype,
         )
         requests = _requests(ws, entries, before)
-        generated = generator.generate(requests, cfg.generation, cfg.seed, task.server_round)
+        generated = generator.generate(
+            requests, cfg.generation, cfg.seed, task.server_round, ws.progress
+        )
+    ws.save_artifacts(generated)
     with ws.phase("encoder"):
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size,
             (ws.data.train.images, ws.data.train.labels, 1.0),
             (generated.images, generated.labels, cfg.generation.sample_weight),
         )
-        encoder_loss = train_encoder(ws.encoder, data, before, cfg.encoder, ws.seed)
+        encoder_loss = train_encoder(
+            ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress
+        )
     with ws.phase("tokens"):
         features = image_features(ws.encoder, ws.data.train.images, cfg.encoder.eval_batch_size)
         token_loss = train_bank(
-            ws.text, bank, features, ws.data.train.labels, names, cfg.tokens, ws.seed
+            ws.text, bank, features, ws.data.train.labels, names, cfg.tokens, ws.seed, ws.progress
         )
     metrics = evaluate(ws, text_features()) | _base_metrics(ws)
     metrics |= {
@@ -348,7 +401,10 @@ def _averaged_round(cfg: AppConfig, task: ClientTask, received: Arrays, mu: floa
     _global_adapter(ws, received)
     names = ws.name_features()  # (C, E)
     with ws.phase("encoder"):
-        loss = train_encoder(ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, mu)
+        loss = train_encoder(
+            ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, mu, ws.progress
+        )
+    ws.save_artifacts()
     metrics = evaluate(ws, names) | _base_metrics(ws) | {"train-loss": loss}
     arrays = {k: v.numpy() for k, v in ws.encoder.lora_state().items()}
     return RoundOutput(metrics | ws.timings, ClientState(), arrays)

@@ -209,6 +209,11 @@ class OutputConfig(_Section):
         description="Continue run `run-name` from its last checkpoint (same config; more "
         "`federation.rounds` allowed).",
     )
+    progress: bool = Field(True, description="Progress bars (stderr) for the long client phases.")
+    tensorboard: bool = Field(
+        False,
+        description="Also log round scalars and images for TensorBoard (extra `tensorboard`).",
+    )
 
     _check_dir = field_validator("dir")(_absolute_or_empty)
 
@@ -226,7 +231,6 @@ class OutputConfig(_Section):
         return self
 
 
-# ----- federated diffusion training (fedavg-diffusion, fedlora-diffusion) -----------------
 class DiffusionConfig(_Section):
     """Federated diffusion training: the UNet, local steps, noise schedule, LoRA, evaluation."""
 
@@ -284,9 +288,6 @@ class DiffusionConfig(_Section):
     def prompt_list(self) -> list[str]:
         """The configured prompts (empty when the class captions are to be used)."""
         return [p.strip() for p in self.prompts.split("|") if p.strip()]
-
-
-# ----- end of federated diffusion training ------------------------------------------------
 
 
 class AppConfig(_Section):

@@ -23,6 +23,7 @@ from peft import (
 
 from cmfl_flower.backbones import ClipBundle, Preset, load_clip
 from cmfl_flower.config import EncoderConfig
+from cmfl_flower.progress import QUIET, Progress
 
 LoraState = dict[str, torch.Tensor]
 
@@ -188,6 +189,7 @@ def train_encoder(
     cfg: EncoderConfig,
     seed: int,
     proximal_mu: float = 0.0,
+    progress: Progress = QUIET,
 ) -> float:
     """Train the active adapter with weighted cross-entropy over image-text logits.
 
@@ -207,19 +209,24 @@ def train_encoder(
         for p in params:
             p.requires_grad_(True)
         encoder.bundle.model.visual.train()
-        for _ in range(cfg.epochs):
-            for idx in _batches(len(data.images), cfg.batch_size, generator):
-                pixels = to_pixels(data.images[idx], encoder.bundle)
-                logits = scale * encoder.encode_images(pixels) @ text_features.T  # (B, C)
-                target = torch.from_numpy(data.labels[idx]).to(device)
-                weights = torch.from_numpy(data.weights[idx]).to(device)
-                loss = weighted_cross_entropy(logits, target, weights)
-                if proximal_mu > 0:
-                    loss = loss + proximal_mu * proximal_term(params, reference)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+        steps = (
+            idx
+            for _ in range(cfg.epochs)
+            for idx in _batches(len(data.images), cfg.batch_size, generator)
+        )
+        total = cfg.epochs * -(-len(data.images) // cfg.batch_size)
+        for idx in progress.over(steps, total, "encoder"):
+            pixels = to_pixels(data.images[idx], encoder.bundle)
+            logits = scale * encoder.encode_images(pixels) @ text_features.T  # (B, C)
+            target = torch.from_numpy(data.labels[idx]).to(device)
+            weights = torch.from_numpy(data.weights[idx]).to(device)
+            loss = weighted_cross_entropy(logits, target, weights)
+            if proximal_mu > 0:
+                loss = loss + proximal_mu * proximal_term(params, reference)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
         encoder.bundle.model.visual.eval()
     return float(np.mean(losses))
 

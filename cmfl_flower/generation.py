@@ -25,10 +25,10 @@ import numpy as np
 import open_clip
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
-from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_dtype
 from cmfl_flower.config import GenerationConfig
+from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 
 SCHEDULERS = ("dpm-solver++", "pndm", "ddim")
@@ -199,7 +199,7 @@ class Generator:
         cfg: GenerationConfig,
         run_seed: int,
         server_round: int,
-        show_progress: bool = False,
+        progress: Progress = QUIET,
     ) -> GeneratedImages:
         """``cfg.images_per_class`` images per request, each with its own noise seed."""
         jobs = [
@@ -217,7 +217,7 @@ class Generator:
         with torch.inference_mode():
             embeds = self.prompt_embeds([req.vectors for req in requests])  # (R, L, D_text)
             batches = list(_batches(jobs, cfg.batch_size))
-            for batch in tqdm(batches, desc="generating", disable=not show_progress):
+            for batch in progress.over(batches, len(batches), "generation"):
                 rows = torch.tensor([j.request for j in batch], device=embeds.device)
                 chunks.append(self._render(embeds[rows], [j.seed for j in batch], cfg))
         return GeneratedImages(np.concatenate(chunks), labels, senders)

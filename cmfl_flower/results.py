@@ -8,8 +8,13 @@ Layout::
         rounds.json/csv  one row per round: aggregated metrics
         clients.json/csv one row per (round, client): that client's metrics
         status.json      {"status": "running" | "completed" | "failed", "error": ...}
+        accuracy.png     accuracy per round; report.html: curves, tables, pictures
+        labels.json/png  label counts per client and class (from the clients' files)
+        clients/partition-<i>/  what client i wrote: labels.json, samples-round-<k>.png
+        tensorboard/     event files (``output.tensorboard = true``)
         checkpoint/      the strategy's state after the latest round (see checkpoint.py)
 
+The report files are rewritten after each round and at the end (:mod:`cmfl_flower.report`).
 ``output.resume = true`` reopens an existing directory: the config must match the one it was
 started with (apart from :data:`RESUMABLE_KEYS`) and rows after the checkpoint are dropped.
 """
@@ -23,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmfl_flower.config import AppConfig
+from cmfl_flower import report
+from cmfl_flower.config import AppConfig, OutputConfig
 from cmfl_flower.paths import cache_root
 
 Row = dict[str, Any]
@@ -38,12 +44,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def output_root(cfg: AppConfig) -> Path:
-    """The absolute directory that holds run directories."""
-    root = Path(cfg.output.dir).expanduser() if cfg.output.dir else cache_root() / "runs"
-    return root.resolve()
-
-
 def _csv_text(rows: list[Row]) -> str:
     columns: list[str] = []
     for row in rows:
@@ -53,6 +53,11 @@ def _csv_text(rows: list[Row]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def output_root(cfg: OutputConfig) -> Path:
+    """The absolute root of run directories (``output.dir``, default in the cache)."""
+    return (Path(cfg.dir).expanduser() if cfg.dir else cache_root() / "runs").resolve()
 
 
 class RunRecorder:
@@ -69,6 +74,7 @@ class RunRecorder:
         self.run_dir = run_dir
         self.rounds: list[Row] = rounds or []
         self.clients: list[Row] = clients or []
+        self.tensorboard = report.TensorBoardLog(run_dir) if cfg.output.tensorboard else None
         config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
         _write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
         self._status("running")
@@ -82,19 +88,21 @@ class RunRecorder:
     def create(cls, cfg: AppConfig) -> RunRecorder:
         """Make a fresh run directory under the configured output root."""
         name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
-        run_dir = output_root(cfg) / name
+        run_dir = output_root(cfg.output) / name
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
             raise ValueError(
                 f"run directory {run_dir} already exists: choose another output.run-name"
             ) from None
-        return cls(cfg, run_dir)
+        # the resolved name travels to the clients, which write under <root>/<name>/clients/
+        resolved = cfg.output.model_copy(update={"run_name": name})
+        return cls(cfg.model_copy(update={"output": resolved}), run_dir)
 
     @classmethod
     def reopen(cls, cfg: AppConfig) -> RunRecorder:
         """Reopen run ``output.run-name`` with its recorded rows, checking the config."""
-        run_dir = output_root(cfg) / cfg.output.run_name
+        run_dir = output_root(cfg.output) / cfg.output.run_name
         if not (run_dir / "config.json").is_file():
             raise ValueError(
                 f"output.resume = true but {run_dir} holds no run (no config.json): "
@@ -125,6 +133,9 @@ class RunRecorder:
         """Record the round's aggregates and rewrite the metric files."""
         self.rounds.append({"round": server_round, **metrics})
         self.flush()
+        report.write_report(self.run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.log_round(server_round, self.rounds[-1])
 
     def flush(self) -> None:
         """Rewrite the metric files (JSON and CSV) from memory."""
@@ -136,6 +147,9 @@ class RunRecorder:
         """Write the final status: ``completed``, or ``failed`` with the error."""
         self.flush()
         self._status("failed" if error else "completed", repr(error) if error else None)
+        report.write_report(self.run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _status(self, status: str, error: str | None = None) -> None:
         payload = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -8,6 +8,7 @@ from the frozen open_clip text tower with the vectors substituted at the name's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from cmfl_flower.backbones import ClipBundle
 from cmfl_flower.config import TokensConfig
 from cmfl_flower.encoder import ClipEncoder, to_pixels
+from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 
 TokenState = dict[str, torch.Tensor]
@@ -141,6 +143,7 @@ def train_bank(
     class_names: tuple[str, ...],
     cfg: TokensConfig,
     seed: int,
+    progress: Progress = QUIET,
 ) -> float:
     """Cross-entropy over image-text logits; only the bank's vectors move. Mean loss.
 
@@ -151,16 +154,21 @@ def train_bank(
     generator = torch.Generator().manual_seed(seed)
     target = torch.from_numpy(labels).to(features.device)
     losses: list[float] = []
-    with torch.enable_grad():
+
+    def steps() -> Iterator[torch.Tensor]:
         for _ in range(cfg.epochs):
             order = torch.randperm(len(features), generator=generator)
             for start in range(0, len(order), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                text_features = text.encode(class_vectors(text, bank, class_names))  # (C, E)
-                logits = scale * features[idx] @ text_features.T  # (B, C)
-                loss = F.cross_entropy(logits, target[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                yield order[start : start + cfg.batch_size]
+
+    total = cfg.epochs * -(-len(features) // cfg.batch_size)
+    with torch.enable_grad():
+        for idx in progress.over(steps(), total, "tokens"):
+            text_features = text.encode(class_vectors(text, bank, class_names))  # (C, E)
+            logits = scale * features[idx] @ text_features.T  # (B, C)
+            loss = F.cross_entropy(logits, target[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
     return float(np.mean(losses))

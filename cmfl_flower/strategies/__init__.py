@@ -63,13 +63,16 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
     last checkpoint.
     """
     recorder = RunRecorder.open(cfg)
-    log(INFO, "cmfl-flower run directory: %s", recorder.run_dir)
+    cfg = recorder.cfg  # with the resolved output.run-name, which the clients need
+    log(INFO, "==> cmfl-flower run directory: %s", recorder.run_dir)
     try:
         strategy = build_strategy(cfg, recorder)
         strategy.run(grid, strategy.restore() if cfg.output.resume else 1)
     except BaseException as err:
         recorder.finish(err)
+        log(INFO, "==> cmfl-flower run failed; what it had is in: %s", recorder.run_dir)
         raise
     recorder.finish()
-    log(INFO, "cmfl-flower results written to: %s", recorder.run_dir)
+    log(INFO, "==> cmfl-flower results written to: %s", recorder.run_dir)
+    log(INFO, "==> open %s", recorder.run_dir / "report.html")
     return recorder.run_dir

@@ -45,6 +45,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from cmfl_flower.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cmfl_flower.config import AppConfig
 from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY, TASK_KEY
+from cmfl_flower.report import round_line
 from cmfl_flower.results import Row, RunRecorder
 
 Arrays = dict[str, np.ndarray]
@@ -76,6 +77,7 @@ class CmflStrategy(Strategy):
         self.cfg = cfg
         self.recorder = recorder
         self._sent_bytes: dict[int, int] = {}
+        self._round_start = time.perf_counter()
 
     # ----- hooks for subclasses ----------------------------------------------------------
     def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
@@ -148,6 +150,7 @@ class CmflStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled node; remembers how many bytes each carries."""
+        self._round_start = time.perf_counter()
         nodes = self.sample(grid, server_round)
         log(INFO, "round %d: sampled %d node(s)", server_round, len(nodes))
         messages = [
@@ -203,10 +206,13 @@ class CmflStrategy(Strategy):
             "refused": sum("refused" in row for row in rows),
         }
         summary |= _spread(ok) | _totals(rows) | _mean_seconds(ok) | extra
+        sampled = max(len(self._sent_bytes), len(rows))
+        summary |= {"sampled": sampled, "round-seconds": time.perf_counter() - self._round_start}
         self.recorder.add_clients(server_round, rows)
         self.recorder.add_round(server_round, summary)
         for row in sorted(ok, key=lambda r: r.get("partition-id", -1)):
             log(INFO, "round %d: %s", server_round, _format_row(row))
+        log(INFO, "%s", round_line(server_round, self.cfg.federation.rounds, sampled, summary))
         return MetricRecord(summary)
 
     def summary(self) -> None:

@@ -1,0 +1,508 @@
+"""What a run shows a user: sample grids, label distributions, curves, report.html, cmfl-report.
+
+Clients write their own artifacts into ``<run dir>/clients/partition-<i>/`` on *their*
+filesystem (:func:`write_sample_grid`, :func:`write_label_counts`); in a simulation that is the
+server's run directory, in a deployment the SuperNode machine's output root. The server
+renders the run-level views from whatever the run directory holds (:func:`write_report`,
+rewritten after every round) and, optionally, logs the same to TensorBoard.
+
+``cmfl-report RUN_DIR [RUN_DIR ...] [--out DIR]`` compares finished (or running) runs.
+Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
+
+Row = dict[str, Any]
+
+CLIENTS_DIR = "clients"  # <run dir>/clients/partition-<i>/: what client i wrote
+LABELS_FILE = "labels.json"
+LABELS_PNG = "labels.png"
+ACCURACY_PNG = "accuracy.png"
+REPORT_HTML = "report.html"
+CELL = 96  # pixels of one image in a sample grid
+PAD = 4  # pixels between grid cells
+LABEL_WIDTH = 120  # pixels of the class-name column of a sample grid
+MAX_COLUMNS = 8  # images shown per class in a sample grid
+TITLE_HEIGHT = 28  # pixels of the title line above a sample grid
+MIN_WIDTH = 420  # pixels: room for the title
+_UP, _DOWN = Image.Resampling.NEAREST, Image.Resampling.LANCZOS  # keep pixels honest
+_GRID_NAME = re.compile(r"^samples-round-(\d+)\.png$")
+
+
+# ----- what a client writes ---------------------------------------------------------------
+def client_dir(run_dir: Path, partition_id: int) -> Path:
+    """Where partition ``partition_id`` keeps its artifacts of the run."""
+    return run_dir / CLIENTS_DIR / f"partition-{partition_id}"
+
+
+def grid_name(server_round: int) -> str:
+    """File name of a client's sample grid of ``server_round``."""
+    return f"samples-round-{server_round:03d}.png"
+
+
+def grid_size(rows: int, columns: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sample grid with ``rows`` classes, ``columns`` images."""
+    width = max(LABEL_WIDTH + columns * (CELL + PAD) + PAD, MIN_WIDTH)
+    return width, TITLE_HEIGHT + rows * (CELL + PAD) + PAD
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    title: str,
+    columns: int = MAX_COLUMNS,
+) -> Image.Image:
+    """One row per class in ``labels`` (sorted), up to ``columns`` of its images per row.
+
+    images: (N, H, W, 3) uint8; labels: (N,) class ids into ``class_names``.
+    """
+    if len(images) == 0:
+        raise ValueError("a sample grid needs at least one image")
+    classes = sorted({int(c) for c in labels})
+    width = min(columns, max(int((labels == c).sum()) for c in classes))
+    canvas = Image.new("RGB", grid_size(len(classes), width), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(16)
+    draw.text((PAD, TITLE_HEIGHT // 2), title, fill="black", font=font, anchor="lm")
+    for row, class_id in enumerate(classes):
+        top = TITLE_HEIGHT + row * (CELL + PAD)
+        name = class_names[class_id] if class_id < len(class_names) else str(class_id)
+        draw.text((PAD, top + CELL // 2), name, fill="black", font=font, anchor="lm")
+        for col, image in enumerate(images[labels == class_id][:width]):
+            tile = Image.fromarray(image)
+            smaller = tile.width < CELL
+            tile = tile.resize((CELL, CELL), _UP if smaller else _DOWN)
+            canvas.paste(tile, (LABEL_WIDTH + col * (CELL + PAD), top))
+    return canvas
+
+
+def write_sample_grid(
+    directory: Path,
+    partition_id: int,
+    server_round: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+) -> Path:
+    """Save the round's sample grid into a client's artifact directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / grid_name(server_round)
+    title = f"client {partition_id}, round {server_round}: generated from received tokens"
+    sample_grid(images, labels, class_names, title).save(path, optimize=True)
+    return path
+
+
+def write_label_counts(
+    directory: Path,
+    partition_id: int,
+    class_names: Sequence[str],
+    train: np.ndarray,
+    test: np.ndarray,
+) -> Path:
+    """Save a client's per-class counts (train and test labels) as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    size = len(class_names)
+    payload = {
+        "partition-id": partition_id,
+        "class-names": list(class_names),
+        "train": np.bincount(train, minlength=size).tolist(),
+        "test": np.bincount(test, minlength=size).tolist(),
+    }
+    path = directory / LABELS_FILE
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+# ----- reading a run directory ------------------------------------------------------------
+@dataclass(frozen=True)
+class RunView:
+    """What a run directory holds, read back."""
+
+    run_dir: Path
+    run_config: dict[str, Any]
+    rounds: list[Row]
+    clients: list[Row]
+    status: str
+
+    @property
+    def name(self) -> str:
+        """The run directory's name."""
+        return self.run_dir.name
+
+    @property
+    def strategy(self) -> str:
+        """The strategy the run used."""
+        return str(self.run_config.get("strategy", "?"))
+
+    def final(self) -> Row:
+        """Headline figures: last round's accuracies, totals of bytes and seconds."""
+        last = self.rounds[-1] if self.rounds else {}
+        out: Row = {"rounds": len(self.rounds), "status": self.status}
+        for key in ("global-acc-mean", "global-acc-min", "global-acc-max", "local-acc-mean"):
+            if key in last:
+                out[key] = float(last[key])
+        for key in ("bytes-sent", "bytes-received", "round-seconds"):
+            out[key] = sum(row.get(key, 0) for row in self.rounds)
+        return out
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def load_run(run_dir: Path) -> RunView:
+    """Read a run directory written by :class:`cmfl_flower.results.RunRecorder`."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{run_dir} is not a cmfl-flower run directory (no config.json)")
+    return RunView(
+        run_dir=run_dir,
+        run_config=_read_json(run_dir / "config.json", {}).get("run_config", {}),
+        rounds=_read_json(run_dir / "rounds.json", []),
+        clients=_read_json(run_dir / "clients.json", []),
+        status=str(_read_json(run_dir / "status.json", {}).get("status", "unknown")),
+    )
+
+
+def client_label_counts(run_dir: Path) -> dict[int, Row]:
+    """Every client's label counts found in the run directory, by partition id."""
+    found = {}
+    for path in sorted((run_dir / CLIENTS_DIR).glob(f"partition-*/{LABELS_FILE}")):
+        payload = json.loads(path.read_text())
+        found[int(payload["partition-id"])] = payload
+    return dict(sorted(found.items()))
+
+
+def latest_grids(run_dir: Path) -> dict[int, tuple[int, Path]]:
+    """Per partition, its latest sample grid: (round, path)."""
+    latest: dict[int, tuple[int, Path]] = {}
+    for directory in sorted((run_dir / CLIENTS_DIR).glob("partition-*")):
+        partition = int(directory.name.removeprefix("partition-"))
+        for path in directory.iterdir():
+            match = _GRID_NAME.match(path.name)
+            if match and int(match.group(1)) >= latest.get(partition, (0, path))[0]:
+                latest[partition] = (int(match.group(1)), path)
+    return dict(sorted(latest.items()))
+
+
+# ----- figures ----------------------------------------------------------------------------
+def _png(figure: Figure, path: Path) -> None:
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
+
+
+def accuracy_figure(runs: Sequence[RunView]) -> Figure:
+    """Mean client accuracy per round (global test solid with min-max band, local dashed)."""
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        label = f"{run.name} (global test)" if len(runs) > 1 else "global test"
+        rounds = [row["round"] for row in run.rounds if "global-acc-mean" in row]
+        rows = [row for row in run.rounds if "global-acc-mean" in row]
+        if not rows:
+            continue
+        axes.plot(rounds, [r["global-acc-mean"] for r in rows], "o-", color=color, label=label)
+        low = [r["global-acc-min"] for r in rows]
+        high = [r["global-acc-max"] for r in rows]
+        axes.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
+        local = [r.get("local-acc-mean", np.nan) for r in rows]
+        local_label = f"{run.name} (local test)" if len(runs) > 1 else "local test"
+        axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=local_label)
+    axes.set_xlabel("round")
+    axes.set_ylabel("mean client accuracy")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    title = runs[0].strategy + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
+    axes.set_title(title + "\n(band: min–max over clients, global test)", fontsize=10)
+    if axes.has_data():
+        axes.legend(fontsize=8)
+    else:
+        axes.text(0.5, 0.5, "no round finished yet", ha="center", transform=axes.transAxes)
+    return figure
+
+
+def labels_figure(counts: dict[int, Row]) -> Figure:
+    """Heatmap of training images per (partition, class), annotated when small."""
+    names = next(iter(counts.values()))["class-names"]
+    matrix = np.array([counts[p]["train"] for p in counts])  # (P, C)
+    figure = Figure(figsize=(min(2 + 0.55 * len(names), 16), 1.2 + 0.4 * len(counts)))
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix, cmap="Blues", aspect="auto")
+    axes.set_xticks(range(len(names)), names, rotation=45 if len(names) > 10 else 0, ha="right")
+    axes.set_yticks(
+        range(len(counts)), [f"client {p} ({matrix[i].sum()})" for i, p in enumerate(counts)]
+    )
+    if matrix.size <= 400:
+        for (i, j), value in np.ndenumerate(matrix):
+            dark = value > matrix.max() / 2
+            axes.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
+    axes.set_title(
+        "training images per client and class (partition label distribution)", fontsize=10
+    )
+    figure.colorbar(image, ax=axes, fraction=0.03)
+    return figure
+
+
+def _png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ----- the run's report -------------------------------------------------------------------
+def human_bytes(count: float) -> str:
+    """``812 B``, ``48.2 kB``, ``1.2 MB`` (decimal units)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+def round_line(server_round: int, rounds: int, sampled: int, summary: Row) -> str:
+    """The one line the server logs per round."""
+    acc = summary.get("global-acc-mean")
+    parts = [
+        f"round {server_round}/{rounds}: {summary.get('replies', 0)}/{sampled} replied",
+        f"acc {acc:.3f}" if acc is not None else "acc n/a",
+        f"{human_bytes(summary.get('bytes-sent', 0))} sent / "
+        f"{human_bytes(summary.get('bytes-received', 0))} received",
+        f"{summary.get('round-seconds', 0.0):.1f} s",
+    ]
+    problems = [f"{summary[k]} {k}" for k in ("errors", "refused") if summary.get(k)]
+    return ", ".join(parts + problems)
+
+
+def _cell(value: Any, key: str = "") -> str:
+    """A table cell: bytes in kB/MB, seconds to 0.1, other floats to 0.001."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "bytes" in key:
+            return human_bytes(value)
+        if "seconds" in key:
+            return f"{value:.1f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _html_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(_cell(row.get(c, ''), c))}</td>" for c in columns)
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+ROUND_COLUMNS = (
+    "round",
+    "replies",
+    "errors",
+    "refused",
+    "global-acc-mean",
+    "global-acc-min",
+    "global-acc-max",
+    "local-acc-mean",
+    "num-generated",
+    "bytes-sent",
+    "bytes-received",
+    "round-seconds",
+)
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+    "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "th{background:#f3f3f3}img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0}"
+)
+
+
+def write_labels(run_dir: Path) -> dict[int, Row]:
+    """Combine the clients' label counts into ``labels.json`` and ``labels.png``."""
+    counts = client_label_counts(run_dir)
+    if counts:
+        names = next(iter(counts.values()))["class-names"]
+        partitions = {p: {"train": c["train"], "test": c["test"]} for p, c in counts.items()}
+        payload = {"class-names": names, "partitions": partitions}
+        (run_dir / LABELS_FILE).write_text(json.dumps(payload, indent=1))
+        _png(labels_figure(counts), run_dir / LABELS_PNG)
+    return counts
+
+
+def write_report(run_dir: Path) -> Path:
+    """(Re)write ``accuracy.png``, the label files and ``report.html`` of a run directory."""
+    run = load_run(run_dir)
+    accuracy = _png_bytes(accuracy_figure([run]))
+    (run.run_dir / ACCURACY_PNG).write_bytes(accuracy)
+    sections = [
+        f"<h1>{html.escape(run.name)}</h1>",
+        f"<p>strategy <b>{html.escape(run.strategy)}</b>, status <b>{html.escape(run.status)}"
+        f"</b>, {len(run.rounds)} of {run.run_config.get('federation.rounds', '?')} rounds. "
+        f"Directory: <code>{html.escape(str(run.run_dir))}</code></p>",
+        "<h2>Final figures</h2>",
+        _html_table([run.final()], list(run.final())),
+        "<h2>Accuracy per round</h2>",
+        f'<img alt="accuracy per round" src="{_data_uri(accuracy)}">',
+        _html_table(run.rounds, [c for c in ROUND_COLUMNS if any(c in r for r in run.rounds)]),
+    ]
+    if write_labels(run.run_dir):
+        png = (run.run_dir / LABELS_PNG).read_bytes()
+        sections += ["<h2>Label distribution</h2>", f'<img alt="labels" src="{_data_uri(png)}">']
+    grids = latest_grids(run.run_dir)
+    if grids:
+        sections.append("<h2>Generated samples (latest round of each client)</h2>")
+        sections += [
+            f'<figure><img alt="samples of client {p}" src="{path.relative_to(run.run_dir)}">'
+            f"<figcaption>client {p}, round {k}: one row per received class</figcaption></figure>"
+            for p, (k, path) in grids.items()
+        ]
+    config = json.dumps(run.run_config, indent=1)
+    sections += ["<h2>Run config</h2>", f"<pre>{html.escape(config)}</pre>"]
+    page = f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run.name)}'
+    page += f"</title><style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    path = run.run_dir / REPORT_HTML
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)
+    return path
+
+
+# ----- TensorBoard ------------------------------------------------------------------------
+class TensorBoardLog:
+    """Round scalars and the run's pictures as TensorBoard events in ``<run dir>/tensorboard``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RuntimeError(
+                "output.tensorboard = true needs the tensorboard package: "
+                "pip install 'cmfl-flower[tensorboard]'"
+            ) from None
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log_round(self, server_round: int, summary: Row) -> None:
+        """Every numeric summary value, each client's grid of the round, the label chart."""
+        for key, value in summary.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(f"round/{key}", value, server_round)
+        for partition, (k, path) in latest_grids(self.run_dir).items():
+            if k == server_round:
+                self._image(f"samples/client-{partition}", path, server_round)
+        labels = self.run_dir / LABELS_PNG
+        if server_round == 1 and labels.is_file():
+            self._image("labels", labels, server_round)
+        self.writer.flush()
+
+    def _image(self, tag: str, path: Path, step: int) -> None:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
+
+
+# ----- cmfl-report ------------------------------------------------------------------------
+COMPARE_COLUMNS = (
+    "run",
+    "strategy",
+    "status",
+    "rounds",
+    "global-acc-mean",
+    "global-acc-min",
+    "global-acc-max",
+    "local-acc-mean",
+    "bytes-sent",
+    "bytes-received",
+    "round-seconds",
+)
+
+
+def comparison_rows(runs: Iterable[RunView]) -> list[Row]:
+    """One row of headline figures per run."""
+    return [{"run": run.name, "strategy": run.strategy} | run.final() for run in runs]
+
+
+def comparison_table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table (the columns of :data:`COMPARE_COLUMNS`)."""
+    lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + " --- |" * len(COMPARE_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, ""), c) for c in COMPARE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison(runs: Sequence[RunView], out: Path) -> tuple[Path, Path]:
+    """``compare.png`` (overlaid accuracy curves) and ``compare.html`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    png = _png_bytes(accuracy_figure(runs))
+    (out / "compare.png").write_bytes(png)
+    rows = comparison_rows(runs)
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>cmfl-report</title>'
+        f"<style>{_STYLE}</style></head><body><h1>Runs compared</h1>"
+        f"{_html_table(rows, COMPARE_COLUMNS)}"
+        f'<img alt="accuracy per round" src="{_data_uri(png)}">'
+        "<ul>"
+        + "".join(
+            f"<li>{html.escape(r.name)}: <code>{html.escape(str(r.run_dir))}</code></li>"
+            for r in runs
+        )
+        + "</ul></body></html>"
+    )
+    (out / "compare.html").write_text(page)
+    return out / "compare.html", out / "compare.png"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``cmfl-report``: print a comparison table; with ``--out``, also the overlaid curves."""
+    parser = argparse.ArgumentParser(
+        prog="cmfl-report", description="Compare cmfl-flower runs side by side."
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, default=None, help="write compare.html/.png here")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(path) for path in args.runs]
+    except ValueError as err:
+        parser.error(str(err))
+    print(comparison_table(comparison_rows(runs)))
+    if args.out is not None:
+        page, png = write_comparison(runs, args.out)
+        print(f"wrote {page.resolve()} and {png.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

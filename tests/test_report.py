@@ -1,0 +1,258 @@
+"""What a user sees: the run directory, its pictures, cmfl-report, progress, TensorBoard."""
+
+import base64
+import json
+import logging
+import re
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client_app import app as client_app
+from cmfl_flower import report
+from cmfl_flower.client import ClientState, ClientTask, run_task
+from cmfl_flower.config import AppConfig
+from cmfl_flower.results import RunRecorder
+from cmfl_flower.strategies import run_federation
+from cmfl_flower.strategies.loopback import LoopbackGrid
+
+IMAGES_PER_CLASS = 2
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One prepared copy of the offline data for every run of this module."""
+    return tmp_path_factory.mktemp("data")
+
+
+def _cfg(root, data, strategy, rounds, **extra):
+    flat = {
+        "strategy": strategy,
+        "federation.rounds": rounds,
+        "federation.min-nodes": 2,
+        "data.dir": str(data),
+        "output.dir": str(root / "runs"),
+        "generation.images-per-class": IMAGES_PER_CLASS,
+        "generation.steps": 2,
+        "tokens.epochs": 1,
+        "output.progress": False,
+    }
+    return AppConfig.from_run_config(flat | extra)
+
+
+@pytest.fixture(scope="module")
+def relay_run(tmp_path_factory, data_dir):
+    """A 2-round cmfl-relay run of 3 clients, with TensorBoard on; its grid and run dir."""
+    root = tmp_path_factory.mktemp("relay")
+    grid = LoopbackGrid(client_app, NODES)
+    flwr_logger = logging.getLogger("flwr")
+    handler = _Collect()
+    flwr_logger.addHandler(handler)
+    try:
+        run_dir = run_federation(
+            grid, _cfg(root, data_dir, "cmfl-relay", 2, **{"output.tensorboard": True})
+        )
+    finally:
+        flwr_logger.removeHandler(handler)
+    return grid, run_dir, handler.messages
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages the server logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("local")
+    return run_federation(LoopbackGrid(client_app, 2), _cfg(root, data_dir, "local-only", 1))
+
+
+def _labels(run_dir, partition):
+    return json.loads((report.client_dir(run_dir, partition) / "labels.json").read_text())
+
+
+def test_run_directory_holds_every_promised_file(relay_run):
+    _, run_dir, _ = relay_run
+    for name in (
+        "config.json",
+        "rounds.json",
+        "rounds.csv",
+        "clients.json",
+        "clients.csv",
+        "status.json",
+        "accuracy.png",
+        "labels.json",
+        "labels.png",
+        "report.html",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    for partition in range(NODES):
+        folder = report.client_dir(run_dir, partition)
+        # round 1 receives nothing, so generates nothing: only round 2 has a grid
+        assert sorted(p.name for p in folder.iterdir()) == ["labels.json", "samples-round-002.png"]
+    for name in ("accuracy.png", "labels.png"):
+        with Image.open(run_dir / name) as image:
+            assert image.width >= 400 and image.height >= 200
+            assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_clients_learn_the_resolved_run_name_from_the_config(relay_run):
+    grid, run_dir, _ = relay_run
+    assert re.fullmatch(r"\d{8}-\d{6}-cmfl-relay", run_dir.name)
+    for message in grid.sent:
+        assert message.content.config_records["config"]["output.run-name"] == run_dir.name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["output.run-name"] == run_dir.name
+
+
+def test_sample_grid_has_one_row_per_received_class(relay_run):
+    _, run_dir, _ = relay_run
+    per_partition = {
+        p: {c for c, n in enumerate(_labels(run_dir, p)["train"]) if n} for p in range(NODES)
+    }
+    for partition in range(NODES):
+        senders = [per_partition[p] for p in range(NODES) if p != partition]
+        received = set().union(*senders)
+        columns = max(IMAGES_PER_CLASS * sum(c in s for s in senders) for c in received)
+        path = report.client_dir(run_dir, partition) / "samples-round-002.png"
+        with Image.open(path) as image:
+            assert image.size == report.grid_size(len(received), min(columns, report.MAX_COLUMNS))
+            pixels = np.asarray(image.convert("RGB"))
+        first = pixels[report.TITLE_HEIGHT : report.TITLE_HEIGHT + report.CELL]
+        first = first[:, report.LABEL_WIDTH : report.LABEL_WIDTH + report.CELL]
+        assert first.std() > 5  # a generated image, not background
+
+
+def test_label_distribution_sums_to_the_partition_size(relay_run):
+    _, run_dir, _ = relay_run
+    rows = json.loads((run_dir / "clients.json").read_text())
+    combined = json.loads((run_dir / "labels.json").read_text())
+    assert len(combined["class-names"]) == 10
+    for row in rows:
+        counts = _labels(run_dir, row["partition-id"])
+        assert sum(counts["train"]) == row["num-train"]
+        assert sum(counts["test"]) == row["num-test"]
+        assert combined["partitions"][str(row["partition-id"])]["train"] == counts["train"]
+
+
+def test_report_html_embeds_the_curves_and_links_the_grids(relay_run):
+    _, run_dir, _ = relay_run
+    page = (run_dir / "report.html").read_text()
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert base64.b64decode(uris[0]) == (run_dir / "accuracy.png").read_bytes()
+    assert base64.b64decode(uris[1]) == (run_dir / "labels.png").read_bytes()
+    assert "Final figures" in page and "completed" in page
+    linked = re.findall(r'src="(clients/[^"]+\.png)"', page)
+    assert len(linked) == NODES and all((run_dir / path).is_file() for path in linked)
+    final = json.loads((run_dir / "rounds.json").read_text())[-1]
+    assert f"{final['global-acc-mean']:.3f}" in page
+
+
+def test_server_logs_one_summary_line_per_round(relay_run):
+    _, run_dir, records = relay_run
+    lines = [r for r in records if re.match(r"round \d+/2: ", r)]
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert len(lines) == 2
+    for line, row in zip(lines, rounds, strict=True):
+        assert line.startswith(f"round {row['round']}/2: {NODES}/{NODES} replied, ")
+        assert f"acc {row['global-acc-mean']:.3f}" in line
+        assert re.search(r", [\d.]+ [kM]?B sent / [\d.]+ [kM]?B received, [\d.]+ s$", line)
+    assert any(f"run directory: {run_dir}" in r for r in records)
+    assert any(f"results written to: {run_dir}" in r for r in records)
+
+
+def test_round_line_format():
+    summary = {
+        "replies": 3,
+        "errors": 1,
+        "global-acc-mean": 0.97249,
+        "bytes-sent": 1_234_567,
+        "bytes-received": 312,
+        "round-seconds": 14.06,
+    }
+    assert report.round_line(2, 3, 4, summary) == (
+        "round 2/3: 3/4 replied, acc 0.972, 1.2 MB sent / 312 B received, 14.1 s, 1 errors"
+    )
+    assert report.round_line(1, 1, 2, {"replies": 0}).startswith("round 1/1: 0/2 replied, acc n/a")
+
+
+def test_cmfl_report_compares_two_runs(relay_run, local_run, tmp_path, capsys):
+    _, relay_dir, _ = relay_run
+    report.main([str(relay_dir), str(local_run), "--out", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table) == 3  # header + two runs
+    for run_dir, strategy in ((relay_dir, "cmfl-relay"), (local_run, "local-only")):
+        row = next(line for line in table if run_dir.name in line)
+        final = json.loads((run_dir / "rounds.json").read_text())[-1]
+        assert strategy in row and f"{final['global-acc-mean']:.3f}" in row
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert relay_dir.name in page and local_run.name in page
+    with Image.open(tmp_path / "cmp" / "compare.png") as image:
+        assert image.width >= 400 and np.asarray(image.convert("L")).std() > 10
+
+
+def test_cmfl_report_refuses_a_directory_that_is_no_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+    assert "not a cmfl-flower run directory" in capsys.readouterr().err
+
+
+def test_tensorboard_holds_the_round_scalars_and_grids(relay_run):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    _, run_dir, _ = relay_run
+    events = event_accumulator.EventAccumulator(
+        str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0}
+    )
+    events.Reload()
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    scalars = events.Scalars("round/global-acc-mean")
+    assert [s.step for s in scalars] == [1, 2]
+    assert [s.value for s in scalars] == pytest.approx([r["global-acc-mean"] for r in rounds])
+    assert [s.value for s in events.Scalars("round/replies")] == [NODES, NODES]
+    tags = events.Tags()["images"]
+    assert {f"samples/client-{p}" for p in range(NODES)} <= set(tags) and "labels" in tags
+    assert [i.step for i in events.Images("samples/client-0")] == [2]
+
+
+def test_tensorboard_missing_names_the_extra(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.tensorboard": True})
+    with pytest.raises(RuntimeError, match=r"pip install 'cmfl-flower\[tensorboard\]'"):
+        RunRecorder.create(cfg)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_progress_switch(tmp_path, data_dir, capsys, enabled):
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.progress": enabled})
+    run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
+    err = capsys.readouterr().err
+    if enabled:
+        # stderr is not a terminal here: plain lines, the finished bar, no carriage returns
+        assert re.search(r"^client 0 round 1 encoder: 100%.*batch", err, re.M)
+        assert "\r" not in err
+    else:
+        assert "client 0" not in err and "%|" not in err
+
+
+def test_a_client_that_cannot_write_its_pictures_still_finishes_the_round(tmp_path, data_dir):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output root should be")
+    cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.run-name": "r"})
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(blocker)})})
+    output = run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
+    assert 0.0 <= output.metrics["global-acc"] <= 1.0
+    assert blocker.is_file()
