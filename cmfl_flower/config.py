@@ -184,6 +184,9 @@ class FederationConfig(_Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled every round.")
     min_nodes: int = Field(2, ge=1, description="Fewest nodes to sample (and to wait for).")
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
+    min_replies: int = Field(
+        1, ge=1, description="Fewest usable replies per round; fewer stop the run (failed)."
+    )
     proximal_mu: float = Field(
         0.01, ge=0, description="FedProx proximal weight (`fedprox-encoder` only)."
     )

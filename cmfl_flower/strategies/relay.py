@@ -58,7 +58,7 @@ class CmflRelay(CmflStrategy):
         """Validate the reply's vectors and keep them as the sender's latest."""
         partition = row.get("partition-id")
         if not isinstance(partition, int) or partition < 0:
-            return f"metric 'partition-id' missing or invalid: {partition!r}"
+            return f"metrics: 'partition-id' missing or invalid: {partition!r}"
         try:
             entries = parse_reply(arrays, self.limits, self.labelled)
         except WireError as err:
