@@ -39,6 +39,7 @@ from cmfl_flower.encoder import (
     train_encoder,
 )
 from cmfl_flower.generation import GenerationRequest, load_generator
+from cmfl_flower.privacy import privatise
 from cmfl_flower.protocol import ROUND_KEY
 from cmfl_flower.tokens import (
     ClassTokenBank,
@@ -309,7 +310,10 @@ def relay_round(
         "token-loss": token_loss,
     }
     tokens = bank.state()
-    sent = reply_arrays({c: tokens[f"c{c}"].numpy() for c in bank.class_ids}, _labelled(cfg))
+    own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}
+    if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
+        own = privatise(own, cfg.privacy, np.random.default_rng())
+    sent = reply_arrays(own, _labelled(cfg))
     new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens)
     return RoundOutput(metrics | ws.timings, new_state, sent)
 

@@ -195,6 +195,24 @@ class FederationConfig(_Section):
     )
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of the relayed class vectors (see `cmfl_flower.privacy`)."""
+
+    enabled: bool = Field(
+        False, description="Clip and noise every class's vectors before a client sends them."
+    )
+    clip_norm: float = Field(
+        0.2,
+        gt=0,
+        description="L2 (Frobenius) bound C of one class's vectors; `tiny` token embeddings "
+        "have norm 0.12-0.16.",
+    )
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="Gaussian noise std per coordinate, in units of `clip-norm`."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the reported (epsilon, delta).")
+
+
 class OutputConfig(_Section):
     """Where results go."""
 
@@ -237,6 +255,7 @@ class AppConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("strategy")

@@ -15,6 +15,7 @@ from typing import Any
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
+from cmfl_flower.privacy import round_report
 from cmfl_flower.results import Row, RunRecorder
 from cmfl_flower.strategies.base import Arrays, CmflStrategy
 from cmfl_flower.wire import (
@@ -38,6 +39,7 @@ class CmflRelay(CmflStrategy):
         super().__init__(cfg, recorder)
         self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
         self.partitions: dict[int, int] = {}  # node id -> partition id
+        self._max_vectors = 0  # most class vectors in one accepted reply this round
         self.labelled = cfg.tokens.relay == "labelled"
         self.limits = WireLimits(
             token_dim=resolve_preset(cfg.backbone).token_dim,
@@ -64,14 +66,19 @@ class CmflRelay(CmflStrategy):
         except WireError as err:
             return str(err)
         self.partitions[node_id] = partition
+        self._max_vectors = max(self._max_vectors, len(entries))
         self.latest[partition] = [
             TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
         ]
         return None
 
     def end_round(self, server_round: int) -> dict[str, Any]:
-        """Report how many senders' vectors the server holds."""
-        return {"senders-known": len(self.latest)}
+        """Report how many senders' vectors the server holds, and (epsilon, delta) under DP."""
+        report: dict[str, Any] = {"senders-known": len(self.latest)}
+        if self.cfg.privacy.enabled:
+            report |= round_report(self.cfg.privacy, server_round, self._max_vectors)
+        self._max_vectors = 0
+        return report
 
     def state(self) -> tuple[Arrays, dict[str, Any]]:
         """Every sender's latest vectors (relay layout) and the node -> partition map."""
