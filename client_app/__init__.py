@@ -6,8 +6,12 @@ between messages (in a deployment every message starts a fresh process) and acro
 run (``output.resume``), whose ``context.state`` starts empty.
 """
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from logging import ERROR
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
 from cmfl_flower.client import parse_task, run_task
 from cmfl_flower.client_state import load_state, save_state, state_dir
@@ -19,6 +23,15 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One round; a user mistake (``ValueError``) becomes a one-line error reply, no traceback."""
+    try:
+        return _train(msg, context)
+    except ValueError as err:
+        log(ERROR, "cmfl-flower client, node %d: %s", context.node_id, err)
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
+
+
+def _train(msg: Message, context: Context) -> Message:
     """One round: the server names the task; the whole run config travels with it."""
     content = msg.content
     cfg, task = parse_task(context.node_config, content.config_records[CONFIG_KEY])

@@ -218,7 +218,7 @@ class CmflStrategy(Strategy):
         summary = self.record_round(server_round, rows, **extra)
         needed = self.cfg.federation.min_replies
         if int(summary["replies"]) < needed:
-            reasons = [str(row.get("error", row.get("refused"))) for row in rows]
+            reasons = [str(row.get("error") or row["refused"]) for row in rows if _failed(row)]
             raise RuntimeError(
                 f"round {server_round}: {summary['replies']} usable replies, "
                 f"federation.min-replies = {needed} ({summary['errors']} errors, "
@@ -229,7 +229,7 @@ class CmflStrategy(Strategy):
 
     def record_round(self, server_round: int, rows: list[Row], **extra: Any) -> MetricRecord:
         """Store the client rows and the round summary; return the summary."""
-        ok = [row for row in rows if "error" not in row and "refused" not in row]
+        ok = [row for row in rows if not _failed(row)]
         summary: dict[str, Any] = {
             "replies": len(ok),
             "errors": sum("error" in row for row in rows),
@@ -255,6 +255,10 @@ class CmflStrategy(Strategy):
             fed.fraction,
             fed.min_nodes,
         )
+
+
+def _failed(row: Row) -> bool:
+    return "error" in row or "refused" in row
 
 
 def refusal_kind(reason: str) -> str:
