@@ -217,7 +217,7 @@ class CmflStrategy(Strategy):
         extra = self.end_round(server_round) | {"no-reply": len(self._sent_bytes) - len(rows)}
         summary = self.record_round(server_round, rows, **extra)
         needed = self.cfg.federation.min_replies
-        if int(summary["replies"]) < needed:
+        if sum(not _failed(row) for row in rows) < needed:
             reasons = [str(row.get("error") or row["refused"]) for row in rows if _failed(row)]
             raise RuntimeError(
                 f"round {server_round}: {summary['replies']} usable replies, "
