@@ -268,7 +268,8 @@ def relay_round(
     ws = open_workspace(cfg, task, state.lora)
     names = ws.class_names
     limits = WireLimits(ws.text.token_dim, len(names), cfg.tokens.max_tokens, cfg.tokens.max_bytes)
-    entries = parse_relay(received, limits)
+    # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
+    entries = [e for e in parse_relay(received, limits) if e.sender != task.partition_id]
     local_classes = sorted(int(c) for c in np.unique(ws.data.train.labels))
     bank = (
         ClassTokenBank.from_state(state.tokens)

@@ -48,8 +48,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
 
     monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
-    # a restarted run is a new Flower run: fresh contexts, the client state comes from disk
-    assert run_federation(LoopbackGrid(client_app, 3), resumed) == cut
+    # a restarted run is a new Flower run: fresh contexts (client state comes from disk) and
+    # new node ids (the server must not rely on its old node -> partition map)
+    assert run_federation(LoopbackGrid(client_app, 3, first_node_id=5000), resumed) == cut
 
     assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]  # round 3 redone once
     assert _final_accuracies(cut) == _final_accuracies(whole)

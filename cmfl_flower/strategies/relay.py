@@ -81,16 +81,17 @@ class CmflRelay(CmflStrategy):
         return report
 
     def state(self) -> tuple[Arrays, dict[str, Any]]:
-        """Every sender's latest vectors (relay layout) and the node -> partition map."""
+        """Every sender's latest vectors (relay layout).
+
+        Not the node -> partition map: node ids change when a run restarts. Until a node
+        replies again it receives every sender's vectors, and drops its own.
+        """
         entries = [entry for _, sent in sorted(self.latest.items()) for entry in sent]
-        return relay_arrays(entries), {
-            "partitions": {str(n): p for n, p in self.partitions.items()}
-        }
+        return relay_arrays(entries), {}
 
     def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
-        """Restore the vectors and node map that :meth:`state` saved."""
+        """Restore the vectors that :meth:`state` saved."""
         self.latest = {}
         every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
         for entry in parse_relay(arrays, every_sender):
             self.latest.setdefault(entry.sender, []).append(entry)
-        self.partitions = {int(node): int(p) for node, p in meta["partitions"].items()}
