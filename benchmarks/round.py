@@ -29,7 +29,8 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.strategies import run_federation
 from cmfl_flower.strategies.loopback import LoopbackGrid
 
-STRATEGIES = ["cmfl-relay", "fedlora-diffusion", "fedavg-encoder"]  # registry names; the first is the reference
+# registry names; the first is the reference
+STRATEGIES = ["cmfl-relay", "fedlora-diffusion", "fedavg-encoder"]
 CLIENTS = 4
 ROUNDS = 3
 PHASES = ("generation", "encoder", "tokens", "eval")

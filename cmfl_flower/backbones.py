@@ -116,11 +116,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _check_local_clip(preset: Preset) -> None:
     """Fail early and precisely on a local CLIP directory that cannot load."""
     directory = Path(preset.clip.removeprefix(LOCAL_DIR))
+    fix = "set backbone.clip to a directory with open_clip_config.json and weights, or a name"
+    if not directory.is_dir():
+        raise ValueError(f"CLIP directory {directory} does not exist: {fix}")
     if not (directory / CLIP_CONFIG_FILE).is_file():
-        raise ValueError(f"CLIP directory {directory} has no {CLIP_CONFIG_FILE}")
+        raise ValueError(f"CLIP directory {directory} has no {CLIP_CONFIG_FILE}: {fix}")
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
     if not has_weights:
-        raise ValueError(f"CLIP directory {directory} holds no weights (*.safetensors, *.bin)")
+        raise ValueError(
+            f"CLIP directory {directory} holds no weights (*.safetensors, *.bin): {fix}"
+        )
 
 
 def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
@@ -300,7 +305,11 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.
 
     path = Path(source).expanduser()
     if path.is_absolute() and not (path / "model_index.json").is_file():
-        raise ValueError(f"diffusion directory {path} has no model_index.json")
+        state = "does not exist" if not path.is_dir() else "has no model_index.json"
+        raise ValueError(
+            f"diffusion directory {path} {state}: set backbone.diffusion to a diffusers "
+            "pipeline directory or a hub id"
+        )
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(path) if path.is_absolute() else source,
         dtype=dtype,

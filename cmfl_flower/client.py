@@ -47,6 +47,7 @@ from cmfl_flower.encoder import (
     train_encoder,
 )
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, load_generator
+from cmfl_flower.privacy import privatise
 from cmfl_flower.progress import Progress
 from cmfl_flower.protocol import ROUND_KEY
 from cmfl_flower.report import client_dir, write_label_counts, write_sample_grid
@@ -322,7 +323,8 @@ def relay_round(
     ws = open_workspace(cfg, task, state.lora)
     names = ws.class_names
     limits = WireLimits(ws.text.token_dim, len(names), cfg.tokens.max_tokens, cfg.tokens.max_bytes)
-    entries = parse_relay(received, limits)
+    # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
+    entries = [e for e in parse_relay(received, limits) if e.sender != task.partition_id]
     local_classes = sorted(int(c) for c in np.unique(ws.data.train.labels))
     bank = (
         ClassTokenBank.from_state(state.tokens)
@@ -370,7 +372,10 @@ def relay_round(
         "token-loss": token_loss,
     }
     tokens = bank.state()
-    sent = reply_arrays({c: tokens[f"c{c}"].numpy() for c in bank.class_ids}, _labelled(cfg))
+    own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}
+    if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
+        own = privatise(own, cfg.privacy, np.random.default_rng())
+    sent = reply_arrays(own, _labelled(cfg))
     new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens)
     return RoundOutput(metrics | ws.timings, new_state, sent)
 

@@ -189,12 +189,33 @@ class FederationConfig(_Section):
     fraction: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled every round.")
     min_nodes: int = Field(2, ge=1, description="Fewest nodes to sample (and to wait for).")
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
+    min_replies: int = Field(
+        1, ge=1, description="Fewest usable replies per round; fewer stop the run (failed)."
+    )
     proximal_mu: float = Field(
         0.01, ge=0, description="FedProx proximal weight (`fedprox-encoder` only)."
     )
     wait_for_nodes: float = Field(
         120.0, gt=0, description="Seconds to wait for `min-nodes` nodes to connect."
     )
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy of the relayed class vectors (see `cmfl_flower.privacy`)."""
+
+    enabled: bool = Field(
+        False, description="Clip and noise every class's vectors before a client sends them."
+    )
+    clip_norm: float = Field(
+        0.2,
+        gt=0,
+        description="L2 (Frobenius) bound C of one class's vectors; `tiny` token embeddings "
+        "have norm 0.12-0.16.",
+    )
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="Gaussian noise std per coordinate, in units of `clip-norm`."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the reported (epsilon, delta).")
 
 
 class OutputConfig(_Section):
@@ -303,6 +324,7 @@ class AppConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
 

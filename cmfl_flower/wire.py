@@ -27,7 +27,16 @@ _RELAY_KEY = re.compile(r"^s(?P<sender>\d+)\.(?:c(?P<cls>\d+)|v(?P<idx>\d+))$")
 
 
 class WireError(ValueError):
-    """A received array that breaks the schema; the message says which and why."""
+    """A received array that breaks the schema; the message says which and why.
+
+    ``kind`` names the rule broken (``dtype``, ``shape``, ``dim``, ``tokens``, ``non-finite``,
+    ``size``, ``key``, ``class-id``); the text reads ``"<kind>: <detail>"`` so that the server
+    can count refusals per kind.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -78,25 +87,30 @@ def _as_float32(vectors: np.ndarray) -> np.ndarray:
 def _check_array(key: str, value: np.ndarray, limits: WireLimits) -> np.ndarray:
     if not isinstance(value, np.ndarray) or value.dtype not in ALLOWED_DTYPES:
         kind = getattr(value, "dtype", type(value).__name__)
-        raise WireError(f"array {key!r}: dtype {kind} not allowed (float32, float16)")
+        raise WireError("dtype", f"array {key!r}: dtype {kind} not allowed (float32, float16)")
     if value.ndim != 2:
-        raise WireError(f"array {key!r}: shape {value.shape} is not (n_tokens, D)")
+        raise WireError("shape", f"array {key!r}: shape {value.shape} is not (n_tokens, D)")
     n_tokens, dim = value.shape
     if dim != limits.token_dim:
-        raise WireError(f"array {key!r}: embedding dim {dim}, backbone expects {limits.token_dim}")
+        raise WireError(
+            "dim", f"array {key!r}: embedding dim {dim}, backbone expects {limits.token_dim}"
+        )
     if not 1 <= n_tokens <= limits.max_tokens:
         raise WireError(
-            f"array {key!r}: {n_tokens} tokens, allowed 1..{limits.max_tokens} (tokens.max-tokens)"
+            "tokens",
+            f"array {key!r}: {n_tokens} tokens, allowed 1..{limits.max_tokens} (tokens.max-tokens)",
         )
     if not np.isfinite(value).all():
-        raise WireError(f"array {key!r}: holds NaN or Inf")
+        raise WireError("non-finite", f"array {key!r}: holds NaN or Inf")
     return _as_float32(value)
 
 
 def _check_total(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> None:
     total = sum(int(getattr(v, "nbytes", 0)) for v in arrays.values())
     if total > limits.max_bytes:
-        raise WireError(f"{total} bytes of vectors exceed tokens.max-bytes = {limits.max_bytes}")
+        raise WireError(
+            "size", f"{total} bytes of vectors exceed tokens.max-bytes = {limits.max_bytes}"
+        )
 
 
 def _class_id(key: str, match: re.Match[str], limits: WireLimits) -> int | None:
@@ -105,7 +119,7 @@ def _class_id(key: str, match: re.Match[str], limits: WireLimits) -> int | None:
     class_id = int(match.group("cls"))
     if class_id >= limits.num_classes:
         raise WireError(
-            f"array {key!r}: class id {class_id} unknown ({limits.num_classes} classes)"
+            "class-id", f"array {key!r}: class id {class_id} unknown ({limits.num_classes} classes)"
         )
     return class_id
 
@@ -120,7 +134,7 @@ def parse_reply(
         match = _REPLY_KEY.match(key)
         if match is None or (match.group("cls") is not None) != labelled:
             expected = "c<class id>" if labelled else "v<index>"
-            raise WireError(f"array key {key!r} does not match {expected!r}")
+            raise WireError("key", f"array key {key!r} does not match {expected!r}")
         vectors = _check_array(key, value, limits)
         entries[key] = TokenEntry(-1, _class_id(key, match, limits), vectors)
     return entries
@@ -134,7 +148,7 @@ def parse_relay(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> list[To
         match = _RELAY_KEY.match(key)
         if match is None:
             raise WireError(
-                f"array key {key!r} does not match 's<sender>.c<id>' or 's<sender>.v<k>'"
+                "key", f"array key {key!r} does not match 's<sender>.c<id>' or 's<sender>.v<k>'"
             )
         vectors = _check_array(key, arrays[key], limits)
         entries.append(

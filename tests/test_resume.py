@@ -1,4 +1,4 @@
-"""A run stopped after a round and resumed ends like an uninterrupted run (server side)."""
+"""A run stopped after a round and resumed ends like an uninterrupted run (server and clients)."""
 
 import json
 
@@ -37,7 +37,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
         return save(run_dir, state)
 
     monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", crash_in_round_3)
-    grid = LoopbackGrid(client_app, 3)  # the clients (and their state) outlive the server
+    grid = LoopbackGrid(client_app, 3)
     cfg = make_cfg(tmp_path, strategy, 3, **{"output.run-name": "b"})
     with pytest.raises(KeyboardInterrupt):
         run_federation(grid, cfg)
@@ -48,7 +48,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
 
     monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
-    assert run_federation(grid, resumed) == cut
+    # a restarted run is a new Flower run: fresh contexts (client state comes from disk) and
+    # new node ids (the server must not rely on its old node -> partition map)
+    assert run_federation(LoopbackGrid(client_app, 3, first_node_id=5000), resumed) == cut
 
     assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]  # round 3 redone once
     assert _final_accuracies(cut) == _final_accuracies(whole)

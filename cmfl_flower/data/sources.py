@@ -179,7 +179,9 @@ def _check_columns(table: Any, source: _HubSource, where: str) -> None:
     for column in (source.image_column, source.label_column):
         if column not in table.column_names:
             raise ValueError(
-                f"column {column!r} missing in {where!r}; columns are {table.column_names}"
+                f"column {column!r} missing in {where!r}; columns are {table.column_names}: "
+                f"save the dataset with an Image column {source.image_column!r} and a "
+                f"ClassLabel column {source.label_column!r}"
             )
     if not isinstance(table.features[source.label_column], datasets.ClassLabel):
         raise ValueError(
@@ -278,5 +280,7 @@ def _read_image(file: Path) -> npt.NDArray[np.uint8]:
         with Image.open(file) as image:
             fitted = ImageOps.fit(image.convert("RGB"), size, Image.Resampling.BICUBIC)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {str(file)!r}: {err}") from err
+        raise ValueError(
+            f"cannot read image {str(file)!r} ({err}): remove or replace the file"
+        ) from err
     return np.asarray(fitted, dtype=np.uint8)

@@ -10,10 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cmfl_flower.aggregate import weighted_mean
 from cmfl_flower.config import AppConfig
 from cmfl_flower.results import Row, RunRecorder
 from cmfl_flower.strategies.base import Arrays, CmflStrategy
+
+
+def adapter_problem(arrays: Arrays, expected: Arrays) -> str | None:
+    """Why ``arrays`` cannot be averaged with adapters laid out as ``expected`` (or None)."""
+    if not arrays or set(arrays) != set(expected):
+        return "keys: adapter keys differ from the global adapter's"
+    for key, value in arrays.items():
+        if value.dtype.kind != "f" or value.dtype != expected[key].dtype:
+            return f"dtype: {key!r} is {value.dtype}, expected {expected[key].dtype}"
+        if value.shape != expected[key].shape:
+            return f"shape: {key!r} is {value.shape}, expected {expected[key].shape}"
+        if not np.isfinite(value).all():
+            return f"non-finite: {key!r} holds NaN or Inf"
+    return None
 
 
 class FedAvgEncoder(CmflStrategy):
@@ -34,10 +50,11 @@ class FedAvgEncoder(CmflStrategy):
         """Keep the adapter and its weight for this round's average."""
         weight = row.get("num-train")
         if not isinstance(weight, int) or weight <= 0:
-            return f"metric 'num-train' missing or not positive: {weight!r}"
+            return f"metrics: 'num-train' missing or not positive: {weight!r}"
+        # the layout to match: the global adapter; in round 1 the first accepted reply's
         expected = self.global_arrays or (self._collected[0][0] if self._collected else arrays)
-        if not arrays or set(arrays) != set(expected):
-            return "adapter keys differ from the global adapter's"
+        if reason := adapter_problem(arrays, expected):
+            return reason
         self._collected.append((arrays, float(weight)))
         return None
 

@@ -22,6 +22,7 @@ Subclasses override :meth:`arrays_for` (what a node receives besides the config)
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -85,7 +86,7 @@ class CmflStrategy(Strategy):
         return None
 
     def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
-        """Take one reply's arrays; return why they are refused, or None."""
+        """Take one reply's arrays; return why they are refused (``"<kind>: <detail>"``)."""
         return None
 
     def end_round(self, server_round: int) -> dict[str, Any]:
@@ -180,31 +181,64 @@ class CmflStrategy(Strategy):
         if reply.has_error():
             log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
             return row | {"error": str(reply.error.reason)}
-        content = reply.content
-        row |= dict(content.metric_records.get(METRICS_KEY, MetricRecord()))
-        record = content.array_records.get(ARRAYS_KEY)
-        reason = self.absorb(server_round, node, row, from_record(record) if record else {})
+        reason = self._take(server_round, node, row, reply.content)
         if reason is not None:
             log(WARNING, "round %d: refused reply of node %d: %s", server_round, node, reason)
             return row | {"refused": reason}
         return row
 
+    def _take(self, server_round: int, node: int, row: Row, content: RecordDict) -> str | None:
+        """Check a reply's layout and metrics, fill ``row``, pass its arrays to :meth:`absorb`."""
+        if extra := sorted(set(content) - {METRICS_KEY, ARRAYS_KEY}):
+            return f"records: unexpected record(s) {extra}"
+        if METRICS_KEY not in content.metric_records:
+            return f"records: no MetricRecord {METRICS_KEY!r}"
+        if ARRAYS_KEY in content and ARRAYS_KEY not in content.array_records:
+            return f"records: {ARRAYS_KEY!r} is not an ArrayRecord"
+        metrics = dict(content.metric_records[METRICS_KEY])
+        if clash := sorted(set(metrics) & (set(row) | {"error", "refused"})):
+            return f"metrics: reserved name(s) {clash}"
+        if lists := sorted(k for k, v in metrics.items() if not isinstance(v, (int, float))):
+            return f"metrics: non-scalar value(s) {lists}"
+        row |= metrics
+        record = content.array_records.get(ARRAYS_KEY)
+        try:
+            arrays = from_record(record) if record is not None else {}
+        except Exception as err:  # a malformed Array: its bytes do not decode
+            return f"unreadable: arrays do not decode ({type(err).__name__}: {err})"
+        return self.absorb(server_round, node, row, arrays)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record every reply, let the subclass combine them, store the round summary."""
+        """Record every reply, let the subclass combine them, store the round summary.
+
+        Raises ``RuntimeError`` (the run fails) when fewer than ``federation.min-replies``
+        replies are usable.
+        """
         rows = [self._row(server_round, reply) for reply in replies]
-        extra = self.end_round(server_round)
-        return None, self.record_round(server_round, rows, **extra)
+        extra = self.end_round(server_round) | {"no-reply": len(self._sent_bytes) - len(rows)}
+        summary = self.record_round(server_round, rows, **extra)
+        needed = self.cfg.federation.min_replies
+        if sum(not _failed(row) for row in rows) < needed:
+            reasons = [str(row.get("error") or row["refused"]) for row in rows if _failed(row)]
+            raise RuntimeError(
+                f"round {server_round}: {summary['replies']} usable replies, "
+                f"federation.min-replies = {needed} ({summary['errors']} errors, "
+                f"{summary['refused']} refused, {extra['no-reply']} without reply)"
+                + (f"; first problem: {reasons[0]}" if reasons else "")
+            )
+        return None, summary
 
     def record_round(self, server_round: int, rows: list[Row], **extra: Any) -> MetricRecord:
         """Store the client rows and the round summary; return the summary."""
-        ok = [row for row in rows if "error" not in row and "refused" not in row]
+        ok = [row for row in rows if not _failed(row)]
         summary: dict[str, Any] = {
             "replies": len(ok),
             "errors": sum("error" in row for row in rows),
             "refused": sum("refused" in row for row in rows),
         }
+        summary |= _refusal_kinds(rows)
         summary |= _spread(ok) | _totals(rows) | _mean_seconds(ok) | extra
         sampled = max(len(self._sent_bytes), len(rows))
         summary |= {"sampled": sampled, "round-seconds": time.perf_counter() - self._round_start}
@@ -227,6 +261,22 @@ class CmflStrategy(Strategy):
             fed.fraction,
             fed.min_nodes,
         )
+
+
+def _failed(row: Row) -> bool:
+    return "error" in row or "refused" in row
+
+
+def refusal_kind(reason: str) -> str:
+    """The kind of a refusal reason written ``"<kind>: <detail>"`` (else ``other``)."""
+    kind, sep, _ = reason.partition(": ")
+    return kind if sep and re.fullmatch(r"[a-z][a-z-]*", kind) else "other"
+
+
+def _refusal_kinds(rows: list[Row]) -> dict[str, int]:
+    """``refused-<kind>``: how many replies were refused for each kind of reason."""
+    kinds = [refusal_kind(str(row["refused"])) for row in rows if "refused" in row]
+    return {f"refused-{kind}": kinds.count(kind) for kind in sorted(set(kinds))}
 
 
 def _spread(rows: list[Row]) -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Any
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
+from cmfl_flower.privacy import round_report
 from cmfl_flower.results import Row, RunRecorder
 from cmfl_flower.strategies.base import Arrays, CmflStrategy
 from cmfl_flower.wire import (
@@ -38,6 +39,7 @@ class CmflRelay(CmflStrategy):
         super().__init__(cfg, recorder)
         self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
         self.partitions: dict[int, int] = {}  # node id -> partition id
+        self._max_vectors = 0  # most class vectors in one accepted reply this round
         self.labelled = cfg.tokens.relay == "labelled"
         self.limits = WireLimits(
             token_dim=resolve_preset(cfg.backbone).token_dim,
@@ -58,32 +60,38 @@ class CmflRelay(CmflStrategy):
         """Validate the reply's vectors and keep them as the sender's latest."""
         partition = row.get("partition-id")
         if not isinstance(partition, int) or partition < 0:
-            return f"metric 'partition-id' missing or invalid: {partition!r}"
+            return f"metrics: 'partition-id' missing or invalid: {partition!r}"
         try:
             entries = parse_reply(arrays, self.limits, self.labelled)
         except WireError as err:
             return str(err)
         self.partitions[node_id] = partition
+        self._max_vectors = max(self._max_vectors, len(entries))
         self.latest[partition] = [
             TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
         ]
         return None
 
     def end_round(self, server_round: int) -> dict[str, Any]:
-        """Report how many senders' vectors the server holds."""
-        return {"senders-known": len(self.latest)}
+        """Report how many senders' vectors the server holds, and (epsilon, delta) under DP."""
+        report: dict[str, Any] = {"senders-known": len(self.latest)}
+        if self.cfg.privacy.enabled:
+            report |= round_report(self.cfg.privacy, server_round, self._max_vectors)
+        self._max_vectors = 0
+        return report
 
     def state(self) -> tuple[Arrays, dict[str, Any]]:
-        """Every sender's latest vectors (relay layout) and the node -> partition map."""
+        """Every sender's latest vectors (relay layout).
+
+        Not the node -> partition map: node ids change when a run restarts. Until a node
+        replies again it receives every sender's vectors, and drops its own.
+        """
         entries = [entry for _, sent in sorted(self.latest.items()) for entry in sent]
-        return relay_arrays(entries), {
-            "partitions": {str(n): p for n, p in self.partitions.items()}
-        }
+        return relay_arrays(entries), {}
 
     def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
-        """Restore the vectors and node map that :meth:`state` saved."""
+        """Restore the vectors that :meth:`state` saved."""
         self.latest = {}
         every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
         for entry in parse_relay(arrays, every_sender):
             self.latest.setdefault(entry.sender, []).append(entry)
-        self.partitions = {int(node): int(p) for node, p in meta["partitions"].items()}

@@ -1,0 +1,102 @@
+"""The README's table of what each strategy sends matches every real message of a run."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY
+from cmfl_flower.strategies.base import from_record
+from tests.test_strategies import make_cfg, run
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- data-minimisation table"
+
+
+@dataclass(frozen=True)
+class Row:
+    records: set[str]
+    optional: set[str]  # records marked "(from round 2)" / present only some rounds
+    keys: re.Pattern[str] | None
+    shapes: str
+    size: str
+    metrics: set[str]
+
+
+def _names(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _key_pattern(cell: str) -> re.Pattern[str] | None:
+    names = _names(cell)
+    if not names:
+        return None
+    pattern = re.escape(names[0])
+    pattern = re.sub(r"<\w+>", r"\\d+", pattern)
+    pattern = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(" + m[1].replace(",", "|") + ")", pattern)
+    return re.compile(pattern)
+
+
+def _table() -> dict[tuple[str, str], Row]:
+    lines = README.read_text().split(MARKER, 1)[1].splitlines()[1:]
+    table: dict[tuple[str, str], Row] = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        strategies, direction, records, keys, shapes, size, metrics = cells
+        record_names = set(_names(records))
+        optional = {n for n in record_names if f"`{n}` (" in records}
+        row = Row(record_names, optional, _key_pattern(keys), shapes, size, set(_names(metrics)))
+        if keys.startswith("the same"):
+            row = Row(row.records, row.optional, table[(strategies, "server → client")].keys,
+                      shapes, size, row.metrics)  # fmt: skip
+        for strategy in _names(strategies):
+            table[(strategy, direction)] = row
+            table[(strategies, direction)] = row
+    return table
+
+
+def _check_arrays(row: Row, arrays: dict[str, np.ndarray]) -> None:
+    assert row.keys is not None
+    for key, value in arrays.items():
+        assert row.keys.fullmatch(key), key
+        assert value.dtype == np.float32
+    if "n_tokens" in row.shapes:  # (n_tokens, D): 4 bytes per coordinate
+        dim = int(re.search(r"n_tokens, (\d+)", row.shapes)[1])  # type: ignore[index]
+        per_token = int(row.size.split()[0])
+        for value in arrays.values():
+            assert value.ndim == 2 and value.shape[1] == dim
+            assert value.nbytes == per_token * value.shape[0]
+    elif arrays:
+        stated = {
+            tuple(int(n) for n in s.split(",")) for s in re.findall(r"\(([\d, ]+)\)", row.shapes)
+        }
+        assert {v.shape for v in arrays.values()} == stated
+        assert sum(v.nbytes for v in arrays.values()) == int(row.size.split()[0])
+
+
+@pytest.mark.parametrize(
+    "strategy", ["local-only", "fedavg-encoder", "fedprox-encoder", "cmfl-relay"]
+)
+def test_every_message_matches_the_readme_table(tmp_path, strategy):
+    table = _table()
+    grid, _, _ = run(tmp_path, strategy, num_nodes=2, rounds=2)
+    config_keys = set(make_cfg(tmp_path, strategy).to_run_config()) | {ROUND_KEY}
+    for direction, messages in (("server → client", grid.sent), ("client → server", grid.replies)):
+        row = table[(strategy, direction)]
+        for message in messages:
+            content = message.content
+            assert row.records - row.optional <= set(content) <= row.records
+            if CONFIG_KEY in content:
+                assert set(content[CONFIG_KEY]) == config_keys
+            if METRICS_KEY in content:
+                assert set(content[METRICS_KEY]) == row.metrics
+            if ARRAYS_KEY in content:
+                _check_arrays(row, from_record(content[ARRAYS_KEY]))
+            elif row.keys is not None and direction == "client → server":
+                pytest.fail(f"{strategy}: a reply without arrays")
+    if strategy != "local-only":  # arrays really travel in round 2
+        assert all(ARRAYS_KEY in m.content for m in grid.sent[2:])

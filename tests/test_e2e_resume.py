@@ -1,0 +1,32 @@
+"""End to end: a `flwr run` continued by a second `flwr run` with `output.resume=true` ends
+like one uninterrupted run. The second is a new Flower run (fresh `context.state`), so the
+clients must find their state on disk."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.test_e2e_simulation import flwr_run
+
+pytestmark = pytest.mark.e2e
+SETTINGS = "strategy='cmfl-relay' generation.steps=2 generation.images-per-class=2 tokens.epochs=1"
+
+
+def _last_round(run_dir):
+    rows = json.loads((run_dir / "clients.json").read_text())
+    last = max(row["round"] for row in rows)
+    return {
+        r["partition-id"]: (r["local-acc"], r["global-acc"]) for r in rows if r["round"] == last
+    }
+
+
+def test_flwr_run_resumed_equals_uninterrupted(tmp_path):
+    whole = flwr_run(tmp_path / "whole", 2, f"{SETTINGS} federation.rounds=2")
+    flwr_run(tmp_path / "cut", 2, f"{SETTINGS} federation.rounds=1")
+    shutil.rmtree(tmp_path / "cut" / "flwr-home")  # a fresh SuperLink for the restart
+    resumed = flwr_run(tmp_path / "cut", 2, f"{SETTINGS} federation.rounds=2 output.resume=true")
+    assert [r["round"] for r in json.loads((resumed / "rounds.json").read_text())] == [1, 2]
+    assert _last_round(resumed) == _last_round(whole)
+    state = tmp_path / "cut" / "runs" / "e2e" / "clients" / "partition-0" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["round-1.safetensors", "round-2.safetensors"]

@@ -1,0 +1,77 @@
+"""DP of the relayed vectors: clipping, the noise scale, and the reported (epsilon, delta)."""
+
+import json
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client_app import app as client_app
+from cmfl_flower.client_state import load_state
+from cmfl_flower.config import PrivacyConfig
+from cmfl_flower.privacy import clip, epsilon, privatise
+from cmfl_flower.protocol import ARRAYS_KEY
+from cmfl_flower.strategies import run_federation
+from cmfl_flower.strategies.base import from_record
+from cmfl_flower.strategies.loopback import LoopbackGrid
+from tests.test_strategies import make_cfg
+
+CFG = PrivacyConfig(enabled=True, clip_norm=0.5, noise_multiplier=1.3, delta=1e-5)
+
+
+def _accountant_epsilon(noise_multiplier, steps, delta):
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    return accountant.get_epsilon(delta)
+
+
+def test_clipping_bounds_the_norm_and_keeps_short_vectors():
+    long = np.full((2, 8), 3.0)
+    assert np.linalg.norm(clip(long, 0.5)) == pytest.approx(0.5)
+    short = np.full((1, 4), 0.1)
+    assert np.array_equal(clip(short, 0.5), short)
+
+
+def test_noise_std_is_noise_multiplier_times_clip_norm():
+    fixed = {3: np.full((2, 64), 0.01, np.float32)}  # norm 0.11 < C: not clipped
+    samples = np.stack(
+        [privatise(fixed, CFG, np.random.default_rng(seed))[3] for seed in range(400)]
+    )  # (400, 2, 64): 51,200 noise draws
+    noise = samples - fixed[3]
+    assert noise.std() == pytest.approx(CFG.noise_multiplier * CFG.clip_norm, rel=0.02)
+    assert abs(noise.mean()) < 0.01
+    assert samples.dtype == np.float32
+
+
+def test_epsilon_is_the_rdp_accountants_for_the_stated_sensitivity():
+    # replace-one-vector: sensitivity 2C, noise std sigma*C -> multiplier sigma/2
+    assert epsilon(CFG, 1) == _accountant_epsilon(1.3 / 2, 1, 1e-5)
+    assert epsilon(CFG, 5) == _accountant_epsilon(1.3 / 2, 5, 1e-5)
+    # a client's k = 4 vectors together: sensitivity 2C*sqrt(4)
+    assert epsilon(CFG, 5, 4) == _accountant_epsilon(1.3 / 4, 5, 1e-5)
+    assert epsilon(CFG, 1) < epsilon(CFG, 5) < epsilon(CFG, 5, 4)
+
+
+def test_a_private_run_reports_epsilon_and_sends_noised_vectors(tmp_path):
+    extra = {"privacy.enabled": True, "privacy.clip-norm": 0.5, "privacy.noise-multiplier": 1.3}
+    cfg = make_cfg(tmp_path, "cmfl-relay", 2, **extra)
+    grid = LoopbackGrid(client_app, 2)
+    run_dir = run_federation(grid, cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    for r, summary in enumerate(rounds, start=1):
+        assert summary["dp-delta"] == 1e-5
+        assert summary["dp-epsilon-round"] == _accountant_epsilon(0.65, 1, 1e-5)
+        assert summary["dp-epsilon-total"] == _accountant_epsilon(0.65, r, 1e-5)
+        k = max(len(reply.content[ARRAYS_KEY]) for reply in grid.replies[2 * r - 2 : 2 * r])
+        assert summary["dp-epsilon-client-total"] == _accountant_epsilon(
+            1.3 / (2 * np.sqrt(k)), r, 1e-5
+        )
+    # what left client 0 in round 2 is its own (kept, unnoised) tokens clipped plus noise
+    sent = from_record(grid.replies[2].content[ARRAYS_KEY])
+    kept = load_state(tmp_path / "runs" / "cmfl-relay" / "clients" / "partition-0" / "state", 3)
+    assert kept.tokens is not None
+    noise = np.concatenate(
+        [(sent[key] - clip(kept.tokens[key].numpy(), 0.5)).ravel() for key in sent]
+    )
+    assert noise.std() == pytest.approx(0.65, rel=0.25)  # few draws: a loose check

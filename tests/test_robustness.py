@@ -1,0 +1,193 @@
+"""Bad replies are refused, counted and survived; too few replies stop a run with a clear error."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client_app import app as client_app
+from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
+from cmfl_flower.strategies import run_federation
+from cmfl_flower.strategies.averaging import adapter_problem
+from cmfl_flower.strategies.base import refusal_kind, to_record
+from cmfl_flower.strategies.loopback import LoopbackGrid
+from tests.test_strategies import make_cfg
+
+D = 64  # token width of the tiny backbone
+GOOD = np.zeros((1, D), np.float32)
+
+
+def _reply(message, metrics=None, arrays=None, **records):
+    content = RecordDict(records)
+    if metrics is not None:
+        content[METRICS_KEY] = MetricRecord(metrics)
+    if arrays is not None:
+        content[ARRAYS_KEY] = arrays
+    return Message(content, reply_to=message)
+
+
+def _garbled():
+    """An Array whose bytes do not decode as the dtype and shape it claims."""
+    return ArrayRecord(
+        {"c0": Array(dtype="float32", shape=(1, D), stype="numpy.ndarray", data=b"\x00\x01")}
+    )
+
+
+# kind of refusal expected -> what a hostile client sends instead of its class tokens
+HOSTILE = {
+    "shape": lambda pid: {"c0": np.zeros((1, D, 1), np.float32)},
+    "dim": lambda pid: {"c0": np.zeros((1, D // 2), np.float32)},
+    "nan": lambda pid: {"c0": np.full((1, D), np.nan, np.float32)},
+    "inf": lambda pid: {"c0": np.full((1, D), np.inf, np.float32)},
+    "size": lambda pid: {"c0": np.zeros((20_000, D), np.float32)},  # 5.1 MB > max-bytes
+    "tokens": lambda pid: {"c0": np.zeros((17, D), np.float32)},  # > tokens.max-tokens
+    "class-id": lambda pid: {"c99": GOOD},
+    "dtype": lambda pid: {"c0": GOOD.astype(np.float64)},
+    "int-dtype": lambda pid: {"c0": np.zeros((1, D), np.int32)},
+    "key": lambda pid: {"weights": GOOD},
+}
+EXPECTED_KIND = {"nan": "non-finite", "inf": "non-finite", "int-dtype": "dtype"}
+
+
+def _hostile_app(kind):
+    def app(message, context):
+        pid = context.node_config["partition-id"]
+        metrics = {"partition-id": pid, "num-train": 10}
+        if kind == "error":
+            return Message(Error(code=7, reason="hostile error reply"), reply_to=message)
+        if kind == "missing-metrics":
+            return _reply(message, arrays=to_record({"c0": GOOD}))
+        if kind == "extra-record":
+            return _reply(message, metrics, to_record({"c0": GOOD}), debug=ConfigRecord({"x": 1}))
+        if kind == "unreadable":
+            return _reply(message, metrics, _garbled())
+        if kind == "list-metric":
+            return _reply(message, metrics | {"local-acc": [1.0, 1.0]}, to_record({"c0": GOOD}))
+        if kind == "forged-node-id":
+            return _reply(message, metrics | {"node-id": 1}, to_record({"c0": GOOD}))
+        return _reply(message, metrics, to_record(HOSTILE[kind](pid)))
+
+    return app
+
+
+KINDS = [
+    *HOSTILE,
+    "error",
+    "missing-metrics",
+    "extra-record",
+    "unreadable",
+    "list-metric",
+    "forged-node-id",
+]
+REFUSAL = EXPECTED_KIND | {
+    "missing-metrics": "records",
+    "extra-record": "records",
+    "list-metric": "metrics",
+    "forged-node-id": "metrics",
+}
+HONEST = 2
+
+
+def _raising(message, context):
+    raise RuntimeError("silent node")
+
+
+def _run(tmp_path, name, hostile):
+    cfg = make_cfg(
+        tmp_path,
+        "cmfl-relay",
+        2,
+        **{
+            "output.run-name": name,
+            "data.partitioner": "pathological",  # one class per client: little to generate
+            "data.classes-per-client": 1,
+            "data.min-partition-size": 1,
+        },
+    )
+    grid = LoopbackGrid(client_app, HONEST + len(KINDS))
+    for offset, kind in enumerate(KINDS):
+        grid.overrides[1000 + HONEST + offset] = _hostile_app(kind) if hostile else _raising
+    run_dir = run_federation(grid, cfg)
+    return grid, run_dir
+
+
+def _honest_view(grid, run_dir):
+    """Honest clients' rows (timings aside) and everything the server sent them."""
+    rows = [
+        {k: v for k, v in row.items() if not k.startswith("seconds-")}
+        for row in json.loads((run_dir / "clients.json").read_text())
+        if row.get("partition-id", -1) < HONEST and "error" not in row and "refused" not in row
+    ]
+    sent = [
+        {k: v.numpy() for k, v in m.content.array_records.get(ARRAYS_KEY, {}).items()}
+        for m in grid.sent
+        if m.metadata.dst_node_id < 1000 + HONEST
+    ]
+    return rows, sent
+
+
+def test_hostile_replies_are_refused_and_do_not_change_honest_results(tmp_path):
+    grid, run_dir = _run(tmp_path, "hostile", hostile=True)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    for summary in rounds:
+        assert summary["replies"] == HONEST
+        assert summary["errors"] == 1
+        assert summary["refused"] == len(KINDS) - 1
+        for kind in {REFUSAL.get(k, k) for k in KINDS} - {"error"}:
+            expected = sum(REFUSAL.get(k, k) == kind for k in KINDS)
+            assert summary[f"refused-{kind}"] == expected, kind
+    refused = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
+    assert all(r["node-id"] >= 1000 + HONEST for r in refused)  # forged node-id not taken
+    # only honest vectors are ever relayed
+    for message in grid.sent:
+        record = message.content.array_records.get(ARRAYS_KEY, {})
+        assert {int(key.split(".")[0][1:]) for key in record} <= set(range(HONEST))
+
+    silent_grid, silent_dir = _run(tmp_path, "silence", hostile=False)  # same name length
+    hostile_rows, hostile_sent = _honest_view(grid, run_dir)
+    silent_rows, silent_sent = _honest_view(silent_grid, silent_dir)
+    assert len(hostile_rows) == 2 * HONEST
+    for a, b in zip(hostile_rows, silent_rows, strict=True):
+        assert a == b
+    for a, b in zip(hostile_sent, silent_sent, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_refusal_kinds_are_read_from_the_reason():
+    assert refusal_kind("dim: array 'c0': embedding dim 32") == "dim"
+    assert refusal_kind("something odd happened") == "other"
+
+
+def test_averaging_refuses_adapters_it_cannot_average():
+    ref = {"a": np.zeros((2, 3), np.float32)}
+    assert adapter_problem({"a": np.zeros((2, 3), np.float32)}, ref) is None
+    assert refusal_kind(adapter_problem({"b": ref["a"]}, ref) or "") == "keys"
+    assert refusal_kind(adapter_problem({"a": np.zeros((2, 4), np.float32)}, ref) or "") == "shape"
+    assert refusal_kind(adapter_problem({"a": np.zeros((2, 3), np.int64)}, ref) or "") == "dtype"
+    bad = np.full((2, 3), np.nan, np.float32)
+    assert refusal_kind(adapter_problem({"a": bad}, ref) or "") == "non-finite"
+
+
+def test_a_client_raising_every_round_is_survived(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 2)
+    grid = LoopbackGrid(client_app, 2)
+    grid.overrides[1000] = _raising
+    run_dir = run_federation(grid, cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [(r["replies"], r["errors"]) for r in rounds] == [(1, 1), (1, 1)]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_too_few_replies_stop_the_run_as_failed(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 2, **{"federation.min-replies": 2})
+    grid = LoopbackGrid(client_app, 2)
+    grid.overrides[1000] = _raising
+    with pytest.raises(
+        RuntimeError, match=r"round 1: 1 usable replies, federation.min-replies = 2"
+    ):
+        run_federation(grid, cfg)
+    run_dir = tmp_path / "runs" / "local-only"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "silent node" in status["error"]
+    assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())] == [1]
