@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from cmfl_flower.aggregate import weights_problem
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DiffusionConfig
 from cmfl_flower.encoder import resize_uint8
@@ -113,22 +114,9 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(4 * v.numel() for k, v in _state(module) if "lora_" not in k)
 
 
-def check_arrays(expected: Arrays, arrays: Arrays) -> str | None:
-    """Why ``arrays`` cannot replace ``expected`` (keys, shapes, finiteness), or None."""
-    if set(arrays) != set(expected):
-        diff = sorted(set(arrays) ^ set(expected))
-        return f"weight keys differ from the global model's: {diff[:3]} ({len(diff)} in all)"
-    for key, value in arrays.items():
-        if value.shape != expected[key].shape:
-            return f"weight {key!r}: shape {value.shape}, expected {expected[key].shape}"
-        if not np.isfinite(value).all():
-            return f"weight {key!r} holds NaN or Inf"
-    return None
-
-
 def load_module_arrays(module: torch.nn.Module, arrays: Arrays) -> None:
     """Load a full set of weights into ``module``; refuse any mismatch."""
-    reason = check_arrays(module_arrays(module), arrays)
+    reason = weights_problem(arrays, module_arrays(module))
     if reason is not None:
         raise ValueError(f"global UNet does not fit: {reason}")
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
@@ -206,7 +194,7 @@ class LoraModel:
 
     def load(self, arrays: Arrays) -> None:
         """Make ``arrays`` the active adapter; refuse a mismatch."""
-        reason = check_arrays(self.init_state, arrays)
+        reason = weights_problem(arrays, self.init_state)
         if reason is not None:
             raise ValueError(f"global LoRA adapter does not fit: {reason}")
         tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}

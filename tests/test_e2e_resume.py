@@ -21,8 +21,21 @@ def _last_round(run_dir):
     }
 
 
+def _check_relay_run(run_dir):
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert len(clients) == 4 and not any("error" in row or "refused" in row for row in clients)
+    for row in clients:
+        assert row["num-generated"] > 0 if row["round"] == 2 else row["num-generated"] == 0
+        assert row["bytes-sent"] > 0 and row["bytes-received"] > 0
+        assert row["seconds-generation"] >= 0 and row["seconds-tokens"] > 0
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["replies"] for r in rounds] == [2, 2]
+
+
 def test_flwr_run_resumed_equals_uninterrupted(tmp_path):
     whole = flwr_run(tmp_path / "whole", 2, f"{SETTINGS} federation.rounds=2")
+    _check_relay_run(whole)
     flwr_run(tmp_path / "cut", 2, f"{SETTINGS} federation.rounds=1")
     shutil.rmtree(tmp_path / "cut" / "flwr-home")  # a fresh SuperLink for the restart
     resumed = flwr_run(tmp_path / "cut", 2, f"{SETTINGS} federation.rounds=2 output.resume=true")

@@ -1,5 +1,7 @@
 """End to end: a real `flwr run` of the app on its own SuperLink (simulation, 2 clients).
 
+The relay's own end-to-end run is the uninterrupted reference of ``test_e2e_resume.py``.
+
 `flwr run` exits 0 even when the ServerApp fails, so success is proven from the run status
 that `flwr ls --format json` reports and from the results the run wrote.
 """
@@ -72,16 +74,3 @@ def test_flwr_run_two_clients_one_round_completes(tmp_path):
     assert (run_dir / "clients.csv").read_text().count("\n") == 3  # header + 2 clients
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_config"]["federation.rounds"] == 1
-
-
-def test_flwr_run_cmfl_relay_four_clients_three_rounds(tmp_path):
-    run_dir = flwr_run(tmp_path, 4, "strategy='cmfl-relay' federation.rounds=3 generation.steps=2")
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
-    clients = json.loads((run_dir / "clients.json").read_text())
-    assert len(clients) == 12 and not any("error" in row or "refused" in row for row in clients)
-    for row in clients:
-        assert row["num-generated"] > 0 if row["round"] >= 2 else row["num-generated"] == 0
-        assert row["bytes-sent"] > 0 and row["bytes-received"] > 0
-        assert row["seconds-generation"] >= 0 and row["seconds-tokens"] > 0
-    rounds = json.loads((run_dir / "rounds.json").read_text())
-    assert [r["replies"] for r in rounds] == [4, 4, 4]

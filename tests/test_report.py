@@ -100,7 +100,11 @@ def test_run_directory_holds_every_promised_file(relay_run):
     for partition in range(NODES):
         folder = report.client_dir(run_dir, partition)
         # round 1 receives nothing, so generates nothing: only round 2 has a grid
-        assert sorted(p.name for p in folder.iterdir()) == ["labels.json", "samples-round-002.png"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "labels.json",
+            "samples-round-002.png",
+            "state",
+        ]
     for name in ("accuracy.png", "labels.png"):
         with Image.open(run_dir / name) as image:
             assert image.width >= 400 and image.height >= 200

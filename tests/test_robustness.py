@@ -7,9 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
+from cmfl_flower.aggregate import weights_problem
 from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
 from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.averaging import adapter_problem
 from cmfl_flower.strategies.base import refusal_kind, to_record
 from cmfl_flower.strategies.loopback import LoopbackGrid
 from tests.test_strategies import make_cfg
@@ -161,12 +161,12 @@ def test_refusal_kinds_are_read_from_the_reason():
 
 def test_averaging_refuses_adapters_it_cannot_average():
     ref = {"a": np.zeros((2, 3), np.float32)}
-    assert adapter_problem({"a": np.zeros((2, 3), np.float32)}, ref) is None
-    assert refusal_kind(adapter_problem({"b": ref["a"]}, ref) or "") == "keys"
-    assert refusal_kind(adapter_problem({"a": np.zeros((2, 4), np.float32)}, ref) or "") == "shape"
-    assert refusal_kind(adapter_problem({"a": np.zeros((2, 3), np.int64)}, ref) or "") == "dtype"
+    assert weights_problem({"a": np.zeros((2, 3), np.float32)}, ref) is None
+    assert refusal_kind(weights_problem({"b": ref["a"]}, ref) or "") == "keys"
+    assert refusal_kind(weights_problem({"a": np.zeros((2, 4), np.float32)}, ref) or "") == "shape"
+    assert refusal_kind(weights_problem({"a": np.zeros((2, 3), np.int64)}, ref) or "") == "dtype"
     bad = np.full((2, 3), np.nan, np.float32)
-    assert refusal_kind(adapter_problem({"a": bad}, ref) or "") == "non-finite"
+    assert refusal_kind(weights_problem({"a": bad}, ref) or "") == "non-finite"
 
 
 def test_a_client_raising_every_round_is_survived(tmp_path):

@@ -21,24 +21,21 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from cmfl_flower.aggregate import weighted_mean
 from cmfl_flower.config import AppConfig
-from cmfl_flower.diffusion import check_arrays
 from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind
 from cmfl_flower.results import Row, RunRecorder
-from cmfl_flower.strategies.base import Arrays, CmflStrategy
+from cmfl_flower.strategies.averaging import WeightAveraging
+from cmfl_flower.strategies.base import Arrays
 
 
-class FedAvgDiffusion(CmflStrategy):
+class FedAvgDiffusion(WeightAveraging):
     """FedAvg over the whole diffusion UNet, weighted by the number of training images."""
 
     task = "diffusion-fedavg"
 
     def __init__(self, cfg: AppConfig, recorder: RunRecorder) -> None:
         super().__init__(cfg, recorder)
-        self.global_arrays: Arrays | None = None
         self.publisher = DiffusionPublisher(cfg, recorder.run_dir, self.kind())
-        self._collected: list[tuple[Arrays, float]] = []
         self._received = 0
 
     def kind(self) -> ModelKind:
@@ -64,32 +61,14 @@ class FedAvgDiffusion(CmflStrategy):
             d.batch_size,
         )
 
-    def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
-        """The global weights (created on first use)."""
-        if self.global_arrays is None and server_round == 1:
-            self.global_arrays = self.initial_arrays()
-        return self.global_arrays
-
     def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
-        """Keep a reply's weights and example count for this round's average."""
+        """Count the reply's bytes, then take it as FedAvg does."""
         self._received += int(row.get("bytes-received", 0))
-        weight = row.get("num-train")
-        if not isinstance(weight, int) or weight <= 0:
-            return f"metric 'num-train' missing or not positive: {weight!r}"
-        expected = self.global_arrays or (self._collected[0][0] if self._collected else arrays)
-        reason = check_arrays(expected, arrays) if arrays else "no weights in the reply"
-        if reason is not None:
-            return reason
-        self._collected.append((arrays, float(weight)))
-        return None
+        return super().absorb(server_round, node_id, row, arrays)
 
     def end_round(self, server_round: int) -> dict[str, Any]:
         """Average, publish (save, render, measure) and log the bytes against the full UNet."""
-        averaged = len(self._collected)
-        if self._collected:
-            self.global_arrays = weighted_mean(self._collected)
-        self._collected = []
-        out: dict[str, Any] = {"averaged": averaged, "model-bytes": self.publisher.model_bytes()}
+        out = super().end_round(server_round) | {"model-bytes": self.publisher.model_bytes()}
         if self.global_arrays is not None:
             out |= self.publish(server_round, self.global_arrays)
         sent, received = sum(self._sent_bytes.values()), self._received
@@ -108,14 +87,6 @@ class FedAvgDiffusion(CmflStrategy):
     def publish(self, server_round: int, arrays: Arrays) -> dict[str, float]:
         """Save and evaluate the new global UNet."""
         return self.publisher.publish_unet(server_round, arrays)
-
-    def state(self) -> tuple[Arrays, dict[str, Any]]:
-        """The global weights (empty before round 1 ends)."""
-        return dict(self.global_arrays or {}), {}
-
-    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
-        """Restore the global weights."""
-        self.global_arrays = dict(arrays) or None
 
 
 class FedLoraDiffusion(FedAvgDiffusion):
