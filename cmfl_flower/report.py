@@ -238,7 +238,9 @@ def accuracy_figure(runs: Sequence[RunView]) -> Figure:
     if axes.has_data():
         axes.legend(fontsize=8)
     else:
-        axes.text(0.5, 0.5, "no round finished yet", ha="center", transform=axes.transAxes)
+        finished = any(run.rounds for run in runs)
+        note = "no client accuracy in these rounds" if finished else "no round finished yet"
+        axes.text(0.5, 0.5, note, ha="center", transform=axes.transAxes)
     return figure
 
 

@@ -260,3 +260,12 @@ def test_a_client_that_cannot_write_its_pictures_still_finishes_the_round(tmp_pa
     output = run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
     assert 0.0 <= output.metrics["global-acc"] <= 1.0
     assert blocker.is_file()
+
+
+def test_accuracy_chart_says_why_it_is_empty(tmp_path):
+    def note(rounds):
+        view = report.RunView(tmp_path, {"strategy": "fedlora-diffusion"}, rounds, [], "running")
+        return [text.get_text() for text in report.accuracy_figure([view]).axes[0].texts]
+
+    assert note([]) == ["no round finished yet"]
+    assert note([{"round": 1, "fd-clip": 11.1}]) == ["no client accuracy in these rounds"]
