@@ -164,6 +164,38 @@ def test_missing_inception_weights_file_is_a_clear_error(tmp_path):
         build_fd_metric(DiffusionConfig(fid="inception"), preset, "cpu")
 
 
+def _he_init(key, value):
+    """Random weights that keep a signal through Inception's depth (BN as identity)."""
+    if value.ndim == 4:  # conv (out, in, kh, kw)
+        return torch.randn_like(value) * (2.0 / value[0].numel()) ** 0.5
+    if key.endswith(("running_var", "bn.weight")):
+        return torch.ones_like(value)
+    return torch.randn_like(value) * 0.01 if value.ndim == 2 else torch.zeros_like(value)
+
+
+def test_inception_fid_reads_the_user_supplied_weights_file(tmp_path, monkeypatch):
+    # a weights file with torch-fidelity's layout (random values: no download here)
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda *a: None)
+        patch.setattr(fidelity.torch, "load", lambda *a, **k: {})
+        torch.manual_seed(0)
+        model = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
+    state = {
+        key: _he_init(key, v) for key, v in model.state_dict().items() if v.is_floating_point()
+    }
+    weights = tmp_path / "inception.pth"
+    torch.save(state, weights)
+    cfg = DiffusionConfig(fid="inception", inception_weights=str(weights))
+    reference = load_source("digits", "test", "").images[:12]  # (12, 8, 8, 3)
+    distance = FrechetDistance(
+        build_fd_metric(cfg, resolve_preset(BackboneConfig()), "cpu"), reference
+    )
+    assert abs(distance(reference)) < 1e-2
+    assert distance(255 - reference) > 1.0
+
+
 def test_clip_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     images = load_source("digits", "test", "").images  # (360, 8, 8, 3)
     metric = build_fd_metric(DiffusionConfig(), resolve_preset(BackboneConfig()), "cpu")
