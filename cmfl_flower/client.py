@@ -401,6 +401,14 @@ def _global_adapter(ws: Workspace, received: Arrays) -> None:
     ws.encoder.load_lora_state({k: torch.from_numpy(np.array(v)) for k, v in received.items()})
 
 
+def initial_adapter(cfg: AppConfig) -> Arrays:
+    """The seeded initial vision adapter every client starts from (built where it is called)."""
+    device = str(resolve_device(cfg.backbone.device))
+    spec = LoraSpec.from_config(cfg.encoder)
+    encoder = load_encoder(resolve_preset(cfg.backbone), device, cfg.seed, spec)
+    return {k: v.detach().cpu().numpy().copy() for k, v in encoder.init_state.items()}
+
+
 def _averaged_round(cfg: AppConfig, task: ClientTask, received: Arrays, mu: float) -> RoundOutput:
     ws = open_workspace(cfg, task, None)
     _global_adapter(ws, received)

@@ -201,10 +201,12 @@ class FederationConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy of the relayed class vectors (see `cmfl_flower.privacy`)."""
+    """Differential privacy: relayed class vectors (`cmfl_flower.privacy`), averaged adapters."""
 
     enabled: bool = Field(
-        False, description="Clip and noise every class's vectors before a client sends them."
+        False,
+        description="`cmfl-relay`: clip and noise each class's vectors before a client sends "
+        "them; `fedavg-encoder`/`fedprox-encoder`: central DP of the averaged adapter.",
     )
     clip_norm: float = Field(
         0.2,
@@ -216,6 +218,12 @@ class PrivacyConfig(_Section):
         1.0, gt=0, description="Gaussian noise std per coordinate, in units of `clip-norm`."
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the reported (epsilon, delta).")
+    update_clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="`fedavg-encoder`/`fedprox-encoder`: L2 bound C of a client's adapter "
+        "update (Flower's server-side fixed clipping; noise std = noise-multiplier * C / n).",
+    )
 
 
 class OutputConfig(_Section):

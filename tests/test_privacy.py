@@ -75,3 +75,44 @@ def test_a_private_run_reports_epsilon_and_sends_noised_vectors(tmp_path):
         [(sent[key] - clip(kept.tokens[key].numpy(), 0.5)).ravel() for key in sent]
     )
     assert noise.std() == pytest.approx(0.65, rel=0.25)  # few draws: a loose check
+
+
+def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrapper(tmp_path):
+    sigma, bound, nodes = 1.0, 0.01, 2
+    cfg = make_cfg(
+        tmp_path,
+        "fedavg-encoder",
+        2,
+        **{
+            "privacy.enabled": True,
+            "privacy.noise-multiplier": sigma,
+            "privacy.update-clip-norm": bound,
+        },
+    )
+    grid = LoopbackGrid(client_app, nodes)
+    run_dir = run_federation(grid, cfg)
+    sent = [from_record(m.content.array_records[ARRAYS_KEY]) for m in grid.sent]
+    assert len(sent) == 4 and sent[0], "round 1 sends the seeded initial adapter"
+    reference, new_global = sent[0], sent[2]  # round 1's start, what round 2 receives
+    # the wrapper clipped every accepted reply in place: update norm <= C
+    clipped = [from_record(r.content.array_records[ARRAYS_KEY]) for r in grid.replies[:nodes]]
+    for reply in clipped:
+        update = np.concatenate([(reply[k] - reference[k]).ravel() for k in reference])
+        assert np.linalg.norm(update) <= bound * (1 + 1e-4)
+    # global = equal-weight mean of the clipped adapters + N(0, (sigma * C / n)^2)
+    residual = np.concatenate(
+        [(new_global[k] - np.mean([r[k] for r in clipped], axis=0)).ravel() for k in reference]
+    )
+    assert residual.size > 10_000
+    assert abs(residual.mean()) < 1e-4
+    assert residual.std() == pytest.approx(sigma * bound / nodes, rel=0.05)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    for row in rounds:
+        expected = _accountant_epsilon(sigma / 2, row["round"], 1e-5)
+        assert row["dp-epsilon-total"] == pytest.approx(expected)
+
+
+def test_privacy_is_refused_where_no_mechanism_exists(tmp_path):
+    cfg = make_cfg(tmp_path, "fedavg-diffusion", 1, **{"privacy.enabled": True})
+    with pytest.raises(ValueError, match="privacy.enabled = true has no mechanism"):
+        run_federation(LoopbackGrid(client_app, 2), cfg)
