@@ -269,12 +269,7 @@ def build_tiny_pipeline(
     ``vae`` and ``unet`` default to fresh ones built from :func:`tiny_components` (seed torch
     first for a reproducible initialisation). ``tokenizer_dir`` receives the tokenizer files.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     components = tiny_components()
@@ -285,12 +280,27 @@ def build_tiny_pipeline(
         pad_token="<|endoftext|>",
         model_max_length=int(clip.positional_embedding.shape[0]),
     )
+    return assemble_pipeline(
+        vae if vae is not None else AutoencoderKL(**components["vae"]),
+        clip_text_to_hf(clip),
+        tokenizer,
+        unet if unet is not None else UNet2DConditionModel(**components["unet"]),
+        DDIMScheduler.from_config(components["scheduler"]),
+    )
+
+
+def assemble_pipeline(
+    vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any
+) -> Any:
+    """A ``StableDiffusionPipeline`` of these parts (no safety checker), progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
     pipeline: Any = StableDiffusionPipeline(
-        vae=vae if vae is not None else AutoencoderKL(**components["vae"]),
-        text_encoder=clip_text_to_hf(clip),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet if unet is not None else UNet2DConditionModel(**components["unet"]),
-        scheduler=DDIMScheduler.from_config(components["scheduler"]),
+        unet=unet,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -19,7 +19,7 @@ from typing import Any
 import open_clip
 import torch
 
-from cmfl_flower.backbones import write_clip_tokenizer_files
+from cmfl_flower.backbones import assemble_pipeline, write_clip_tokenizer_files
 
 ARCH_DIR = Path(__file__).resolve().parent
 ARCHS = ("bk-sdm-small", "bk-sdm-v2-small")
@@ -71,7 +71,7 @@ def build_pipeline(name: str, tokenizer_dir: Path) -> Any:
 
     ``tokenizer_dir`` receives the CLIP BPE files the tokenizer is built from (offline).
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler
     from transformers import CLIPTokenizer
 
     arch = load_arch(name)
@@ -79,18 +79,13 @@ def build_pipeline(name: str, tokenizer_dir: Path) -> Any:
     tokenizer = CLIPTokenizer(
         str(files / "vocab.json"), str(files / "merges.txt"), **arch["tokenizer"]
     )
-    pipeline: Any = StableDiffusionPipeline(
-        vae=build_vae(name),
-        text_encoder=build_text_encoder(name),
-        tokenizer=tokenizer,
-        unet=build_unet(name),
-        scheduler=PNDMScheduler.from_config(arch["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return assemble_pipeline(
+        build_vae(name),
+        build_text_encoder(name),
+        tokenizer,
+        build_unet(name),
+        PNDMScheduler.from_config(arch["scheduler"]),
     )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def parameter_counts(name: str) -> dict[str, int]:
