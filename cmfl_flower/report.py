@@ -156,10 +156,11 @@ class RunView:
         return str(self.run_config.get("strategy", "?"))
 
     def final(self) -> Row:
-        """Headline figures: last round's accuracies, totals of bytes and seconds."""
+        """Headline figures: last round's accuracies or Fréchet distance, bytes and seconds."""
         last = self.rounds[-1] if self.rounds else {}
         out: Row = {"rounds": len(self.rounds), "status": self.status}
-        for key in ("global-acc-mean", "global-acc-min", "global-acc-max", "local-acc-mean"):
+        headline = ("global-acc-mean", "global-acc-min", "global-acc-max", "local-acc-mean")
+        for key in (*headline, "fd-clip", "fid-inception"):
             if key in last:
                 out[key] = float(last[key])
         for key in ("bytes-sent", "bytes-received", "round-seconds"):
@@ -341,6 +342,10 @@ ROUND_COLUMNS = (
     "bytes-sent",
     "bytes-received",
     "round-seconds",
+    "model-bytes",
+    "fd-clip",
+    "fid-inception",
+    "dp-epsilon-total",
 )
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
