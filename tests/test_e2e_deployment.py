@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import tomllib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,11 @@ def test_dockerfile_pins_its_base_image_and_dependencies():
     constraints = (DOCKER / "constraints.txt").read_text().splitlines()
     pins = dict(line.split("==") for line in constraints if line and not line.startswith("#"))
     assert pins["flwr"] == "1.41.0"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {name.lower().replace("_", "-") for name in pins}
+    for requirement in project["dependencies"]:
+        name = re.split(r"[\[<>=~! ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in pinned, f"{name} has no pin in docker/constraints.txt"
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M)
     assert torch and pins["torch"] == torch.group(1)
     assert "pip install -c /tmp/constraints.txt ." in dockerfile
