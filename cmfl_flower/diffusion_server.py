@@ -15,14 +15,12 @@ Models, the reference features and the server's pipeline are loaded lazily, once
 from __future__ import annotations
 
 import functools
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cmfl_flower.backbones import Preset, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig
@@ -42,30 +40,12 @@ from cmfl_flower.diffusion import (
     sample_ddpm,
 )
 from cmfl_flower.fid import FrechetDistance, build_fd_metric, fd_metric_name
+from cmfl_flower.report import MAX_COLUMNS, sample_grid
 
-GRID_CELL = 64  # pixels per grid cell (small images are enlarged, nearest neighbour)
-GRID_MAX = 100  # most images in a grid
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 SAMPLES_DIR = "samples"
 ModelKind = Literal["ddpm", "conditional", "lora"]
-
-
-def save_grid(images: np.ndarray, columns: int, path: Path) -> Path:
-    """Tile (N, H, W, 3) uint8 images into a PNG, ``columns`` per row."""
-    images = images[:GRID_MAX]
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
-    scale = max(1, GRID_CELL // images.shape[1])
-    h, w = images.shape[1] * scale, images.shape[2] * scale
-    canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for i, image in enumerate(images):
-        big = image.repeat(scale, axis=0).repeat(scale, axis=1)  # (h, w, 3)
-        r, c = divmod(i, columns)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = big
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -203,7 +183,21 @@ class DiffusionPublisher:
 
     def _evaluate(self, server_round: int, images: np.ndarray) -> dict[str, float]:
         """Grid PNG of the samples and their Fréchet distance to the test split."""
-        prompts = len(self.cfg.diffusion.prompt_list) or len(self.class_names)
-        columns = 10 if self.kind == "ddpm" else min(10, prompts)
-        save_grid(images, columns, self.run_dir / SAMPLES_DIR / f"round-{server_round}.png")
+        self._save_grid(server_round, images)
         return {fd_metric_name(self.cfg.diffusion): self.distance(images)}
+
+    def _save_grid(self, server_round: int, images: np.ndarray) -> None:
+        """One row per prompt (class names for the default captions); unconditional: in order."""
+        index = np.arange(len(images))
+        if self.kind == "ddpm":
+            labels = index // MAX_COLUMNS
+            names = [f"#{row * MAX_COLUMNS + 1}" for row in range(int(labels[-1]) + 1)]
+        else:  # eval_prompts cycles through the prompts
+            names = self.cfg.diffusion.prompt_list or list(self.class_names)
+            labels = index % len(names)
+        title = (
+            f"round {server_round}: {self.kind} samples, {self.cfg.diffusion.sample_steps} steps"
+        )
+        path = self.run_dir / SAMPLES_DIR / f"round-{server_round}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(images, labels, names, title).save(path, optimize=True)
