@@ -437,7 +437,6 @@ def fedprox_encoder_round(
     return _averaged_round(cfg, task, received, cfg.federation.proximal_mu)
 
 
-# ----- federated diffusion training (fedavg-diffusion, fedlora-diffusion) -----------------
 def _diffusion_data(cfg: AppConfig, task: ClientTask) -> LocalData:
     """The client's training images (at most ``diffusion.images-per-client``), captioned."""
     train = load_partition(data_dir(cfg.data, task.num_partitions), task.partition_id).train
@@ -478,7 +477,6 @@ def diffusion_fedlora_round(
     return _diffusion_round(cfg, task, received, lora=True)
 
 
-# ----- end of federated diffusion training ------------------------------------------------
 Task = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
 TASKS: dict[str, Task] = {
     "local-only": local_only_round,
