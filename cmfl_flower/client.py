@@ -303,17 +303,20 @@ def _requests(
     ws: Workspace, entries: list[TokenEntry], text: torch.Tensor
 ) -> list[GenerationRequest]:
     """Generation requests; unlabelled vectors get the label of their nearest class."""
-    requests = []
     device = ws.encoder.bundle.device
-    for entry in entries:
-        vectors = torch.from_numpy(entry.vectors).to(device)
-        class_id = entry.class_id
-        if class_id is None:
-            with torch.no_grad():
-                feature = ws.text.encode([vectors])  # (1, E)
-            class_id = int((feature @ text.T).argmax())
-        requests.append(GenerationRequest(entry.sender, class_id, vectors))
-    return requests
+    vectors = [torch.from_numpy(entry.vectors).to(device) for entry in entries]
+    unlabelled = [i for i, entry in enumerate(entries) if entry.class_id is None]
+    nearest: dict[int, int] = {}
+    if unlabelled:
+        with torch.no_grad():
+            features = ws.text.encode([vectors[i] for i in unlabelled])  # (U, E), one batch
+        nearest = dict(zip(unlabelled, (features @ text.T).argmax(1).tolist(), strict=True))
+    return [
+        GenerationRequest(
+            entry.sender, entry.class_id if entry.class_id is not None else nearest[i], vectors[i]
+        )
+        for i, entry in enumerate(entries)
+    ]
 
 
 def relay_round(
