@@ -1,16 +1,31 @@
-"""Does relaying class tokens help? The method against its baselines, on the offline data.
+"""Does relaying class tokens help? The method against honest baselines, where there is room.
 
-``python -m benchmarks.method`` runs, on one fixed partition (digits, Dirichlet alpha = 0.1,
-10 clients, every client sampled every round) and fixed seeds, the strategies ``local-only``,
-``cmfl-relay`` and ``fedavg-encoder`` through the real ServerApp strategy and ClientApp code
-(in process), plus centralised training on the pooled client data as an upper bound. It prints
-one table of mean client accuracy on the global test set after the last round, and
-``cmfl-relay - local-only`` in points. The federated runs' figures are read back from their run
-directories with :mod:`cmfl_flower.report` (what ``cmfl-report`` prints), which also writes
-``comparison/compare.html`` and ``compare.png`` (accuracy per round, overlaid) under the root.
+``python -m benchmarks.method`` runs, offline, on the ``tiny-fewshot`` backbone (the tiny text
+tower and generator with a vision tower pretrained on 3 public images per class, so zero-shot
+accuracy leaves room below the centralised one), three protocols:
 
-The settings below were fixed before the first run; they are the app's defaults except the
-number of clients and rounds.
+* ``P1``: pathological partitioning, 2 classes per client, 10 clients;
+* ``P2``: Dirichlet alpha = 0.1, 10 clients;
+* ``P3``: P1's data with opaque class ids (``data.class-names = "opaque"``): names carry no
+  meaning, so only relayed tokens can tell a client what a class it lacks looks like.
+
+Every protocol runs 10 rounds with every client every round, for each seed (the split and the
+training), and these arms, side by side: ``zero-shot``, ``centralised`` (pooled client data),
+``local-only``, ``local-only-tokens``, ``names-generation``, ``fedavg-encoder``,
+``fedprox-encoder``, ``cmfl-relay`` and ``cmfl-relay-no-generation``. Federated arms go through
+the real ServerApp strategies and ClientApp code, in process.
+
+Tuning: every trained arm gets the same budget: each setting of :data:`TUNING_GRID` (encoder
+learning rate and epochs) is run once with seed 0 and ``data.validation-fraction`` =
+:data:`VALIDATION_FRACTION` of every client's training images held out; the setting with the
+best mean validation accuracy after the last round is kept (never the global test set) and
+printed. The measured runs then train on all training images.
+
+It prints one Markdown table per protocol (mean client accuracy on the global test set after
+the last round, min and max over seeds, bytes per round per client), the targets' checks, and
+writes ``benchmarks/results/method.json`` (``{protocol: {arm: {"mean", "min", "max",
+"bytes_per_round"}}}``), ``method-details.json`` (per-seed figures and the chosen settings)
+and per protocol the overlaid accuracy curves of seed 0 (``<out>/comparison-<P>/``).
 """
 
 from __future__ import annotations
@@ -23,141 +38,258 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.client import ClientTask, data_dir, open_workspace
+from cmfl_flower.client import ClientTask, open_workspace
 from cmfl_flower.config import AppConfig
-from cmfl_flower.data import load_partition
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
 from cmfl_flower.strategies import run_federation
 from cmfl_flower.strategies.loopback import LoopbackGrid
 
 CLIENTS = 10
-ROUNDS = 5
-SEED = 0
-STRATEGIES = ("local-only", "cmfl-relay", "fedavg-encoder")
+ROUNDS = 10
+RESULTS = Path(__file__).resolve().parent / "results"
+VALIDATION_FRACTION = 0.2
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "P1": {"data.partitioner": "pathological", "data.classes-per-client": 2},
+    "P2": {"data.partitioner": "dirichlet", "data.alpha": 0.1},
+    "P3": {
+        "data.partitioner": "pathological",
+        "data.classes-per-client": 2,
+        "data.class-names": "opaque",
+    },
+}
+FEDERATED: dict[str, dict[str, Any]] = {
+    "local-only": {"strategy": "local-only"},
+    "local-only-tokens": {"strategy": "local-only-tokens"},
+    "names-generation": {"strategy": "names-generation"},
+    "fedavg-encoder": {"strategy": "fedavg-encoder"},
+    "fedprox-encoder": {"strategy": "fedprox-encoder"},
+    "cmfl-relay": {"strategy": "cmfl-relay"},
+    "cmfl-relay-no-generation": {"strategy": "cmfl-relay", "generation.images-per-class": 0},
+}
+ARMS = ("zero-shot", "centralised", *FEDERATED)
+TUNING_GRID: tuple[dict[str, Any], ...] = (
+    {"encoder.lr": 1e-3, "encoder.epochs": 1},
+    {"encoder.lr": 3e-3, "encoder.epochs": 1},
+    {"encoder.lr": 3e-3, "encoder.epochs": 2},
+    {"encoder.lr": 1e-2, "encoder.epochs": 1},
+)
 
 
-def config(
-    strategy: str, root: Path, rounds: int, extra: dict[str, Any] | None = None
-) -> AppConfig:
-    """The fixed benchmark settings for ``strategy`` (plus ablation overrides)."""
+def config(protocol: str, seed: int, root: Path, name: str, extra: dict[str, Any]) -> AppConfig:
+    """The fixed settings of ``protocol`` and ``seed`` with an arm's overrides."""
     return AppConfig.from_run_config(
-        (extra or {})
-        | {
-            "strategy": strategy,
-            "seed": SEED,
-            "data.partitioner": "dirichlet",
-            "data.alpha": 0.1,
-            "data.seed": SEED,
+        {
+            "strategy": "local-only",
+            "seed": seed,
+            "backbone.preset": "tiny-fewshot",
+            "data.seed": seed,
             "data.dir": str(root / "data"),
-            "federation.rounds": rounds,
+            "federation.rounds": ROUNDS,
             "federation.fraction": 1.0,
             "federation.min-nodes": CLIENTS,
             "output.dir": str(root / "runs"),
-            "output.run-name": strategy,
+            "output.run-name": name,
+            "output.progress": False,
         }
+        | PROTOCOLS[protocol]
+        | extra
     )
 
 
-def federated(
-    strategy: str, root: Path, rounds: int, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Run ``strategy``; return the last round's summary and the wall time."""
-    start = time.perf_counter()
-    cfg = config(strategy, root, rounds, extra)
+def federated(cfg: AppConfig) -> dict[str, Any]:
+    """Run one federated arm; its last round's figures and bytes per round per client."""
     run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), cfg)
-    final = report.comparison_rows([report.load_run(run_dir)])[0]
-    return final | {"seconds": time.perf_counter() - start, "run-dir": str(run_dir)}
+    rows = json.loads((run_dir / "rounds.json").read_text())
+    last = rows[-1]
+    traffic = sum(row.get("bytes-sent", 0) + row.get("bytes-received", 0) for row in rows)
+    return {
+        "acc": float(last["global-acc-mean"]),
+        "val": float(last.get("val-acc-mean", np.nan)),
+        "bytes_per_round": traffic / (len(rows) * CLIENTS),
+        "generated-recognised": _mean_recognised(rows),
+        "run-dir": str(run_dir),
+    }
 
 
-def centralised(root: Path, rounds: int) -> dict[str, Any]:
-    """Upper bound: the vision LoRA trained on all clients' training data pooled."""
-    start = time.perf_counter()
-    cfg = config("local-only", root, rounds)
-    ws = open_workspace(cfg, ClientTask(0, CLIENTS, 1), None)
-    parts = [load_partition(data_dir(cfg.data, CLIENTS), pid).train for pid in range(CLIENTS)]
-    pooled = TrainingSet.mix(
-        ws.encoder.bundle.image_size, *((p.images, p.labels, 1.0) for p in parts)
-    )
-    text = ws.name_features()
-    epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * rounds})
-    train_encoder(ws.encoder, pooled, text, epochs, SEED)
-    glob = ws.global_test
-    acc = accuracy(ws.encoder, glob.images, glob.labels, text, cfg.encoder.eval_batch_size)
-    return {"global-acc-mean": acc, "seconds": time.perf_counter() - start}
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    """The results as a Markdown table plus the headline difference."""
-    lines = [
-        "| strategy | mean client accuracy, global test | min | max | seconds |",
-        "| --- | --- | --- | --- | --- |",
+def _mean_recognised(rows: list[dict[str, Any]]) -> float | None:
+    values = [
+        row["generated-recognised-mean"] for row in rows if "generated-recognised-mean" in row
     ]
-    for name, row in results.items():
-        low, high = row.get("global-acc-min"), row.get("global-acc-max")
-        span = (f"{low:.3f}", f"{high:.3f}") if low is not None and high is not None else ("", "")
-        lines.append(
-            f"| {name} | {row['global-acc-mean']:.3f} | {span[0]} | {span[1]} | "
-            f"{row['seconds']:.0f} |"
+    return float(np.mean(values)) if values else None
+
+
+def pooled(cfg: AppConfig, zero_shot: bool) -> dict[str, Any]:
+    """Zero-shot, or the vision LoRA trained on all clients' training images pooled.
+
+    Centralised training runs ``encoder.epochs`` x rounds epochs; with
+    ``data.validation-fraction`` the pooled validation images score it.
+    """
+    ws = open_workspace(cfg, ClientTask(0, CLIENTS, 1), None)
+    text = ws.name_features()
+    glob, batch = ws.global_test, cfg.encoder.eval_batch_size
+    val = None
+    if not zero_shot:
+        parts = [_client_splits(cfg, pid) for pid in range(CLIENTS)]
+        data = TrainingSet.mix(
+            ws.encoder.bundle.image_size, *((t.images, t.labels, 1.0) for t, _ in parts)
         )
-    gain = results["cmfl-relay"]["global-acc-mean"] - results["local-only"]["global-acc-mean"]
-    lines.append("")
-    lines.append(f"cmfl-relay - local-only: {100 * gain:+.1f} points")
+        epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * ROUNDS})
+        train_encoder(ws.encoder, data, text, epochs, cfg.seed)
+        held = [v for _, v in parts if v is not None and len(v)]
+        if held:
+            images = np.concatenate([v.images for v in held])
+            labels = np.concatenate([v.labels for v in held])
+            val = accuracy(ws.encoder, images, labels, text, batch)
+    acc = accuracy(ws.encoder, glob.images, glob.labels, text, batch)
+    ws.encoder.load_lora_state(ws.encoder.init_state)  # the process-wide encoder, untouched
+    return {"acc": acc, "val": np.nan if val is None else val, "bytes_per_round": 0.0}
+
+
+def _client_splits(cfg: AppConfig, pid: int) -> tuple[Any, Any]:
+    """A client's training images and validation split, as its workspace carves them."""
+    ws = open_workspace(cfg, ClientTask(pid, CLIENTS, 1), None)
+    return ws.data.train, ws.validation
+
+
+def run_arm(
+    arm: str, protocol: str, seed: int, root: Path, extra: dict[str, Any], tag: str
+) -> dict[str, Any]:
+    """One arm of one protocol and seed (``extra``: tuned values, validation split)."""
+    name = f"{protocol}-{arm}-s{seed}{tag}"
+    if arm in ("zero-shot", "centralised"):
+        return pooled(config(protocol, seed, root, name, extra), arm == "zero-shot")
+    return federated(config(protocol, seed, root, name, FEDERATED[arm] | extra))
+
+
+def tune(arm: str, protocol: str, root: Path) -> dict[str, Any]:
+    """The :data:`TUNING_GRID` setting with the best validation accuracy (seed 0)."""
+    if arm == "zero-shot":
+        return {}
+    scores = []
+    for index, setting in enumerate(TUNING_GRID):
+        held = setting | {"data.validation-fraction": VALIDATION_FRACTION}
+        result = run_arm(arm, protocol, 0, root, held, f"-tune{index}")
+        scores.append(result["val"])
+        print(f"  tune {protocol} {arm} {setting}: validation {result['val']:.3f}", flush=True)
+    return TUNING_GRID[int(np.nanargmax(scores))]
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean, min and max over seeds of the accuracy, and mean bytes per round per client."""
+    accs = [r["acc"] for r in per_seed]
+    return {
+        "mean": float(np.mean(accs)),
+        "min": float(np.min(accs)),
+        "max": float(np.max(accs)),
+        "bytes_per_round": float(np.mean([r["bytes_per_round"] for r in per_seed])),
+    }
+
+
+def table(protocol: str, rows: dict[str, dict[str, float]], chosen: dict[str, Any]) -> str:
+    """One protocol's results as a Markdown table."""
+    lines = [
+        f"**{protocol}** (mean client accuracy on the global test set after round {ROUNDS})",
+        "",
+        "| arm | mean | min | max | bytes / round / client | tuned setting |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for arm, row in rows.items():
+        setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in chosen.get(arm, {}).items())
+        lines.append(
+            f"| {arm} | {row['mean']:.3f} | {row['min']:.3f} | {row['max']:.3f} | "
+            f"{report.human_bytes(row['bytes_per_round'])} | {setting or '-'} |"
+        )
     return "\n".join(lines)
 
 
+def checks(protocol: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's targets for ``protocol``, each with its measured margin."""
+    out: list[str] = []
+    relay = rows.get("cmfl-relay")
+    if relay is None:
+        return out
+    for arm, need in (
+        ("local-only", 15.0),
+        ("names-generation", -2.0 if protocol != "P3" else 10.0),
+    ):
+        if arm in rows:
+            gain = 100 * (relay["mean"] - rows[arm]["mean"])
+            verdict = "met" if gain >= need else "missed"
+            out.append(f"cmfl-relay - {arm}: {gain:+.1f} points (target >= {need:+.0f}): {verdict}")
+    if "fedavg-encoder" in rows and rows["fedavg-encoder"]["bytes_per_round"] > 0:
+        ratio = relay["bytes_per_round"] / rows["fedavg-encoder"]["bytes_per_round"]
+        verdict = "met" if ratio <= 0.2 else "missed"
+        out.append(f"relay bytes / fedavg-encoder bytes: {ratio:.3f} (target <= 0.2): {verdict}")
+    return out
+
+
+def run_protocol(
+    protocol: str, seeds: int, arms: tuple[str, ...], root: Path, tuned: bool
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Tune (optional) and run every arm of ``protocol`` over ``seeds`` seeds."""
+    rows: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    for arm in arms:
+        start = time.perf_counter()
+        chosen = tune(arm, protocol, root) if tuned else {}
+        per_seed = [run_arm(arm, protocol, s, root, chosen, "") for s in range(seeds)]
+        rows[arm] = summarise(per_seed)
+        details[arm] = {"chosen": chosen, "per_seed": per_seed}
+        print(
+            f"{protocol} {arm}: {rows[arm]['mean']:.3f} "
+            f"[{rows[arm]['min']:.3f}, {rows[arm]['max']:.3f}] chosen {chosen or 'defaults'} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    runs = [
+        report.load_run(Path(details[arm]["per_seed"][0]["run-dir"]))
+        for arm in arms
+        if arm in FEDERATED
+    ]
+    if runs:
+        page, _ = report.write_comparison(runs, root / f"comparison-{protocol}")
+        print(f"{protocol} accuracy per round, overlaid (seed 0): {page}")
+    return rows, details
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run every strategy and the upper bound; print the table."""
+    """Run the protocols; print the tables and checks; write the results files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--protocol", nargs="+", choices=sorted(PROTOCOLS), default=list(PROTOCOLS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--no-tune", action="store_true", help="use the app's defaults")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
-    parser.add_argument(
-        "--ablate",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="run only cmfl-relay with this run-config override (diagnosis, not the benchmark)",
-    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
-    if args.ablate:
-        extra = dict(_parse_override(item) for item in args.ablate)
-        row = federated("cmfl-relay", root, args.rounds, extra)
-        print(f"cmfl-relay with {extra}: {row['global-acc-mean']:.3f} ({row['seconds']:.0f} s)")
-        return
-    print(f"clients={CLIENTS} rounds={args.rounds} seed={SEED} alpha=0.1; results in {root}")
-    results: dict[str, dict[str, Any]] = {
-        "centralised (pooled data)": centralised(root, args.rounds)
-    }
-    for strategy in STRATEGIES:
-        results[strategy] = federated(strategy, root, args.rounds)
-        print(f"{strategy}: {results[strategy]['global-acc-mean']:.3f}", flush=True)
-    print(table(results))
-    (root / "method.json").write_text(json.dumps(results, indent=2, default=float))
-    runs = [report.load_run(Path(results[name]["run-dir"])) for name in STRATEGIES]
-    page, _ = report.write_comparison(runs, root / "comparison")
-    print(f"accuracy per round, overlaid: {page}")
-    print(f"mean per-client label share of the largest class: {_skew(root):.2f}")
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--ablate expects KEY=VALUE, got {item!r}")
-    value = json.loads(text) if text[:1] in '-0123456789tf[{"' else text
-    return key, value
-
-
-def _skew(root: Path) -> float:
-    cfg = config("local-only", root, 1)
-    directory = data_dir(cfg.data, CLIENTS)
-    shares = []
-    for pid in range(CLIENTS):
-        labels = load_partition(directory, pid).train.labels
-        shares.append(np.bincount(labels).max() / len(labels))
-    return float(np.mean(shares))
+    print(
+        f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} threads={args.threads} "
+        f"tuned={not args.no_tune}; runs in {root}",
+        flush=True,
+    )
+    results: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for protocol in args.protocol:
+        arms = tuple(args.arms)
+        results[protocol], details[protocol] = run_protocol(
+            protocol, args.seeds, arms, root, not args.no_tune
+        )
+    for protocol, rows in results.items():
+        print()
+        print(table(protocol, rows, {a: d["chosen"] for a, d in details[protocol].items()}))
+        for line in checks(protocol, rows):
+            print(f"- {line}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "method.json").write_text(json.dumps(results, indent=2))
+    (args.results / "method-details.json").write_text(json.dumps(details, indent=2, default=str))
+    print(f"wrote {args.results / 'method.json'}")
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def build_tiny_pipeline(
     tokenizer = CLIPTokenizer(
         str(files / "vocab.json"),
         str(files / "merges.txt"),
-        pad_token="<|endoftext|>",
+        pad_token="!",  # id 0: what open_clip pads with, so the UNet sees what it was trained on
         model_max_length=int(clip.positional_embedding.shape[0]),
     )
     return assemble_pipeline(

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,10 @@ from cmfl_flower.data import (
     PartitionSpec,
     default_data_root,
     ensure_partitions,
+    holdout,
     load_global_test,
     load_partition,
+    opaque_names,
 )
 from cmfl_flower.diffusion import (
     LocalData,
@@ -46,7 +48,8 @@ from cmfl_flower.encoder import (
     load_encoder,
     train_encoder,
 )
-from cmfl_flower.generation import GeneratedImages, GenerationRequest, load_generator
+from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
+from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.privacy import privatise
 from cmfl_flower.progress import Progress
 from cmfl_flower.protocol import ROUND_KEY
@@ -55,9 +58,11 @@ from cmfl_flower.results import output_root
 from cmfl_flower.tokens import (
     ClassTokenBank,
     TextSide,
+    TokenObjective,
     TokenState,
     class_vectors,
     image_features,
+    token_drift,
     train_bank,
 )
 from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, reply_arrays
@@ -164,12 +169,14 @@ class Workspace:
     global_test: LabeledImages
     encoder: ClipEncoder
     text: TextSide
+    validation: LabeledImages | None = None  # held out of the training images
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """Names of every class of the dataset, index = label id."""
-        return self.global_test.class_names
+        """Names the client knows the classes by, index = label id (``data.class-names``)."""
+        real = self.global_test.class_names
+        return opaque_names(len(real)) if self.cfg.data.class_names == "opaque" else real
 
     @property
     def seed(self) -> int:
@@ -242,13 +249,20 @@ def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> 
     spec = LoraSpec.from_config(cfg.encoder)
     encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
     encoder.load_lora_state(lora if lora is not None else encoder.init_state)
+    data = load_partition(directory, task.partition_id)
+    validation = None
+    if cfg.data.validation_fraction > 0:
+        seed = cfg.data.seed * 1_000_003 + task.partition_id
+        train, validation = holdout(data.train, cfg.data.validation_fraction, seed)
+        data = replace(data, train=train)
     return Workspace(
         cfg=cfg,
         task=task,
-        data=load_partition(directory, task.partition_id),
+        data=data,
         global_test=_global_test(directory),
         encoder=encoder,
         text=TextSide.build(encoder.bundle, cfg.tokens.template),
+        validation=validation,
     )
 
 
@@ -257,10 +271,14 @@ def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
     batch = ws.cfg.encoder.eval_batch_size
     test, glob = ws.data.test, ws.global_test
     with ws.phase("eval"):
-        return {
+        metrics = {
             "local-acc": accuracy(ws.encoder, test.images, test.labels, text_features, batch),
             "global-acc": accuracy(ws.encoder, glob.images, glob.labels, text_features, batch),
         }
+        if ws.validation is not None and len(ws.validation):
+            val = ws.validation
+            metrics["val-acc"] = accuracy(ws.encoder, val.images, val.labels, text_features, batch)
+        return metrics
 
 
 def _base_metrics(ws: Workspace) -> Metrics:
@@ -299,10 +317,12 @@ def _received_means(entries: list[TokenEntry]) -> dict[int, torch.Tensor]:
     return means
 
 
-def _requests(
-    ws: Workspace, entries: list[TokenEntry], text: torch.Tensor
-) -> list[GenerationRequest]:
-    """Generation requests; unlabelled vectors get the label of their nearest class."""
+def _requests(ws: Workspace, entries: list[TokenEntry]) -> list[GenerationRequest]:
+    """Generation requests; unlabelled vectors get the label of their nearest class.
+
+    The nearest class is judged against the pretrained name features, not the client's own
+    learned tokens, which would pull received vectors towards its own classes.
+    """
     device = ws.encoder.bundle.device
     vectors = [torch.from_numpy(entry.vectors).to(device) for entry in entries]
     unlabelled = [i for i, entry in enumerate(entries) if entry.class_id is None]
@@ -310,7 +330,8 @@ def _requests(
     if unlabelled:
         with torch.no_grad():
             features = ws.text.encode([vectors[i] for i in unlabelled])  # (U, E), one batch
-        nearest = dict(zip(unlabelled, (features @ text.T).argmax(1).tolist(), strict=True))
+        names = ws.name_features()  # (C, E)
+        nearest = dict(zip(unlabelled, (features @ names.T).argmax(1).tolist(), strict=True))
     return [
         GenerationRequest(
             entry.sender, entry.class_id if entry.class_id is not None else nearest[i], vectors[i]
@@ -319,39 +340,141 @@ def _requests(
     ]
 
 
-def relay_round(
-    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+@dataclass(frozen=True)
+class Knowledge:
+    """What a token round generates from, and the text side of classes the client lacks."""
+
+    requests: list[GenerationRequest] = field(default_factory=list)
+    fallback: dict[int, torch.Tensor] | None = None
+    received: int = 0  # received class-vector sets
+
+
+def relayed_knowledge(ws: Workspace, received: Arrays) -> Knowledge:
+    """Peers' vectors from the server's relay message (``cmfl-relay``)."""
+    cfg = ws.cfg
+    limits = WireLimits(
+        ws.text.token_dim, len(ws.class_names), cfg.tokens.max_tokens, cfg.tokens.max_bytes
+    )
+    # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
+    entries = [e for e in parse_relay(received, limits) if e.sender != ws.task.partition_id]
+    fallback = _received_means(entries) if cfg.tokens.unseen == "received-mean" else None
+    return Knowledge(_requests(ws, entries), fallback, len(entries))
+
+
+def name_knowledge(ws: Workspace, bank: ClassTokenBank) -> Knowledge:
+    """The classes the client lacks, from their pretrained names: no communication."""
+    missing = [c for c in range(len(ws.class_names)) if c not in bank.class_ids]
+    requests = [
+        GenerationRequest(ws.task.partition_id, c, ws.text.name_vectors(ws.class_names[c]))
+        for c in missing
+    ]
+    return Knowledge(requests)
+
+
+def own_bank(ws: Workspace, state: ClientState) -> ClassTokenBank:
+    """The client's saved vectors, else its classes with ``tokens.min-images`` images, named."""
+    if state.tokens is not None:
+        return ClassTokenBank.from_state(state.tokens)
+    counts = np.bincount(ws.data.train.labels, minlength=len(ws.class_names))
+    learned = [c for c, n in enumerate(counts) if n >= ws.cfg.tokens.min_images]
+    return ClassTokenBank.from_names(ws.text, learned, ws.class_names)
+
+
+def generated_recognised(ws: Workspace, generated: GeneratedImages) -> Metrics:
+    """Share of the generated images the judge labels as the class they were generated for.
+
+    The judge is the preset's pretrained CLIP (no LoRA) with prompts of the real class names,
+    also when clients only know opaque ids: it measures, it never trains.
+    """
+    if not len(generated.labels):
+        return {}
+    text = ws.text
+    with ws.encoder.pretrained(), torch.no_grad():
+        names = text.encode([text.name_vectors(n) for n in ws.global_test.class_names])
+        share = accuracy(
+            ws.encoder,
+            generated.images,
+            generated.labels,
+            names,
+            ws.cfg.encoder.eval_batch_size,
+        )
+    return {"generated-recognised": share}
+
+
+def _generate(ws: Workspace, requests: list[GenerationRequest]) -> GeneratedImages:
+    """Images for ``requests`` (none when nothing is requested or generation is off)."""
+    cfg = ws.cfg
+    if not requests or cfg.generation.images_per_class == 0:
+        return GeneratedImages(
+            np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        )
+    generator = _generator(ws)
+    return generator.generate(requests, cfg.generation, cfg.seed, ws.task.server_round, ws.progress)
+
+
+def _generator(ws: Workspace) -> Generator:
+    cfg = ws.cfg
+    return load_generator(
+        resolve_preset(cfg.backbone),
+        str(ws.encoder.bundle.device),
+        cfg.tokens.template,
+        cfg.backbone.dtype,
+    )
+
+
+def _token_objective(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) -> TokenObjective:
+    """The inputs ``tokens.objective`` needs, computed with the updated encoder."""
+    cfg, train = ws.cfg, ws.data.train
+    objective = TokenObjective(
+        labels=train.labels,
+        anchors={c: ws.text.name_vectors(ws.class_names[c]) for c in bank.class_ids},
+        fallback=knowledge.fallback,
+    )
+    if cfg.tokens.objective != "diffusion":
+        objective.features = image_features(ws.encoder, train.images, cfg.encoder.eval_batch_size)
+    if cfg.tokens.objective != "clip":
+        objective.denoising = DenoisingLoss.build(
+            _generator(ws), train.images, cfg.tokens.snr_gamma, cfg.encoder.eval_batch_size
+        )
+    return objective
+
+
+def _train_tokens(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) -> Metrics:
+    """Train the bank with ``tokens.objective``; ``token-loss`` (none for an empty bank)."""
+    if not bank.class_ids:
+        return {}
+    objective = _token_objective(ws, bank, knowledge)
+    cfg = ws.cfg.tokens
+    loss = train_bank(ws.text, bank, objective, ws.class_names, cfg, ws.seed, ws.progress)
+    return {"token-loss": loss, "token-drift": token_drift(bank, objective.anchors)}
+
+
+def token_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays, source: str
 ) -> RoundOutput:
-    """One CMFL round: generate from peers' tokens, update the encoder, train own tokens."""
+    """One round with learned class tokens; ``source`` says what the client generates from.
+
+    ``relay``: peers' vectors (the method); ``names``: the names of the classes it lacks;
+    ``none``: nothing. Then: generate, update the encoder on local + generated images, train
+    its own tokens, evaluate.
+    """
     ws = open_workspace(cfg, task, state.lora)
     names = ws.class_names
-    limits = WireLimits(ws.text.token_dim, len(names), cfg.tokens.max_tokens, cfg.tokens.max_bytes)
-    # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
-    entries = [e for e in parse_relay(received, limits) if e.sender != task.partition_id]
-    local_classes = sorted(int(c) for c in np.unique(ws.data.train.labels))
-    bank = (
-        ClassTokenBank.from_state(state.tokens)
-        if state.tokens is not None
-        else ClassTokenBank.from_names(ws.text, local_classes, names)
-    )
-    fallback = _received_means(entries) if cfg.tokens.unseen == "received-mean" else None
+    bank = own_bank(ws, state)
+    if source == "relay":
+        knowledge = relayed_knowledge(ws, received)
+    elif source == "names":
+        knowledge = name_knowledge(ws, bank)
+    else:
+        knowledge = Knowledge()
 
     def text_features() -> torch.Tensor:
         with torch.no_grad():
-            return ws.text.encode(class_vectors(ws.text, bank, names, fallback))  # (C, E)
+            return ws.text.encode(class_vectors(ws.text, bank, names, knowledge.fallback))
 
     before = text_features()  # the bank is fixed until token training: one encoding serves both
     with ws.phase("generation"):
-        generator = load_generator(
-            resolve_preset(cfg.backbone),
-            str(ws.encoder.bundle.device),
-            cfg.tokens.template,
-            cfg.backbone.dtype,
-        )
-        requests = _requests(ws, entries, before)
-        generated = generator.generate(
-            requests, cfg.generation, cfg.seed, task.server_round, ws.progress
-        )
+        generated = _generate(ws, knowledge.requests)
     ws.save_artifacts(generated)
     with ws.phase("encoder"):
         data = TrainingSet.mix(
@@ -363,24 +486,45 @@ def relay_round(
             ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress
         )
     with ws.phase("tokens"):
-        features = image_features(ws.encoder, ws.data.train.images, cfg.encoder.eval_batch_size)
-        token_loss = train_bank(
-            ws.text, bank, features, ws.data.train.labels, names, cfg.tokens, ws.seed, ws.progress
-        )
-    metrics = evaluate(ws, text_features()) | _base_metrics(ws)
+        token_metrics = _train_tokens(ws, bank, knowledge)
+    metrics = evaluate(ws, text_features()) | _base_metrics(ws) | token_metrics
+    metrics |= generated_recognised(ws, generated)
     metrics |= {
-        "num-received-classes": len(entries),
+        "num-received-classes": knowledge.received,
         "num-generated": len(generated.labels),
+        "num-token-classes": len(bank.class_ids),
         "encoder-loss": encoder_loss,
-        "token-loss": token_loss,
     }
     tokens = bank.state()
-    own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}
-    if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
-        own = privatise(own, cfg.privacy, np.random.default_rng())
-    sent = reply_arrays(own, _labelled(cfg))
     new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens)
+    sent: Arrays = {}
+    if source == "relay":
+        own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}
+        if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
+            own = privatise(own, cfg.privacy, np.random.default_rng())
+        sent = reply_arrays(own, _labelled(cfg))
     return RoundOutput(metrics | ws.timings, new_state, sent)
+
+
+def relay_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """One CMFL round: generate from peers' tokens, update the encoder, train own tokens."""
+    return token_round(cfg, task, state, received, "relay")
+
+
+def names_generation_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Baseline: generate the classes the client lacks from their names; nothing is sent."""
+    return token_round(cfg, task, state, received, "names")
+
+
+def local_tokens_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """Baseline: learned tokens and the vision LoRA on local images only; nothing is sent."""
+    return token_round(cfg, task, state, received, "none")
 
 
 def _labelled(cfg: AppConfig) -> bool:
@@ -484,6 +628,8 @@ Task = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
 TASKS: dict[str, Task] = {
     "local-only": local_only_round,
     "cmfl-relay": relay_round,
+    "names-generation": names_generation_round,
+    "local-only-tokens": local_tokens_round,
     "encoder-fedavg": fedavg_encoder_round,
     "encoder-fedprox": fedprox_encoder_round,
     "diffusion-fedavg": diffusion_fedavg_round,

@@ -70,6 +70,19 @@ class DataConfig(_Section):
         0.25, gt=0, lt=1, description="Share of each client's data kept as its test split."
     )
     seed: int = Field(0, ge=0, description="Seed of the partitioning (fixed across strategies).")
+    class_names: Literal["real", "opaque"] = Field(
+        "real",
+        description="`opaque`: clients know classes only by ids no backbone was trained on "
+        "(`zqa`, `zqb`, ...), so names carry no meaning; the generation judge still uses the "
+        "real names.",
+    )
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each client's training images held out as a validation split "
+        "(reported as `val-acc`; for tuning without the test sets); 0 = none.",
+    )
 
     _check_dir = field_validator("dir")(_absolute_or_empty)
 
@@ -113,6 +126,28 @@ class TokensConfig(_Section):
     epochs: int = Field(5, ge=1, description="Local epochs of class-token training per round.")
     batch_size: int = Field(32, ge=1, description="Class-token training batch size.")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the class tokens.")
+    objective: Literal["clip", "diffusion", "both"] = Field(
+        "both",
+        description="What trains the tokens: CLIP's image-text cross-entropy, the generator's "
+        "denoising loss (textual inversion, min-SNR weighted), or their weighted sum.",
+    )
+    diffusion_weight: float = Field(
+        1.0, ge=0, description="Weight of the denoising loss in `objective = both`."
+    )
+    snr_gamma: float = Field(
+        5.0, gt=0, description="Min-SNR-gamma weighting of the denoising loss."
+    )
+    anchor: float = Field(
+        0.1,
+        ge=0,
+        description="L2 pull of each class's tokens towards its name's pretrained embedding "
+        "(relative: squared distance over squared norm).",
+    )
+    min_images: int = Field(
+        5,
+        ge=1,
+        description="Classes with fewer local training images are neither learned nor relayed.",
+    )
     relay: Literal["labelled", "unlabelled"] = Field(
         "labelled",
         description="`labelled`: class ids travel with vectors; `unlabelled`: receivers "

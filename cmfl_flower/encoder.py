@@ -8,6 +8,7 @@ clients a simulation worker serves share one backbone and keep separate state.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -81,6 +82,20 @@ class ClipEncoder:
                 f"LoRA state does not fit the encoder: missing {missing}, extra {extra}"
             )
         set_peft_model_state_dict(self.bundle.model.visual, state)
+
+    @contextmanager
+    def pretrained(self) -> Iterator[None]:
+        """While active, the encoder is the pretrained CLIP (LoRA B = 0), then as before.
+
+        peft initialises LoRA's B matrices to zero, so :attr:`init_state` leaves the tower's
+        output unchanged (``tests/test_encoder.py`` checks it).
+        """
+        active = self.lora_state()
+        self.load_lora_state(self.init_state)
+        try:
+            yield
+        finally:
+            self.load_lora_state(active)
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable adapter parameters."""
@@ -165,9 +180,13 @@ class TrainingSet:
 def weighted_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Per-sample cross-entropy, then the weighted mean. logits: (B, C); target, weights: (B,)."""
+    """Per-sample cross-entropy times its weight, averaged over the batch.
+
+    logits: (B, C); target, weights: (B,). Dividing by B, not by the weights' sum, keeps a
+    batch of only down-weighted (generated) images from carrying a full batch's weight.
+    """
     losses = F.cross_entropy(logits, target, reduction="none")  # (B,)
-    return (weights * losses).sum() / weights.sum().clamp_min(1e-12)
+    return (weights * losses).mean()
 
 
 def proximal_term(params: list[torch.nn.Parameter], reference: list[torch.Tensor]) -> torch.Tensor:

@@ -125,6 +125,8 @@ class Generator:
                 f"pipeline tokenizer's {(tokenizer.bos_token_id, tokenizer.eos_token_id)}"
             )
         self.pipeline = prepare_pipeline(pipeline)
+        for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+            part.eval().requires_grad_(False)  # frozen: textual inversion moves only tokens
         self.template = template
         self._base_scheduler_config = dict(pipeline.scheduler.config)
         self._schedulers: dict[str, SchedulerMixin] = {}
@@ -145,6 +147,15 @@ class Generator:
 
     def prompt_embeds(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """Text-encoder states (B, L, D_text) of the template with ``vectors[b]`` as the name."""
+        with torch.no_grad():
+            return self.encode_vectors(vectors)
+
+    def encode_vectors(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """As :meth:`prompt_embeds`, differentiable in ``vectors`` (for textual inversion).
+
+        Prompts are padded with the pipeline tokenizer's pad token, as the pipeline pads the
+        negative prompt: the text tower is causal, but the UNet attends to every position.
+        """
         text_encoder = self.pipeline.text_encoder
         width = int(text_encoder.config.hidden_size)
         for v in vectors:
@@ -158,7 +169,7 @@ class Generator:
             [v.shape[0] for v in vectors], tokenizer.model_max_length, tokenizer.pad_token_id
         )
         flat = torch.cat(vectors).to(self.device)  # (K, D), K = mask.sum()
-        with torch.no_grad(), substituted(text_encoder.get_input_embeddings(), mask, flat):
+        with substituted(text_encoder.get_input_embeddings(), mask, flat):
             out = text_encoder(input_ids=ids.to(self.device))
         return out[0]  # type: ignore[no-any-return]  # last_hidden_state (B, L, D_text)
 

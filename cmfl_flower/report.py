@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
@@ -35,6 +36,8 @@ LABELS_FILE = "labels.json"
 LABELS_PNG = "labels.png"
 ACCURACY_PNG = "accuracy.png"
 REPORT_HTML = "report.html"
+RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
+RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
 CELL = 96  # pixels of one image in a sample grid
 PAD = 4  # pixels between grid cells
 LABEL_WIDTH = 120  # pixels of the class-name column of a sample grid
@@ -156,13 +159,19 @@ class RunView:
         return str(self.run_config.get("strategy", "?"))
 
     def final(self) -> Row:
-        """Headline figures: last round's accuracies or Fréchet distance, bytes and seconds."""
+        """Headline figures: last round's accuracies and scores, summed bytes and seconds.
+
+        With generated images, also the lowest per-round mean share the judge recognised.
+        """
         last = self.rounds[-1] if self.rounds else {}
         out: Row = {"rounds": len(self.rounds), "status": self.status}
         headline = ("global-acc-mean", "global-acc-min", "global-acc-max", "local-acc-mean")
-        for key in (*headline, "fd-clip", "fid-inception"):
+        for key in (*headline, f"{RECOGNISED}-mean", "fd-clip", "fid-inception"):
             if key in last:
                 out[key] = float(last[key])
+        means = [float(r[f"{RECOGNISED}-mean"]) for r in self.rounds if f"{RECOGNISED}-mean" in r]
+        if means:
+            out[f"{RECOGNISED}-min-over-rounds"] = min(means)
         for key in ("bytes-sent", "bytes-received", "round-seconds"):
             out[key] = sum(row.get(key, 0) for row in self.rounds)
         return out
@@ -212,36 +221,78 @@ def _png(figure: Figure, path: Path) -> None:
     figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
 
 
-def accuracy_figure(runs: Sequence[RunView]) -> Figure:
-    """Mean client accuracy per round (global test solid with min-max band, local dashed)."""
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.add_subplot()
+def _label(run: RunView, runs: Sequence[RunView], what: str) -> str:
+    """A curve's legend entry: ``what``, prefixed by the run's name when comparing runs."""
+    return f"{run.name} ({what})" if len(runs) > 1 else what
+
+
+def _band(axes: Axes, rows: Sequence[Row], metric: str, color: str, label: str) -> None:
+    """``<metric>-mean`` per round as a solid line over its ``-min``..``-max`` band."""
+    rounds = [row["round"] for row in rows]
+    mean = [row[f"{metric}-mean"] for row in rows]
+    axes.plot(rounds, mean, "o-", color=color, label=label)
+    low = [row.get(f"{metric}-min", m) for row, m in zip(rows, mean, strict=True)]
+    high = [row.get(f"{metric}-max", m) for row, m in zip(rows, mean, strict=True)]
+    axes.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def _round_axes(axes: Axes, ylabel: str, title: str) -> None:
+    """Integer rounds on x, a light grid, the label and title."""
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.set_title(title, fontsize=10)
+
+
+def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
+    """Global test accuracy with its band, local test dashed; a note when there is none."""
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
-        label = f"{run.name} (global test)" if len(runs) > 1 else "global test"
-        rounds = [row["round"] for row in run.rounds if "global-acc-mean" in row]
         rows = [row for row in run.rounds if "global-acc-mean" in row]
         if not rows:
             continue
-        axes.plot(rounds, [r["global-acc-mean"] for r in rows], "o-", color=color, label=label)
-        low = [r["global-acc-min"] for r in rows]
-        high = [r["global-acc-max"] for r in rows]
-        axes.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
-        local = [r.get("local-acc-mean", np.nan) for r in rows]
-        local_label = f"{run.name} (local test)" if len(runs) > 1 else "local test"
-        axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=local_label)
-    axes.set_xlabel("round")
-    axes.set_ylabel("mean client accuracy")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
+        _band(axes, rows, "global-acc", color, _label(run, runs, "global test"))
+        rounds = [row["round"] for row in rows]
+        local = [row.get("local-acc-mean", np.nan) for row in rows]
+        label = _label(run, runs, "local test")
+        axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=label)
     title = runs[0].strategy + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
-    axes.set_title(title + "\n(band: min–max over clients, global test)", fontsize=10)
+    _round_axes(axes, "mean client accuracy", title + "\n(band: min–max over clients, global test)")
     if axes.has_data():
         axes.legend(fontsize=8)
     else:
         finished = any(run.rounds for run in runs)
         note = "no client accuracy in these rounds" if finished else "no round finished yet"
         axes.text(0.5, 0.5, note, ha="center", transform=axes.transAxes)
+
+
+def _plot_recognised(axes: Axes, runs: Sequence[RunView]) -> None:
+    """Per round, the share of generated images the judge recognises, against the target."""
+    for index, run in enumerate(runs):
+        rows = [row for row in run.rounds if f"{RECOGNISED}-mean" in row]
+        if rows:
+            _band(axes, rows, RECOGNISED, f"C{index % 10}", _label(run, runs, "mean over clients"))
+    target = f"target {RECOGNISED_TARGET:.2f}"
+    axes.axhline(RECOGNISED_TARGET, color="grey", linestyle=":", label=target)
+    axes.set_ylim(0, 1.05)
+    title = "generated images the judge recognises\n(band: min–max over clients)"
+    _round_axes(axes, "share recognised as their class", title)
+    axes.legend(fontsize=8)
+
+
+def accuracy_figure(runs: Sequence[RunView]) -> Figure:
+    """Mean client accuracy per round (global test solid with min-max band, local dashed).
+
+    When a run generated images, a second axes to the right shows the share of them the judge
+    recognises as their class, per round, against :data:`RECOGNISED_TARGET`.
+    """
+    generated = any(f"{RECOGNISED}-mean" in row for run in runs for row in run.rounds)
+    figure = Figure(figsize=(12.0, 4.0) if generated else (6.4, 4.0))
+    columns = 2 if generated else 1
+    _plot_accuracy(figure.add_subplot(1, columns, 1), runs)
+    if generated:
+        _plot_recognised(figure.add_subplot(1, columns, 2), runs)
     return figure
 
 
@@ -338,7 +389,11 @@ ROUND_COLUMNS = (
     "global-acc-min",
     "global-acc-max",
     "local-acc-mean",
+    "val-acc-mean",
     "num-generated",
+    f"{RECOGNISED}-mean",
+    f"{RECOGNISED}-min",
+    f"{RECOGNISED}-max",
     "bytes-sent",
     "bytes-received",
     "round-seconds",
@@ -452,6 +507,7 @@ COMPARE_COLUMNS = (
     "global-acc-min",
     "global-acc-max",
     "local-acc-mean",
+    f"{RECOGNISED}-mean",
     "bytes-sent",
     "bytes-received",
     "round-seconds",

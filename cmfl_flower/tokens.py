@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from cmfl_flower.backbones import ClipBundle
 from cmfl_flower.config import TokensConfig
 from cmfl_flower.encoder import ClipEncoder, to_pixels
+from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 
@@ -135,40 +136,105 @@ def image_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) ->
     return torch.cat(chunks)
 
 
+@dataclass
+class TokenObjective:
+    """What a round's token training minimises (``tokens.objective``), with its inputs.
+
+    ``features`` (N, E) fixed image features drive CLIP's cross-entropy; ``denoising`` the
+    generator's loss on the same N images; ``anchors`` the pretrained name embedding of each
+    bank class; ``fallback`` the text side of classes the bank lacks.
+    """
+
+    labels: np.ndarray  # (N,) class ids over the class names
+    anchors: dict[int, torch.Tensor]  # class id -> (n, D) pretrained name embedding
+    features: torch.Tensor | None = None
+    denoising: DenoisingLoss | None = None
+    fallback: dict[int, torch.Tensor] | None = None
+
+
+def relative_sq_distances(bank: ClassTokenBank, anchors: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(C,) ``||v - a||^2 / ||a||^2`` per bank class (a: the name's pretrained embedding)."""
+    terms = []
+    for class_id, vectors in zip(bank.class_ids, bank.vectors, strict=True):
+        anchor = anchors[class_id].to(vectors)
+        terms.append(((vectors - anchor) ** 2).sum() / (anchor**2).sum().clamp_min(1e-12))
+    return torch.stack(terms)
+
+
+def token_drift(bank: ClassTokenBank, anchors: dict[int, torch.Tensor]) -> float:
+    """Mean over the bank's classes of how far the tokens moved, relative to the name's norm."""
+    with torch.no_grad():
+        return float(relative_sq_distances(bank, anchors).sqrt().mean())
+
+
 def train_bank(
     text: TextSide,
     bank: ClassTokenBank,
-    features: torch.Tensor,
-    labels: np.ndarray,
+    objective: TokenObjective,
     class_names: tuple[str, ...],
     cfg: TokensConfig,
     seed: int,
     progress: Progress = QUIET,
 ) -> float:
-    """Cross-entropy over image-text logits; only the bank's vectors move. Mean loss.
+    """Minimise ``cfg.objective`` (+ the anchor) over the bank's vectors only. Mean loss.
 
-    features: (N, E) fixed image features; labels: (N,) class ids over ``class_names``.
+    Batches run over the N images of ``objective``; the CLIP term needs ``features``, the
+    diffusion term ``denoising`` (it uses the images of the bank's classes only). A bank with
+    no class trains nothing (NaN loss).
     """
+    if not bank.class_ids:
+        return float("nan")
+    use_clip = cfg.objective in ("clip", "both")
+    use_diffusion = cfg.objective in ("diffusion", "both")
+    if (use_clip and objective.features is None) or (use_diffusion and objective.denoising is None):
+        raise ValueError(f"tokens.objective = {cfg.objective!r} lacks its inputs")
     optimizer = torch.optim.AdamW(bank.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scale = text.bundle.model.logit_scale.exp().detach()
     generator = torch.Generator().manual_seed(seed)
-    target = torch.from_numpy(labels).to(features.device)
+    labels = objective.labels
     losses: list[float] = []
 
-    def steps() -> Iterator[torch.Tensor]:
+    def steps() -> Iterator[np.ndarray]:
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(features), generator=generator)
+            order = torch.randperm(len(labels), generator=generator).numpy()
             for start in range(0, len(order), cfg.batch_size):
                 yield order[start : start + cfg.batch_size]
 
-    total = cfg.epochs * -(-len(features) // cfg.batch_size)
+    total = cfg.epochs * -(-len(labels) // cfg.batch_size)
     with torch.enable_grad():
         for idx in progress.over(steps(), total, "tokens"):
-            text_features = text.encode(class_vectors(text, bank, class_names))  # (C, E)
-            logits = scale * features[idx] @ text_features.T  # (B, C)
-            loss = F.cross_entropy(logits, target[idx])
+            terms = []
+            if use_clip:
+                terms.append(_clip_loss(text, bank, objective, class_names, idx))
+            learned = idx[np.isin(labels[idx], bank.class_ids)]  # images of bank classes
+            if use_diffusion and len(learned):
+                assert objective.denoising is not None
+                vectors = [bank.get(int(c)) for c in labels[learned]]
+                weight = cfg.diffusion_weight if use_clip else 1.0
+                terms.append(weight * objective.denoising(vectors, learned, generator))
+            if cfg.anchor > 0:
+                terms.append(cfg.anchor * relative_sq_distances(bank, objective.anchors).mean())
+            if not terms:
+                continue
+            loss = torch.stack([term.to(bank.vectors[0].device) for term in terms]).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-    return float(np.mean(losses))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _clip_loss(
+    text: TextSide,
+    bank: ClassTokenBank,
+    objective: TokenObjective,
+    class_names: tuple[str, ...],
+    idx: np.ndarray,
+) -> torch.Tensor:
+    """CLIP's cross-entropy over image-text logits for the images ``idx``."""
+    assert objective.features is not None
+    features = objective.features[torch.from_numpy(idx).to(objective.features.device)]
+    target = torch.from_numpy(objective.labels[idx]).to(features.device)
+    scale = text.bundle.model.logit_scale.exp().detach()
+    text_features = text.encode(class_vectors(text, bank, class_names, objective.fallback))
+    logits = scale * features @ text_features.T  # (B, C)
+    return F.cross_entropy(logits, target)

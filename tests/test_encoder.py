@@ -149,6 +149,31 @@ def test_sample_weight_scales_the_gradient_of_a_sample():
     assert torch.isclose(weighted_cross_entropy(logits, target, torch.ones(4)), unweighted)
 
 
+def test_a_batch_of_down_weighted_samples_carries_less_weight():
+    logits = torch.randn(4, 3)
+    target = torch.tensor([0, 1, 2, 0])
+    full = weighted_cross_entropy(logits, target, torch.ones(4))
+    half = weighted_cross_entropy(logits, target, torch.full((4,), 0.5))
+    assert torch.isclose(half, 0.5 * full)  # not renormalised back to full weight
+
+
+def test_pretrained_view_is_the_clip_without_lora_then_restores(encoder, digits):
+    pixels = to_pixels(digits.images[:8], encoder.bundle)
+    encoder.load_lora_state(encoder.init_state)
+    with torch.no_grad():
+        plain = encoder.encode_images(pixels)
+        trained = {k: v + 0.05 * torch.randn_like(v) for k, v in encoder.init_state.items()}
+        encoder.load_lora_state(trained)
+        adapted = encoder.encode_images(pixels)
+        with encoder.pretrained():
+            judged = encoder.encode_images(pixels)
+        after = encoder.encode_images(pixels)
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    torch.testing.assert_close(judged, plain)
+    torch.testing.assert_close(after, adapted)
+    encoder.load_lora_state(encoder.init_state)
+
+
 def test_mix_resizes_and_weights_generated_images(digits):
     generated = np.zeros((3, 32, 32, 3), np.uint8)
     data = TrainingSet.mix(

@@ -269,3 +269,125 @@ def test_accuracy_chart_says_why_it_is_empty(tmp_path):
 
     assert note([]) == ["no round finished yet"]
     assert note([{"round": 1, "fd-clip": 11.1}]) == ["no client accuracy in these rounds"]
+
+
+def _written_run(tmp_path, name, rounds, strategy="cmfl-relay"):
+    """A finished run directory holding just what :func:`report.load_run` reads."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    config = {"run_config": {"strategy": strategy, "federation.rounds": len(rounds)}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "rounds.json").write_text(json.dumps(rounds))
+    (run_dir / "status.json").write_text(json.dumps({"status": "completed"}))
+    return run_dir
+
+
+def _acc(server_round, mean):
+    return {
+        "round": server_round,
+        "global-acc-mean": mean,
+        "global-acc-min": mean - 0.1,
+        "global-acc-max": mean + 0.1,
+        "local-acc-mean": mean + 0.05,
+    }
+
+
+def _recognised(mean, low, high):
+    return {
+        "generated-recognised-mean": mean,
+        "generated-recognised-min": low,
+        "generated-recognised-max": high,
+    }
+
+
+# round 1 receives nothing, so generates nothing: no generated-recognised there
+GENERATING = [
+    _acc(1, 0.41) | {"val-acc-mean": 0.39},
+    _acc(2, 0.52) | {"val-acc-mean": 0.48} | _recognised(0.61666, 0.25, 0.875),
+    _acc(3, 0.63) | {"val-acc-mean": 0.58} | _recognised(0.93333, 0.8, 1.0),
+]
+
+
+def _table(page, index):
+    """The ``index``-th HTML table of a page: one {column: cell text} per body row."""
+    table = re.findall(r"<table>(.*?)</table>", page)[index]
+    head = re.findall(r"<th>(.*?)</th>", table)
+    rows = re.findall(r"<tr>((?:<td>.*?</td>)+)</tr>", table)
+    return [dict(zip(head, re.findall(r"<td>(.*?)</td>", row), strict=True)) for row in rows]
+
+
+def test_accuracy_chart_adds_the_recognised_share_only_when_images_were_generated(tmp_path):
+    generating = report.load_run(_written_run(tmp_path, "gen", GENERATING))
+    plain = report.load_run(_written_run(tmp_path, "plain", [_acc(1, 0.4), _acc(2, 0.5)]))
+    figure = report.accuracy_figure([generating])
+    assert len(figure.axes) == 2
+    accuracy, recognised = figure.axes
+    assert [line.get_ydata()[-1] for line in accuracy.lines] == pytest.approx([0.63, 0.68])
+    assert "judge recognises" in recognised.get_title()
+    assert recognised.get_ylim() == (0.0, 1.05)
+    curve, target = recognised.lines
+    assert list(curve.get_xdata()) == [2, 3] and list(curve.get_ydata()) == [0.61666, 0.93333]
+    assert target.get_label() == "target 0.85" and target.get_linestyle() == ":"
+    assert list(target.get_ydata()) == [0.85, 0.85]
+    assert len(recognised.collections) == 1  # the min-max band
+    assert figure.get_size_inches()[0] > report.accuracy_figure([plain]).get_size_inches()[0]
+    assert len(report.accuracy_figure([plain]).axes) == 1
+    # comparing runs: two axes as soon as one of them generated, one curve per such run
+    both = report.accuracy_figure([plain, generating])
+    assert len(both.axes) == 2
+    assert [line.get_label() for line in both.axes[1].lines] == [
+        "gen (mean over clients)",
+        "target 0.85",
+    ]
+
+
+def test_accuracy_chart_keeps_its_note_beside_the_recognised_share(tmp_path):
+    rounds = [{"round": 1, "fd-clip": 11.1} | _recognised(0.5, 0.25, 0.75)]
+    view = report.RunView(tmp_path, {"strategy": "fedlora-diffusion"}, rounds, [], "running")
+    figure = report.accuracy_figure([view])
+    assert len(figure.axes) == 2
+    assert [text.get_text() for text in figure.axes[0].texts] == [
+        "no client accuracy in these rounds"
+    ]
+
+
+def test_report_html_tables_show_the_recognised_share(tmp_path):
+    run_dir = _written_run(tmp_path, "gen", GENERATING)
+    page = report.write_report(run_dir).read_text()
+    (final,) = _table(page, 0)
+    assert final["generated-recognised-mean"] == "0.933"  # the last round's
+    assert final["generated-recognised-min-over-rounds"] == "0.617"  # the worst round's
+    rounds = _table(page, 1)
+    assert [row["generated-recognised-mean"] for row in rounds] == ["", "0.617", "0.933"]
+    assert [row["generated-recognised-min"] for row in rounds] == ["", "0.250", "0.800"]
+    assert [row["generated-recognised-max"] for row in rounds] == ["", "0.875", "1.000"]
+    assert [row["val-acc-mean"] for row in rounds] == ["0.390", "0.480", "0.580"]
+    columns = list(rounds[0])
+    assert columns.index("local-acc-mean") < columns.index("generated-recognised-mean")
+    with Image.open(run_dir / "accuracy.png") as image:
+        assert image.width > image.height * 2  # the two axes side by side
+
+
+def test_report_html_of_a_run_that_generates_nothing_has_no_recognised_column(tmp_path):
+    run_dir = _written_run(tmp_path, "plain", [_acc(1, 0.4)], strategy="local-only")
+    page = report.write_report(run_dir).read_text()
+    assert "generated-recognised" not in page
+    assert _table(page, 1)[0]["global-acc-mean"] == "0.400"
+
+
+def _cells(line):
+    """The cells of one line of a Markdown table."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_cmfl_report_table_has_the_recognised_share(tmp_path, capsys):
+    generating = _written_run(tmp_path, "gen", GENERATING)
+    plain = _written_run(tmp_path, "plain", [_acc(1, 0.4)], strategy="local-only")
+    report.main([str(generating), str(plain)])
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    columns = _cells(header)
+    column = columns.index("generated-recognised-mean")
+    assert column == columns.index("local-acc-mean") + 1
+    cells = {_cells(row)[0]: _cells(row) for row in rows}
+    assert cells["gen"][column] == "0.933"
+    assert cells["plain"][column] == ""

@@ -223,3 +223,56 @@ def test_unseen_classes_can_use_the_received_mean(tmp_path):
     )
     assert [r["replies"] for r in rounds] == [3, 3]
     assert all(0.0 <= row["global-acc"] <= 1.0 for row in rows)
+
+
+def _reply_classes(reply):
+    record = reply.content.array_records.get(ARRAYS_KEY)
+    return sorted(int(k[1:]) for k in from_record(record)) if record else []
+
+
+@pytest.mark.parametrize("strategy", ["local-only-tokens", "names-generation"])
+def test_baselines_with_tokens_send_nothing(tmp_path, strategy):
+    grid, rows, rounds = run(tmp_path, strategy, num_nodes=2, rounds=1)
+    assert [r["replies"] for r in rounds] == [2]
+    assert all(_reply_classes(reply) == [] for reply in grid.replies)
+    for row in rows:
+        missing = 10 - row["num-token-classes"]
+        if strategy == "names-generation":  # 2 images of every class it has no tokens for
+            assert row["num-generated"] == 2 * missing > 0
+            assert 0.0 <= row["generated-recognised"] <= 1.0
+        else:
+            assert row["num-generated"] == 0 and "generated-recognised" not in row
+    if strategy == "names-generation":
+        assert 0.0 <= rounds[0]["generated-recognised-mean"] <= 1.0
+
+
+def test_classes_with_too_few_images_are_neither_learned_nor_relayed(tmp_path):
+    from cmfl_flower.client import data_dir
+    from cmfl_flower.data import load_partition
+
+    extra = {"tokens.min-images": 20}
+    grid, rows, rounds = run(tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **extra)
+    directory = data_dir(make_cfg(tmp_path, "cmfl-relay").data, 3)
+    dropped = 0
+    for reply in grid.replies:
+        pid = int(reply.content[METRICS_KEY]["partition-id"])
+        counts = np.bincount(load_partition(directory, pid).train.labels, minlength=10)
+        assert _reply_classes(reply) == [c for c in range(10) if counts[c] >= 20]
+        dropped += int(((counts > 0) & (counts < 20)).sum())
+    assert dropped > 0  # the rule had something to drop
+    later = [row for row in rows if row["round"] == 2]
+    assert all(0.0 <= row["generated-recognised"] <= 1.0 for row in later)
+    assert "generated-recognised-min" in rounds[1]
+
+
+def test_opaque_names_and_a_validation_split(tmp_path):
+    extra = {"data.class-names": "opaque", "data.validation-fraction": 0.25}
+    _, rows, rounds = run(tmp_path, "local-only-tokens", num_nodes=2, rounds=1, **extra)
+    _, plain, _ = run(tmp_path / "plain", "local-only-tokens", num_nodes=2, rounds=1)
+    for held, full in zip(rows, plain, strict=True):
+        assert held["num-train"] == full["num-train"] - round(0.25 * full["num-train"])
+        assert 0.0 <= held["val-acc"] <= 1.0 and "val-acc" not in full
+    assert 0.0 <= rounds[0]["val-acc-mean"] <= 1.0
+    client = tmp_path / "runs" / "local-only-tokens" / "clients" / "partition-0"
+    labels = json.loads((client / "labels.json").read_text())
+    assert labels["class-names"][:2] == ["zqaa", "zqab"]

@@ -9,7 +9,15 @@ from cmfl_flower.config import BackboneConfig, EncoderConfig, TokensConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.encoder import LoraSpec, load_encoder
 from cmfl_flower.prompts import PromptTemplate
-from cmfl_flower.tokens import ClassTokenBank, TextSide, class_vectors, image_features, train_bank
+from cmfl_flower.tokens import (
+    ClassTokenBank,
+    TextSide,
+    TokenObjective,
+    class_vectors,
+    image_features,
+    token_drift,
+    train_bank,
+)
 
 TINY = resolve_preset(BackboneConfig())
 
@@ -80,20 +88,57 @@ def test_bank_is_sorted_and_round_trips_through_state(text):
     assert torch.equal(vectors[0], text.name_vectors("zero"))
 
 
-def test_training_moves_only_the_bank_and_lowers_the_loss(encoder, text):
+def _digits(classes=(1, 4, 7), count=90):
     data = load_source("digits", "train")
-    keep = np.flatnonzero(np.isin(data.labels, (1, 4, 7)))[:90]
-    images, labels = data.images[keep], data.labels[keep]
+    keep = np.flatnonzero(np.isin(data.labels, classes))[:count]
+    return data.images[keep], data.labels[keep], data.class_names
+
+
+def _anchors(text, bank, names):
+    return {c: text.name_vectors(names[c]) for c in bank.class_ids}
+
+
+def test_training_moves_only_the_bank_and_lowers_the_loss(encoder, text):
+    images, labels, names = _digits()
     before = {n: p.detach().clone() for n, p in encoder.bundle.model.named_parameters()}
-    bank = ClassTokenBank.from_names(text, [1, 4, 7], data.class_names)
+    bank = ClassTokenBank.from_names(text, [1, 4, 7], names)
     start = {c: bank.get(c).detach().clone() for c in bank.class_ids}
-    features = image_features(encoder, images, 64)
-    cfg = TokensConfig(epochs=1, lr=1e-2)
-    first = train_bank(text, bank, features, labels, data.class_names, cfg, seed=0)
-    later = train_bank(
-        text, bank, features, labels, data.class_names, cfg.model_copy(update={"epochs": 5}), seed=1
+    objective = TokenObjective(
+        labels, _anchors(text, bank, names), features=image_features(encoder, images, 64)
     )
+    cfg = TokensConfig(objective="clip", anchor=0.0, epochs=1, lr=1e-2)
+    first = train_bank(text, bank, objective, names, cfg, seed=0)
+    later = train_bank(text, bank, objective, names, cfg.model_copy(update={"epochs": 5}), seed=1)
     assert later < first
     assert all(not torch.equal(bank.get(c), start[c]) for c in bank.class_ids)
     for name, param in encoder.bundle.model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+def test_anchor_keeps_tokens_near_their_names(encoder, text):
+    images, labels, names = _digits()
+    features = image_features(encoder, images, 64)
+    drift = {}
+    for anchor in (0.0, 10.0):
+        bank = ClassTokenBank.from_names(text, [1, 4, 7], names)
+        objective = TokenObjective(labels, _anchors(text, bank, names), features=features)
+        cfg = TokensConfig(objective="clip", anchor=anchor, epochs=5, lr=2e-2)
+        train_bank(text, bank, objective, names, cfg, seed=0)
+        drift[anchor] = token_drift(bank, objective.anchors)
+    assert drift[0.0] > 0.05
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_objective_without_its_inputs_is_refused(text):
+    _, labels, names = _digits()
+    bank = ClassTokenBank.from_names(text, [1, 4, 7], names)
+    objective = TokenObjective(labels, _anchors(text, bank, names))  # no features, no denoiser
+    with pytest.raises(ValueError, match="tokens.objective = 'clip'"):
+        train_bank(text, bank, objective, names, TokensConfig(objective="clip"), seed=0)
+
+
+def test_empty_bank_trains_nothing(text):
+    _, labels, names = _digits()
+    bank = ClassTokenBank.from_names(text, [], names)
+    objective = TokenObjective(labels, {})
+    assert np.isnan(train_bank(text, bank, objective, names, TokensConfig(), seed=0))

@@ -1,7 +1,7 @@
 """Datasets, client partitions and their on-disk store (free of Flower imports)."""
 
 from cmfl_flower.data.partition import PARTITIONERS, PartitionSpec, partition_indices
-from cmfl_flower.data.sources import DATASETS, LabeledImages, load_source
+from cmfl_flower.data.sources import DATASETS, LabeledImages, holdout, load_source, opaque_names
 from cmfl_flower.data.store import (
     FORMAT_VERSION,
     ClientData,
@@ -23,9 +23,11 @@ __all__ = [
     "PartitionSpec",
     "default_data_root",
     "ensure_partitions",
+    "holdout",
     "load_global_test",
     "load_partition",
     "load_source",
+    "opaque_names",
     "partition_indices",
     "prep_command",
     "prepare_partitions",

@@ -71,6 +71,25 @@ class LabeledImages:
         return LabeledImages(self.images[idx], self.labels[idx], self.class_names)
 
 
+def opaque_names(count: int) -> tuple[str, ...]:
+    """``count`` class ids no backbone was trained on: ``zqaa``, ``zqab``, ...
+
+    Such names carry no meaning, so only learned tokens can say what a class looks like.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if count > len(letters) ** 2:
+        raise ValueError(f"at most {len(letters) ** 2} opaque class names, asked for {count}")
+    return tuple(f"zq{letters[i // len(letters)]}{letters[i % len(letters)]}" for i in range(count))
+
+
+def holdout(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """Split off a seeded ``fraction`` of ``data`` (at least one image when > 0): (rest, held)."""
+    held = round(fraction * len(data))
+    held = min(len(data) - 1, max(1, held)) if fraction > 0 and len(data) > 1 else 0
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[held:])), data.subset(np.sort(order[:held]))
+
+
 def load_source(dataset: str, split: str, path: str = "") -> LabeledImages:
     """One split of a dataset; ``path`` is a local source (folder or ``save_to_disk`` dir)."""
     if dataset not in DATASETS:

@@ -18,12 +18,14 @@ from cmfl_flower.results import RunRecorder
 from cmfl_flower.strategies.averaging import FedAvgEncoder, FedProxEncoder
 from cmfl_flower.strategies.base import CmflStrategy
 from cmfl_flower.strategies.diffusion import FedAvgDiffusion, FedLoraDiffusion
-from cmfl_flower.strategies.local_only import LocalOnly
+from cmfl_flower.strategies.local_only import LocalOnly, LocalOnlyTokens, NamesGeneration
 from cmfl_flower.strategies.relay import CmflRelay
 
 STRATEGIES: dict[str, type[CmflStrategy]] = {
     "cmfl-relay": CmflRelay,
     "local-only": LocalOnly,
+    "local-only-tokens": LocalOnlyTokens,
+    "names-generation": NamesGeneration,
     "fedavg-encoder": FedAvgEncoder,
     "fedprox-encoder": FedProxEncoder,
     "fedavg-diffusion": FedAvgDiffusion,

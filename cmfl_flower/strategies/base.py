@@ -50,7 +50,7 @@ from cmfl_flower.report import round_line
 from cmfl_flower.results import Row, RunRecorder
 
 Arrays = dict[str, np.ndarray]
-SPREAD_METRICS = ("local-acc", "global-acc")  # reported as mean, min and max
+SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
 TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received")  # reported as sums
 
 

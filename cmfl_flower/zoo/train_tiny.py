@@ -378,14 +378,43 @@ Trained by `python -m cmfl_flower.zoo.train_tiny {" ".join(argv)}` in {seconds /
     (out / "metrics.json").write_text(json.dumps(asdict(gates) | {"seconds": seconds}, indent=2))
 
 
+REMEASURED = "Gates re-measured on the written weights by `python -m cmfl_flower.zoo.train_tiny"
+
+
+def remeasure(out: Path, seed: int, per_class: int) -> Gates:
+    """Measure the gates of the weights in ``out`` again; update metrics.json and the card."""
+    from cmfl_flower.backbones import Preset, load_clip, load_pipeline
+
+    preset = Preset("tiny", f"local-dir:{out / 'clip'}", "", str(out / "diffusion"), 64)
+    clip = load_clip(preset, "cpu", seed).model
+    pipeline = load_pipeline(preset.diffusion, torch.device("cpu"))
+    held_out = load_source("digits", "test")
+    gates = measure_gates(clip, pipeline, held_out, per_class, seed, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps(metrics | asdict(gates), indent=2))
+    card = (out / "MODEL_CARD.md").read_text()
+    start, end = card.index("| gate | value |"), card.index("![samples]")
+    note = f"{REMEASURED} --remeasure` (on the weights in this folder).\n\n"
+    table = gate_table(gates) + "\n\n" + note
+    (out / "MODEL_CARD.md").write_text(card[:start] + table + card[end:])
+    return gates
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Train, measure and write the tiny backbone."""
+    """Train, measure and write the tiny backbone (or only measure it again)."""
     parser = argparse.ArgumentParser(description="Train the tiny backbone on public digits.")
     parser.add_argument("--out", type=Path, default=ZOO_TINY, help="where weights are written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps (smoke test only)")
+    parser.add_argument(
+        "--remeasure", action="store_true", help="only measure the gates of --out's weights"
+    )
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if args.remeasure:
+        budget = QUICK if args.quick else Budget()
+        log(f"gates: {remeasure(args.out, args.seed, budget.eval_images_per_class)}")
+        return
     budget = QUICK if args.quick else Budget()
     torch.manual_seed(args.seed)
     start = time.perf_counter()

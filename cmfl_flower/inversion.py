@@ -1,0 +1,91 @@
+"""Textual inversion: class-token vectors trained through the generator's own denoising loss.
+
+Tokens trained only through CLIP's image-text loss drift out of what the diffusion model
+understands, and peers then generate images of the wrong class from them. Here the UNet, VAE
+and text encoder stay frozen; a training image's latents are noised at a random timestep and
+the UNet, conditioned on the prompt whose name slots hold the image's class vectors, predicts
+the noise (or velocity). The squared error, weighted by min-SNR-gamma, moves only the vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from cmfl_flower.encoder import resize_uint8
+from cmfl_flower.generation import Generator
+
+
+@torch.no_grad()
+def encode_latents(generator: Generator, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(N, C, h, w) scaled VAE latents (posterior mode) of (N, H, W, 3) uint8 images."""
+    vae = generator.pipeline.vae
+    size = generator.image_size[0]
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        part = resize_uint8(images[start : start + batch_size], size)
+        x = torch.from_numpy(part).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = x.to(generator.device, vae.dtype)  # (B, 3, S, S) in [-1, 1]
+        chunks.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(chunks)
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction: str
+) -> torch.Tensor:
+    """Per-sample loss weights (B,) of min-SNR-gamma (Hang et al., 2023).
+
+    ``min(SNR, gamma) / SNR`` for epsilon prediction, ``min(SNR, gamma) / (SNR + 1)`` for
+    v-prediction, so that both weight the implied x0 error alike.
+    """
+    alpha = alphas_cumprod[timesteps.cpu()].float()  # (B,)
+    snr = alpha / (1.0 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction == "v_prediction":
+        return clipped / (snr + 1.0)
+    if prediction == "epsilon":
+        return clipped / snr
+    raise ValueError(f"textual inversion supports epsilon or v_prediction UNets, not {prediction}")
+
+
+@dataclass
+class DenoisingLoss:
+    """The denoising loss of one client's images, ready to evaluate for batches of them."""
+
+    generator: Generator
+    latents: torch.Tensor  # (N, C, h, w), scaled
+    schedule: Any  # a DDPMScheduler with the pipeline's training noise schedule
+    snr_gamma: float
+
+    @classmethod
+    def build(
+        cls, generator: Generator, images: np.ndarray, snr_gamma: float, batch_size: int
+    ) -> DenoisingLoss:
+        """Encode ``images`` (N, H, W, 3) uint8 once; the schedule is the pipeline's own."""
+        schedule = DDPMScheduler.from_config(generator.pipeline.scheduler.config)
+        latents = encode_latents(generator, images, batch_size)
+        return cls(generator, latents, schedule, snr_gamma)
+
+    def __call__(
+        self, vectors: list[torch.Tensor], idx: np.ndarray, rng: torch.Generator
+    ) -> torch.Tensor:
+        """Mean weighted denoising loss of images ``idx``; ``vectors[b]``: (n_b, D) of image b."""
+        unet = self.generator.pipeline.unet
+        latents = self.latents[torch.from_numpy(idx).to(self.latents.device)]  # (B, C, h, w)
+        noise = torch.randn(latents.shape, generator=rng).to(latents)
+        steps = int(self.schedule.config.num_train_timesteps)
+        t = torch.randint(0, steps, (len(idx),), generator=rng).to(latents.device)
+        noisy = self.schedule.add_noise(latents, noise, t)
+        embeds = self.generator.encode_vectors(vectors)  # (B, L, D_text), grad to vectors
+        predicted = unet(noisy, t, encoder_hidden_states=embeds.to(unet.dtype)).sample
+        prediction = str(self.schedule.config.prediction_type)
+        target = noise if prediction == "epsilon" else self.schedule.get_velocity(latents, noise, t)
+        errors = F.mse_loss(predicted.float(), target.float(), reduction="none")
+        per_sample = errors.mean(dim=(1, 2, 3))  # (B,)
+        weights = min_snr_weights(self.schedule.alphas_cumprod, t, self.snr_gamma, prediction)
+        return (weights.to(per_sample.device) * per_sample).mean()
