@@ -43,8 +43,10 @@ import torch
 from client_app import app as client_app
 from cmfl_flower import report
 from cmfl_flower.client import ClientTask, open_workspace
-from cmfl_flower.config import AppConfig
+from cmfl_flower.client_state import load_state
+from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
+from cmfl_flower.privacy import epsilon
 from cmfl_flower.strategies import run_federation
 from cmfl_flower.strategies.loopback import LoopbackGrid
 
@@ -256,6 +258,76 @@ def run_protocol(
     return rows, details
 
 
+def token_norms(run_dir: Path) -> list[float]:
+    """Frobenius norms of every class's vectors the clients of ``run_dir`` hold at the end."""
+    norms = []
+    for pid in range(CLIENTS):
+        directory = run_dir / "clients" / f"partition-{pid}" / "state"
+        state = load_state(directory, ROUNDS + 1)
+        norms += [float(v.norm()) for v in (state.tokens or {}).values()]
+    return norms
+
+
+def noise_for(target: float, clip_norm: float) -> float:
+    """The ``privacy.noise-multiplier`` giving total epsilon ``target`` per vector after the run."""
+    low, high = 0.05, 200.0
+    for _ in range(40):  # epsilon falls as the noise grows: bisect on a log scale
+        mid = (low * high) ** 0.5
+        cfg = PrivacyConfig(enabled=True, clip_norm=clip_norm, noise_multiplier=mid)
+        low, high = (mid, high) if epsilon(cfg, ROUNDS) > target else (low, mid)
+    return high
+
+
+def privacy_sweep(protocol: str, root: Path, targets: list[float]) -> list[dict[str, Any]]:
+    """cmfl-relay (seed 0) without DP, then at each total epsilon in ``targets``.
+
+    The clip norm is the largest class-vector norm the clients held after the run without DP,
+    so clipping changes little and the noise alone pays for the privacy.
+    """
+    plain = run_arm("cmfl-relay", protocol, 0, root, {}, "-dp-off")
+    clip_norm = max(token_norms(Path(plain["run-dir"])))
+    rows = [{"epsilon": None, "noise-multiplier": 0.0, "clip-norm": clip_norm, "acc": plain["acc"]}]
+    for target in targets:
+        sigma = noise_for(target, clip_norm)
+        extra = {
+            "privacy.enabled": True,
+            "privacy.clip-norm": clip_norm,
+            "privacy.noise-multiplier": sigma,
+        }
+        result = run_arm("cmfl-relay", protocol, 0, root, extra, f"-dp-eps{target:g}")
+        reached = json.loads((Path(result["run-dir"]) / "rounds.json").read_text())[-1]
+        rows.append(
+            {
+                "epsilon": reached["dp-epsilon-total"],
+                "client-epsilon": reached.get("dp-epsilon-client-total"),
+                "noise-multiplier": sigma,
+                "clip-norm": clip_norm,
+                "acc": result["acc"],
+            }
+        )
+        print(f"{protocol} cmfl-relay at epsilon {target:g}: {result['acc']:.3f}", flush=True)
+    return rows
+
+
+def privacy_table(protocol: str, rows: list[dict[str, Any]]) -> str:
+    """The privacy sweep as a Markdown table."""
+    lines = [
+        f"**{protocol}, cmfl-relay under DP** (seed 0, mean client accuracy, global test set)",
+        "",
+        "| total epsilon per vector | epsilon of a client's vectors together | noise multiplier | "
+        "clip norm | accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
+        client = row.get("client-epsilon")
+        lines.append(
+            f"| {eps} | {'-' if client is None else f'{client:.2f}'} | "
+            f"{row['noise-multiplier']:.3f} | {row['clip-norm']:.3f} | {row['acc']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the protocols; print the tables and checks; write the results files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,7 +338,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument(
+        "--privacy",
+        nargs="+",
+        type=float,
+        metavar="EPSILON",
+        help="instead: cmfl-relay on the first --protocol at these total epsilons and without DP",
+    )
     args = parser.parse_args(argv)
+    if args.privacy:
+        torch.set_num_threads(args.threads)
+        root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
+        rows = privacy_sweep(args.protocol[0], root, args.privacy)
+        print(privacy_table(args.protocol[0], rows))
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "method-privacy.json").write_text(json.dumps(rows, indent=2))
+        return
     torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
     print(

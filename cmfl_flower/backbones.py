@@ -47,6 +47,11 @@ ZOO = "zoo:"  # a path inside the project's own zoo (see cmfl_flower.zoo.locate)
 PRESETS: dict[str, Preset] = {
     # Trained by `python -m cmfl_flower.zoo.train_tiny` on public digits; ships with the package.
     "tiny": Preset("tiny", f"{ZOO}tiny/clip", "", f"{ZOO}tiny/diffusion", 64),
+    # tiny's text tower and pipeline, a vision tower trained on a few public images per class
+    # (`python -m cmfl_flower.zoo.train_fewshot`): weak zero-shot, for federated benchmarks.
+    "tiny-fewshot": Preset(
+        "tiny-fewshot", f"{ZOO}tiny-fewshot/clip", "", f"{ZOO}tiny/diffusion", 64
+    ),
     "bk-sdm-small": Preset("bk-sdm-small", "ViT-L-14", "openai", "nota-ai/bk-sdm-small", 768),
     "bk-sdm-v2-small": Preset(
         "bk-sdm-v2-small", "ViT-H-14", "laion2b_s32b_b79k", "nota-ai/bk-sdm-v2-small", 1024

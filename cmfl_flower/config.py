@@ -90,8 +90,10 @@ class DataConfig(_Section):
 class BackboneConfig(_Section):
     """The CLIP model and diffusion pipeline (a named preset, with optional overrides)."""
 
-    preset: Literal["tiny", "bk-sdm-small", "bk-sdm-v2-small"] = Field(
-        "tiny", description="Named backbone preset (see `cmfl_flower.backbones.PRESETS`)."
+    preset: Literal["tiny", "tiny-fewshot", "bk-sdm-small", "bk-sdm-v2-small"] = Field(
+        "tiny",
+        description="Named backbone preset (see `cmfl_flower.backbones.PRESETS`); "
+        "`tiny-fewshot` = the tiny pipeline with a weak CLIP vision tower (benchmarks).",
     )
     clip: str = Field(
         "", description="Override the preset's CLIP: open_clip model name, `hf-hub:` id or dir."

@@ -77,6 +77,20 @@ def test_own_token_embeddings_reproduce_the_real_prompt(generator):
     torch.testing.assert_close(moved[1], ours[1], atol=1e-5, rtol=0)  # rows stay independent
 
 
+def test_prompts_are_padded_as_the_tiny_unet_was_trained(generator):
+    """The tiny UNet was trained on open_clip's ids, which pad with 0, not end-of-text."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(TINY.clip)
+    encoder = generator.pipeline.text_encoder
+    with torch.no_grad():
+        trained = encoder(input_ids=tokenizer(["a photo of a six.", ""])).last_hidden_state
+    ours = generator.prompt_embeds([name_vectors(generator, "six")])
+    torch.testing.assert_close(ours[0], trained[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(generator._negative_embeds()[0], trained[1], atol=1e-5, rtol=0)
+    assert generator.pipeline.tokenizer.pad_token_id == 0
+
+
 def test_vectors_of_the_wrong_dim_are_refused(generator):
     with pytest.raises(ValueError, match=r"dim 32.*hidden size is 64"):
         generator.prompt_embeds([torch.zeros(2, 32)])

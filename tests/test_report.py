@@ -13,13 +13,14 @@ from PIL import Image
 from client_app import app as client_app
 from cmfl_flower import report
 from cmfl_flower.client import ClientState, ClientTask, run_task
-from cmfl_flower.config import AppConfig
+from cmfl_flower.config import AppConfig, TokensConfig
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.strategies import run_federation
 from cmfl_flower.strategies.loopback import LoopbackGrid
 
 IMAGES_PER_CLASS = 2
 NODES = 3
+MIN_IMAGES = TokensConfig().min_images
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,9 @@ def test_clients_learn_the_resolved_run_name_from_the_config(relay_run):
 def test_sample_grid_has_one_row_per_received_class(relay_run):
     _, run_dir, _ = relay_run
     per_partition = {
-        p: {c for c, n in enumerate(_labels(run_dir, p)["train"]) if n} for p in range(NODES)
-    }
+        p: {c for c, n in enumerate(_labels(run_dir, p)["train"]) if n >= MIN_IMAGES}
+        for p in range(NODES)
+    }  # the classes each client relays
     for partition in range(NODES):
         senders = [per_partition[p] for p in range(NODES) if p != partition]
         received = set().union(*senders)
