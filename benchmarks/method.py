@@ -16,10 +16,11 @@ training), and these arms, side by side: ``zero-shot``, ``centralised`` (pooled 
 the real ServerApp strategies and ClientApp code, in process.
 
 Tuning: every trained arm gets the same budget: each setting of :data:`TUNING_GRID` (encoder
-learning rate and epochs) is run once with seed 0 and ``data.validation-fraction`` =
-:data:`VALIDATION_FRACTION` of every client's training images held out; the setting with the
-best mean validation accuracy after the last round is kept (never the global test set) and
-printed. The measured runs then train on all training images.
+learning rate and epochs) is run once, with seed 0, for :data:`TUNE_ROUNDS` rounds and
+``data.validation-fraction`` = :data:`VALIDATION_FRACTION` of every client's training images
+held out; the setting with the best mean validation accuracy after the last round is kept
+(never the global test set) and printed. The measured runs then train on all training images.
+Runs go to ``--workers`` processes, each pinned to ``--threads`` torch threads.
 
 It prints one Markdown table per protocol (mean client accuracy on the global test set after
 the last round, min and max over seeds, bytes per round per client), the targets' checks, and
@@ -32,8 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ import torch
 
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.client import ClientTask, open_workspace
+from cmfl_flower.client import ClientTask, data_dir, open_workspace
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
@@ -54,6 +58,7 @@ CLIENTS = 10
 ROUNDS = 10
 RESULTS = Path(__file__).resolve().parent / "results"
 VALIDATION_FRACTION = 0.2
+TUNE_ROUNDS = 3  # tuning runs are shorter than the measured ones, the same for every arm
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "P1": {"data.partitioner": "pathological", "data.classes-per-client": 2},
     "P2": {"data.partitioner": "dirichlet", "data.alpha": 0.1},
@@ -74,14 +79,15 @@ FEDERATED: dict[str, dict[str, Any]] = {
 }
 ARMS = ("zero-shot", "centralised", *FEDERATED)
 TUNING_GRID: tuple[dict[str, Any], ...] = (
-    {"encoder.lr": 1e-3, "encoder.epochs": 1},
+    {"encoder.lr": 1e-3, "encoder.epochs": 2},
     {"encoder.lr": 3e-3, "encoder.epochs": 1},
-    {"encoder.lr": 3e-3, "encoder.epochs": 2},
     {"encoder.lr": 1e-2, "encoder.epochs": 1},
 )
 
 
-def config(protocol: str, seed: int, root: Path, name: str, extra: dict[str, Any]) -> AppConfig:
+def config(
+    protocol: str, seed: int, root: Path, name: str, extra: dict[str, Any], rounds: int = ROUNDS
+) -> AppConfig:
     """The fixed settings of ``protocol`` and ``seed`` with an arm's overrides."""
     return AppConfig.from_run_config(
         {
@@ -90,7 +96,7 @@ def config(protocol: str, seed: int, root: Path, name: str, extra: dict[str, Any
             "backbone.preset": "tiny-fewshot",
             "data.seed": seed,
             "data.dir": str(root / "data"),
-            "federation.rounds": ROUNDS,
+            "federation.rounds": rounds,
             "federation.fraction": 1.0,
             "federation.min-nodes": CLIENTS,
             "output.dir": str(root / "runs"),
@@ -139,7 +145,8 @@ def pooled(cfg: AppConfig, zero_shot: bool) -> dict[str, Any]:
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size, *((t.images, t.labels, 1.0) for t, _ in parts)
         )
-        epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * ROUNDS})
+        rounds = cfg.federation.rounds
+        epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * rounds})
         train_encoder(ws.encoder, data, text, epochs, cfg.seed)
         held = [v for _, v in parts if v is not None and len(v)]
         if held:
@@ -157,27 +164,62 @@ def _client_splits(cfg: AppConfig, pid: int) -> tuple[Any, Any]:
     return ws.data.train, ws.validation
 
 
-def run_arm(
-    arm: str, protocol: str, seed: int, root: Path, extra: dict[str, Any], tag: str
-) -> dict[str, Any]:
-    """One arm of one protocol and seed (``extra``: tuned values, validation split)."""
-    name = f"{protocol}-{arm}-s{seed}{tag}"
-    if arm in ("zero-shot", "centralised"):
-        return pooled(config(protocol, seed, root, name, extra), arm == "zero-shot")
-    return federated(config(protocol, seed, root, name, FEDERATED[arm] | extra))
+@dataclass(frozen=True)
+class Job:
+    """One run: an arm of a protocol with a seed and overrides (tuned values, validation)."""
+
+    arm: str
+    protocol: str
+    seed: int
+    extra: tuple[tuple[str, Any], ...] = ()
+    tag: str = ""
+    rounds: int = ROUNDS
 
 
-def tune(arm: str, protocol: str, root: Path) -> dict[str, Any]:
-    """The :data:`TUNING_GRID` setting with the best validation accuracy (seed 0)."""
+def run_arm(job: Job, root: Path) -> dict[str, Any]:
+    """Run ``job``; its accuracy, validation accuracy and bytes per round per client."""
+    name = f"{job.protocol}-{job.arm}-s{job.seed}{job.tag}"
+    extra = dict(job.extra)
+    if job.arm in ("zero-shot", "centralised"):
+        cfg = config(job.protocol, job.seed, root, name, extra, job.rounds)
+        return pooled(cfg, job.arm == "zero-shot")
+    cfg = config(job.protocol, job.seed, root, name, FEDERATED[job.arm] | extra, job.rounds)
+    return federated(cfg)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dict[str, Any]]:
+    """Run ``jobs`` in ``workers`` processes (each pinned to ``threads`` torch threads)."""
+    for job in jobs:  # prepare each partitioning once, before workers race for it
+        data_dir(config(job.protocol, job.seed, root, "prep", {}).data, CLIENTS)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+        return list(pool.map(run_arm, jobs, [root] * len(jobs)))
+
+
+def tuning_jobs(arm: str, protocol: str) -> list[Job]:
+    """Every :data:`TUNING_GRID` setting of ``arm`` on seed 0 with a validation split."""
     if arm == "zero-shot":
-        return {}
-    scores = []
-    for index, setting in enumerate(TUNING_GRID):
-        held = setting | {"data.validation-fraction": VALIDATION_FRACTION}
-        result = run_arm(arm, protocol, 0, root, held, f"-tune{index}")
-        scores.append(result["val"])
-        print(f"  tune {protocol} {arm} {setting}: validation {result['val']:.3f}", flush=True)
-    return TUNING_GRID[int(np.nanargmax(scores))]
+        return []
+    return [
+        Job(
+            arm,
+            protocol,
+            0,
+            tuple((setting | {"data.validation-fraction": VALIDATION_FRACTION}).items()),
+            f"-tune{index}",
+            TUNE_ROUNDS,
+        )
+        for index, setting in enumerate(TUNING_GRID)
+    ]
+
+
+def best_setting(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The :data:`TUNING_GRID` setting whose run had the best validation accuracy."""
+    return TUNING_GRID[int(np.nanargmax([r["val"] for r in results]))] if results else {}
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float]:
@@ -230,23 +272,30 @@ def checks(protocol: str, rows: dict[str, dict[str, float]]) -> list[str]:
 
 
 def run_protocol(
-    protocol: str, seeds: int, arms: tuple[str, ...], root: Path, tuned: bool
+    protocol: str, seeds: int, arms: tuple[str, ...], root: Path, args: argparse.Namespace
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Tune (optional) and run every arm of ``protocol`` over ``seeds`` seeds."""
+    """Tune (unless ``--no-tune``) and run every arm of ``protocol`` over ``seeds`` seeds."""
+    start = time.perf_counter()
+    chosen: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
+    if not args.no_tune:
+        tuning = {arm: tuning_jobs(arm, protocol) for arm in arms}
+        flat = [job for jobs in tuning.values() for job in jobs]
+        results = iter(run_all(flat, root, args.workers, args.threads))
+        for arm, jobs in tuning.items():
+            scores = [next(results) for _ in jobs]
+            chosen[arm] = best_setting(scores)
+            listed = ", ".join(f"{r['val']:.3f}" for r in scores)
+            print(f"{protocol} {arm}: validation [{listed}] -> {chosen[arm] or '-'}", flush=True)
+    jobs = [Job(arm, protocol, s, tuple(chosen[arm].items())) for arm in arms for s in range(seeds)]
+    results = iter(run_all(jobs, root, args.workers, args.threads))
     rows: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
     for arm in arms:
-        start = time.perf_counter()
-        chosen = tune(arm, protocol, root) if tuned else {}
-        per_seed = [run_arm(arm, protocol, s, root, chosen, "") for s in range(seeds)]
+        per_seed = [next(results) for _ in range(seeds)]
         rows[arm] = summarise(per_seed)
-        details[arm] = {"chosen": chosen, "per_seed": per_seed}
-        print(
-            f"{protocol} {arm}: {rows[arm]['mean']:.3f} "
-            f"[{rows[arm]['min']:.3f}, {rows[arm]['max']:.3f}] chosen {chosen or 'defaults'} "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
+        details[arm] = {"chosen": chosen[arm], "per_seed": per_seed}
+        print(f"{protocol} {arm}: {rows[arm]['mean']:.3f}", flush=True)
+    print(f"{protocol}: {time.perf_counter() - start:.0f} s", flush=True)
     runs = [
         report.load_run(Path(details[arm]["per_seed"][0]["run-dir"]))
         for arm in arms
@@ -284,7 +333,7 @@ def privacy_sweep(protocol: str, root: Path, targets: list[float]) -> list[dict[
     The clip norm is the largest class-vector norm the clients held after the run without DP,
     so clipping changes little and the noise alone pays for the privacy.
     """
-    plain = run_arm("cmfl-relay", protocol, 0, root, {}, "-dp-off")
+    plain = run_arm(Job("cmfl-relay", protocol, 0, tag="-dp-off"), root)
     clip_norm = max(token_norms(Path(plain["run-dir"])))
     rows = [{"epsilon": None, "noise-multiplier": 0.0, "clip-norm": clip_norm, "acc": plain["acc"]}]
     for target in targets:
@@ -294,7 +343,8 @@ def privacy_sweep(protocol: str, root: Path, targets: list[float]) -> list[dict[
             "privacy.clip-norm": clip_norm,
             "privacy.noise-multiplier": sigma,
         }
-        result = run_arm("cmfl-relay", protocol, 0, root, extra, f"-dp-eps{target:g}")
+        job = Job("cmfl-relay", protocol, 0, tuple(extra.items()), f"-dp-eps{target:g}")
+        result = run_arm(job, root)
         reached = json.loads((Path(result["run-dir"]) / "rounds.json").read_text())[-1]
         rows.append(
             {
@@ -335,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--no-tune", action="store_true", help="use the app's defaults")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (pinned)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument(
@@ -357,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
     print(
-        f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} threads={args.threads} "
+        f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} workers={args.workers} "
+        f"threads={args.threads} "
         f"tuned={not args.no_tune}; runs in {root}",
         flush=True,
     )
@@ -365,9 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     details: dict[str, Any] = {}
     for protocol in args.protocol:
         arms = tuple(args.arms)
-        results[protocol], details[protocol] = run_protocol(
-            protocol, args.seeds, arms, root, not args.no_tune
-        )
+        results[protocol], details[protocol] = run_protocol(protocol, args.seeds, arms, root, args)
     for protocol, rows in results.items():
         print()
         print(table(protocol, rows, {a: d["chosen"] for a, d in details[protocol].items()}))

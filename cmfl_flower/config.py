@@ -140,7 +140,7 @@ class TokensConfig(_Section):
         5.0, gt=0, description="Min-SNR-gamma weighting of the denoising loss."
     )
     anchor: float = Field(
-        0.1,
+        0.0,
         ge=0,
         description="L2 pull of each class's tokens towards its name's pretrained embedding "
         "(relative: squared distance over squared norm).",
@@ -156,7 +156,7 @@ class TokensConfig(_Section):
         "pseudo-label each vector by its nearest class.",
     )
     unseen: Literal["pretrained", "received-mean"] = Field(
-        "pretrained",
+        "received-mean",
         description="Text side of classes a client never saw: pretrained name embeddings, or "
         "the mean of the vectors received for that class.",
     )

@@ -217,9 +217,9 @@ def test_received_mean_fallback_averages_vectors_of_equal_shape():
     assert set(means) == {3} and np.allclose(means[3].numpy(), 2 * a)
 
 
-def test_unseen_classes_can_use_the_received_mean(tmp_path):
+def test_unseen_classes_can_use_their_pretrained_names(tmp_path):
     _, rows, rounds = run(
-        tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **{"tokens.unseen": "received-mean"}
+        tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **{"tokens.unseen": "pretrained"}
     )
     assert [r["replies"] for r in rounds] == [3, 3]
     assert all(0.0 <= row["global-acc"] <= 1.0 for row in rows)

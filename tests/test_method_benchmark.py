@@ -1,0 +1,39 @@
+"""The method benchmark's bookkeeping: targets, tuning choice, DP noise for a target epsilon."""
+
+import math
+
+import pytest
+
+from benchmarks import method
+from cmfl_flower.config import PrivacyConfig
+from cmfl_flower.privacy import epsilon
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0, 16.0])
+def test_noise_for_reaches_the_target_epsilon(target):
+    sigma = method.noise_for(target, clip_norm=0.2)
+    cfg = PrivacyConfig(enabled=True, clip_norm=0.2, noise_multiplier=sigma)
+    assert math.isclose(epsilon(cfg, method.ROUNDS), target, rel_tol=1e-3)
+
+
+def test_checks_state_each_target_with_its_margin():
+    rows = {
+        "cmfl-relay": {"mean": 0.80, "bytes_per_round": 1_000.0},
+        "local-only": {"mean": 0.60, "bytes_per_round": 0.0},
+        "names-generation": {"mean": 0.75, "bytes_per_round": 0.0},
+        "fedavg-encoder": {"mean": 0.85, "bytes_per_round": 10_000.0},
+    }
+    p1 = method.checks("P1", rows)
+    assert p1[0] == "cmfl-relay - local-only: +20.0 points (target >= +15): met"
+    assert p1[1] == "cmfl-relay - names-generation: +5.0 points (target >= -2): met"
+    assert p1[2] == "relay bytes / fedavg-encoder bytes: 0.100 (target <= 0.2): met"
+    assert method.checks("P3", rows)[1].endswith("(target >= +10): missed")
+
+
+def test_best_setting_is_chosen_on_validation_accuracy():
+    results = [{"val": 0.5}, {"val": 0.9}, {"val": float("nan")}]
+    assert method.best_setting(results) == method.TUNING_GRID[1]
+    assert method.best_setting([]) == {}
+    jobs = method.tuning_jobs("local-only", "P1")
+    assert len(jobs) == len(method.TUNING_GRID) and method.tuning_jobs("zero-shot", "P1") == []
+    assert all(dict(j.extra)["data.validation-fraction"] > 0 and j.seed == 0 for j in jobs)
