@@ -63,11 +63,14 @@ DDPM_UNETS: dict[str, dict[str, Any]] = {
 }
 
 
+TINY_PRESETS = ("tiny", "tiny-fewshot")  # the presets built on the 32 px tiny pipeline
+
+
 def ddpm_unet_name(cfg: DiffusionConfig, preset: str) -> str:
-    """The DDPM architecture ``cfg.unet`` names (``auto``: ``tiny`` on the tiny preset)."""
+    """The DDPM architecture ``cfg.unet`` names (``auto``: ``tiny`` on the tiny presets)."""
     if cfg.unet != "auto":
         return cfg.unet
-    return "tiny" if preset == "tiny" else "ddpm-cifar10"
+    return "tiny" if preset in TINY_PRESETS else "ddpm-cifar10"
 
 
 def build_ddpm_unet(name: str, seed: int) -> torch.nn.Module:
