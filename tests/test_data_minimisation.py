@@ -52,9 +52,7 @@ def _table() -> dict[tuple[str, str], Row]:
         optional = {n for n in record_names if f"`{n}` (" in records}
         metric_names = set(_names(metrics))
         sometimes = {n for n in metric_names if re.search(rf"`{re.escape(n)}` \(", metrics)}
-        row = Row(
-            record_names, optional, _key_pattern(keys), shapes, size, metric_names, sometimes
-        )
+        row = Row(record_names, optional, _key_pattern(keys), shapes, size, metric_names, sometimes)
         if keys.startswith("the same"):
             row = Row(row.records, row.optional, table[(strategies, "server → client")].keys,
                       shapes, size, row.metrics, sometimes)  # fmt: skip
