@@ -106,9 +106,12 @@ def test_pipeline_text_encoder_is_the_clip_text_tower():
 def test_tiny_pipeline_tokenizer_matches_open_clip(tmp_path):
     clip = load_clip(TINY, "cpu", 0)
     pipe = build_tiny_pipeline(clip.model, tmp_path)
-    for prompt in ["a photo of a seven.", "a photo of a Tinca tinca, hippopotamus!"]:
+    for prompt in ["a photo of a seven.", "a photo of a Tinca tinca, hippopotamus?"]:
         ours = pipe.tokenizer(prompt).input_ids
         assert ours == clip.tokenizer([prompt])[0][: len(ours)].tolist()
+    # the pad token is "!" (id 0), what open_clip pads with; like SD 2's tokenizer, it is then
+    # a special token, so a literal "!" in a prompt becomes id 0
+    assert pipe.tokenizer.pad_token_id == 0 == int(clip.tokenizer([""])[0][-1])
 
 
 def test_saved_pipeline_loads_back_through_diffusers(tmp_path):
