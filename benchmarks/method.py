@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"- {line}")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "method.json").write_text(json.dumps(results, indent=2))
-    (args.results / "method-details.json").write_text(json.dumps(details, indent=2, default=str))
+    strict = json.dumps(details, indent=2, default=str).replace("NaN", "null")  # strict JSON
+    (args.results / "method-details.json").write_text(strict)
     print(f"wrote {args.results / 'method.json'}")
 
 
