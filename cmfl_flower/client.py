@@ -191,9 +191,13 @@ class Workspace:
         self.timings[f"seconds-{name}"] = time.perf_counter() - start
 
     @torch.no_grad()
-    def name_features(self) -> torch.Tensor:
-        """(C, E) text features of every class with its pretrained name tokens."""
-        return self.text.encode([self.text.name_vectors(n) for n in self.class_names])
+    def name_features(self, names: tuple[str, ...] | None = None) -> torch.Tensor:
+        """(C, E) text features of every class with the pretrained tokens of its name.
+
+        ``names``: the names to use; default the ones the client knows (``class_names``).
+        """
+        names = self.class_names if names is None else names
+        return self.text.encode([self.text.name_vectors(n) for n in names])
 
     @property
     def progress(self) -> Progress:
@@ -388,9 +392,8 @@ def generated_recognised(ws: Workspace, generated: GeneratedImages) -> Metrics:
     """
     if not len(generated.labels):
         return {}
-    text = ws.text
     with ws.encoder.pretrained(), torch.no_grad():
-        names = text.encode([text.name_vectors(n) for n in ws.global_test.class_names])
+        names = ws.name_features(ws.global_test.class_names)  # the real names, always
         share = accuracy(
             ws.encoder,
             generated.images,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,9 +19,11 @@ import torch.nn.functional as F
 from cmfl_flower.backbones import ClipBundle
 from cmfl_flower.config import TokensConfig
 from cmfl_flower.encoder import ClipEncoder, to_pixels
-from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
+
+if TYPE_CHECKING:  # the denoising loss brings diffusers; token code needs only its type
+    from cmfl_flower.inversion import DenoisingLoss
 
 TokenState = dict[str, torch.Tensor]
 
