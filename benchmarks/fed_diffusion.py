@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from client_app import app as client_app
-from cmfl_flower.client import data_dir
+from cmfl_flower.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
 from cmfl_flower.diffusion import (

@@ -46,7 +46,7 @@ import torch
 
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.client import ClientTask, data_dir, open_workspace
+from cmfl_flower.workspace import ClientTask, data_dir, open_workspace
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder

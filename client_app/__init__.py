@@ -1,11 +1,19 @@
-"""Flower ClientApp: unpack the message, run the named client task, reply.
+"""Flower ClientApp: one handler per message type, each reading the message and calling a routine.
+
+A message of type ``train.<action>`` runs the built-in method of that action (``train.cmfl_relay``
+runs ``cmfl-relay``'s client routine); a plain ``train`` (or ``evaluate``) message runs the
+method the run config names, which is how a plug-in's routine is found. The run config comes
+from ``context.run_config``; the message brings only the round, the resolved run name, what
+the strategy adds (e.g. ``proximal-mu``) and the arrays.
 
 Per-client state (vision LoRA, class tokens) is kept on the node's disk by
-:mod:`cmfl_flower.client_state`, keyed by the cmfl run name and partition id: it survives
-between messages (in a deployment every message starts a fresh process) and across a restarted
-run (``output.resume``), whose ``context.state`` starts empty.
+:mod:`cmfl_flower.client_state`, keyed by the run name and partition id: it survives between
+messages (in a deployment every message starts a fresh process) and across a restarted run
+(``output.resume``), whose ``context.state`` starts empty.
 """
 
+from collections.abc import Callable
+from functools import partial
 from logging import ERROR
 
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -13,36 +21,68 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from cmfl_flower.client import parse_task, run_task
 from cmfl_flower.client_state import load_state, save_state, state_dir
-from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, TASK_KEY
-from cmfl_flower.strategies.base import from_record, to_record
+from cmfl_flower.config import AppConfig
+from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
+from cmfl_flower.methods.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    ROUND_KEY,
+    RUN_NAME_KEY,
+    from_record,
+    reply,
+)
+from cmfl_flower.workspace import Arrays, ClientTask, client_task
 
 app = ClientApp()
+Handler = Callable[[Method, Message, Context], Message]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round; a user mistake (``ValueError``) becomes a one-line error reply, no traceback."""
+def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays]:
+    """The run config, who and which round, and the arrays the server sent."""
+    config = dict(msg.content.config_records.get(CONFIG_KEY, {}))
+    run_name = str(config.pop(RUN_NAME_KEY, ""))
+    cfg = AppConfig.from_run_config({**context.run_config, "output.run-name": run_name})
+    task = client_task(context.node_config, config.pop(ROUND_KEY, None), config)
+    record = msg.content.array_records.get(ARRAYS_KEY)
+    return cfg, task, from_record(record) if record is not None else {}
+
+
+def _train(method: Method, msg: Message, context: Context) -> Message:
+    """One round of ``method``'s client routine, its state kept on the node's disk."""
+    cfg, task, received = _read(msg, context)
+    directory = state_dir(cfg, task.partition_id)
+    state = load_state(directory, task.server_round)
+    output = method.train(cfg, task, state, received)
+    save_state(directory, output.state, task.server_round)
+    return reply(output, msg)
+
+
+def _evaluate(method: Method, msg: Message, context: Context) -> Message:
+    """Flower's ``evaluate``: ``method`` scores the arrays it was sent."""
+    if method.evaluate is None:
+        raise ValueError(
+            f"method {method.name!r} does not answer evaluate messages: "
+            "set federation.fraction-evaluate = 0"
+        )
+    cfg, task, received = _read(msg, context)
+    metrics = method.evaluate(cfg, task, received)
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _guarded(handler: Handler, name: str | None, msg: Message, context: Context) -> Message:
+    """Run ``handler``; a user mistake (``ValueError``) becomes a one-line error reply."""
     try:
-        return _train(msg, context)
+        method = resolve_method(name or str(context.run_config.get("method", "")))
+        return handler(method, msg, context)
     except ValueError as err:
         log(ERROR, "cmfl-flower client, node %d: %s", context.node_id, err)
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
 
 
-def _train(msg: Message, context: Context) -> Message:
-    """One round: the server names the task; the whole run config travels with it."""
-    content = msg.content
-    cfg, task = parse_task(context.node_config, content.config_records[CONFIG_KEY])
-    record = content.array_records.get(ARRAYS_KEY)
-    received = from_record(record) if record is not None else {}
-    name = str(content.config_records[TASK_KEY]["name"])
-    directory = state_dir(cfg, task.partition_id)
-    state = load_state(directory, task.server_round)
-    output = run_task(name, cfg, task, state, received)
-    save_state(directory, output.state, task.server_round)
-    reply = RecordDict({METRICS_KEY: MetricRecord(output.metrics)})
-    if output.arrays:
-        reply[ARRAYS_KEY] = to_record(output.arrays)
-    return Message(reply, reply_to=msg)
+for _name in BUILT_IN:
+    app.train(action(_name))(partial(_guarded, _train, _name))
+    app.evaluate(action(_name))(partial(_guarded, _evaluate, _name))
+app.train()(partial(_guarded, _train, None))  # the run config's method (plug-ins)
+app.evaluate()(partial(_guarded, _evaluate, None))

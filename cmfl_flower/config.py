@@ -31,7 +31,7 @@ from pydantic import (
 Scalar = bool | int | float | str
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_STRATEGY_PATTERN = re.compile(r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+_NAME_PATTERN = re.compile(r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 _MODULE_NAME_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
@@ -229,8 +229,13 @@ class FederationConfig(_Section):
     min_replies: int = Field(
         1, ge=1, description="Fewest usable replies per round; fewer stop the run (failed)."
     )
-    proximal_mu: float = Field(
-        0.01, ge=0, description="FedProx proximal weight (`fedprox-encoder` only)."
+    fraction_evaluate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of nodes sent Flower's `evaluate` message each round (weight methods;"
+        " 0 = none: clients report accuracy after training and the server scores the global"
+        " weights).",
     )
     wait_for_nodes: float = Field(
         120.0, gt=0, description="Seconds to wait for `min-nodes` nodes to connect."
@@ -359,8 +364,20 @@ class DiffusionConfig(_Section):
 class AppConfig(_Section):
     """The whole run configuration; the single source of truth for server and clients."""
 
+    method: str = Field(
+        "cmfl-relay",
+        description="What clients train and send: a built-in method (see the README) or"
+        " `package.module:Name` of a plug-in.",
+    )
     strategy: str = Field(
-        "cmfl-relay", description="Registry name (see the README) or `package.module:Class`."
+        "fedavg",
+        description="How the server combines weights (weight methods): a Flower strategy's short"
+        " name (`fedavg`, `fedadam`, `krum`, ...) or `package.module:Class`.",
+    )
+    strategy_args: str = Field(
+        "",
+        description="Keyword arguments of the strategy, `name=value` separated by spaces"
+        " (e.g. `eta=0.01 beta_1=0.9`); checked against its signature.",
     )
     seed: int = Field(0, ge=0, description="Seed of training, sampling and generation.")
     data: DataConfig = DataConfig()
@@ -373,11 +390,11 @@ class AppConfig(_Section):
     output: OutputConfig = OutputConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
 
-    @field_validator("strategy")
+    @field_validator("method", "strategy")
     @classmethod
-    def _check_strategy(cls, value: str) -> str:
-        if not _STRATEGY_PATTERN.match(value):
-            raise ValueError(f"must be a registry name or 'package.module:Class', got {value!r}")
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_PATTERN.match(value):
+            raise ValueError(f"must be a short name or 'package.module:Name', got {value!r}")
         return value
 
     @classmethod
@@ -434,8 +451,10 @@ def _split_key(key: str) -> tuple[str, str]:
         attr = name.replace("-", "_")
         if attr in fields and "_" not in name:
             return section, attr
-    elif key not in sections and key in AppConfig.model_fields and "_" not in key:
-        return "", key
+    elif key not in sections and "_" not in key:
+        attr = key.replace("-", "_")
+        if attr in AppConfig.model_fields:
+            return "", attr
     close = difflib.get_close_matches(key, all_keys(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"Unknown run config key {key!r}.{hint} Valid keys: {', '.join(all_keys())}.")

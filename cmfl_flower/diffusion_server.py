@@ -28,6 +28,7 @@ from cmfl_flower.data import LabeledImages, load_source
 from cmfl_flower.diffusion import (
     Arrays,
     LatentModel,
+    attach_lora,
     build_ddpm_unet,
     ddpm_scheduler,
     ddpm_unet_name,
@@ -120,8 +121,14 @@ class DiffusionPublisher:
         """Fail before round 1 on a bad evaluation setup (e.g. a missing weights file)."""
         _ = self.distance
 
-    def initial_unet(self) -> Arrays:
-        """The global UNet before round 1: seeded DDPM, or the preset's pretrained UNet."""
+    def initial_arrays(self) -> Arrays:
+        """The global weights before round 1: the seeded DDPM, the preset's pretrained UNet,
+        or (``lora``) the seeded adapter every client starts from, whose B matrices are zero.
+        """
+        if self.kind == "lora":
+            d = self.cfg.diffusion
+            lora = attach_lora(self.preset, self.device, d.lora_rank, d.lora_alpha, self.cfg.seed)
+            return dict(lora.init_state)
         return module_arrays(self.latent.unet if self.kind != "ddpm" else self.ddpm)
 
     def model_bytes(self) -> int:

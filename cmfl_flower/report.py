@@ -154,9 +154,11 @@ class RunView:
         return self.run_dir.name
 
     @property
-    def strategy(self) -> str:
-        """The strategy the run used."""
-        return str(self.run_config.get("strategy", "?"))
+    def method(self) -> str:
+        """The method the run used, with its strategy when that is not the default FedAvg."""
+        method = str(self.run_config.get("method", "?"))
+        strategy = str(self.run_config.get("strategy", "fedavg"))
+        return method if strategy == "fedavg" else f"{method} ({strategy})"
 
     def final(self) -> Row:
         """Headline figures: last round's accuracies and scores, summed bytes and seconds.
@@ -257,7 +259,7 @@ def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
         local = [row.get("local-acc-mean", np.nan) for row in rows]
         label = _label(run, runs, "local test")
         axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=label)
-    title = runs[0].strategy + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
+    title = runs[0].method + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
     _round_axes(axes, "mean client accuracy", title + "\n(band: min–max over clients, global test)")
     if axes.has_data():
         axes.legend(fontsize=8)
@@ -428,7 +430,7 @@ def write_report(run_dir: Path) -> Path:
     (run.run_dir / ACCURACY_PNG).write_bytes(accuracy)
     sections = [
         f"<h1>{html.escape(run.name)}</h1>",
-        f"<p>strategy <b>{html.escape(run.strategy)}</b>, status <b>{html.escape(run.status)}"
+        f"<p>method <b>{html.escape(run.method)}</b>, status <b>{html.escape(run.status)}"
         f"</b>, {len(run.rounds)} of {run.run_config.get('federation.rounds', '?')} rounds. "
         f"Directory: <code>{html.escape(str(run.run_dir))}</code></p>",
         "<h2>Final figures</h2>",
@@ -500,7 +502,7 @@ class TensorBoardLog:
 # ----- cmfl-report ------------------------------------------------------------------------
 COMPARE_COLUMNS = (
     "run",
-    "strategy",
+    "method",
     "status",
     "rounds",
     "global-acc-mean",
@@ -516,7 +518,7 @@ COMPARE_COLUMNS = (
 
 def comparison_rows(runs: Iterable[RunView]) -> list[Row]:
     """One row of headline figures per run."""
-    return [{"run": run.name, "strategy": run.strategy} | run.final() for run in runs]
+    return [{"run": run.name, "method": run.method} | run.final() for run in runs]
 
 
 def comparison_table(rows: Sequence[Row]) -> str:

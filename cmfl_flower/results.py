@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ class RunRecorder:
     @classmethod
     def create(cls, cfg: AppConfig) -> RunRecorder:
         """Make a fresh run directory under the configured output root."""
-        name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy}"
+        method = re.sub(r"[^\w.-]", "-", cfg.method)
+        name = cfg.output.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
         run_dir = output_root(cfg.output) / name
         try:
             run_dir.mkdir(parents=True, exist_ok=False)

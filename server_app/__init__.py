@@ -1,4 +1,4 @@
-"""Flower ServerApp: parse the run config once, run the chosen strategy, write results.
+"""Flower ServerApp: parse the run config once, run the chosen method, write results.
 
 A user mistake (a bad config key, missing data or weights) or a failed run is logged as one
 line and re-raised as :class:`RunFailedError` without its chain, so that Flower marks the run failed
@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from cmfl_flower.config import AppConfig
-from cmfl_flower.strategies import run_federation
+from cmfl_flower.methods.harness import run_federation
 
 app = ServerApp()
 

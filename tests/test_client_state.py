@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cmfl_flower.client import ClientState
+from cmfl_flower.workspace import ClientState
 from cmfl_flower.client_state import load_state, save_state, state_dir
 from cmfl_flower.config import AppConfig
 

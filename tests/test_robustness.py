@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from cmfl_flower.aggregate import weights_problem
+from cmfl_flower.weights import weights_problem
 from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
 from cmfl_flower.strategies import run_federation
 from cmfl_flower.strategies.base import refusal_kind, to_record

@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from cmfl_flower.aggregate import weighted_mean
+from cmfl_flower.weights import weighted_mean
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig
 from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
@@ -203,7 +203,7 @@ def test_metric_record_summary_is_returned(tmp_path):
 
 
 def test_received_mean_fallback_averages_vectors_of_equal_shape():
-    from cmfl_flower.client import _received_means
+    from cmfl_flower.token_round import _received_means
     from cmfl_flower.wire import TokenEntry
 
     a = np.ones((1, 4), np.float32)
@@ -247,7 +247,7 @@ def test_baselines_with_tokens_send_nothing(tmp_path, strategy):
 
 
 def test_classes_with_too_few_images_are_neither_learned_nor_relayed(tmp_path):
-    from cmfl_flower.client import data_dir
+    from cmfl_flower.workspace import data_dir
     from cmfl_flower.data import load_partition
 
     extra = {"tokens.min-images": 20}

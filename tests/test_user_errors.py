@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client_app import app as client_app
-from cmfl_flower.client import data_dir
+from cmfl_flower.workspace import data_dir
 from cmfl_flower.strategies.loopback import LoopbackGrid
 from data_prep import main as data_prep
 from server_app import RunFailedError

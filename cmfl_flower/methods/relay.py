@@ -1,23 +1,25 @@
-"""``cmfl-relay``: the method. The server relays learned class-token vectors between clients.
+"""``cmfl-relay``, the method: the server relays learned class-token vectors between clients.
 
-Every round the sampled clients receive the latest vectors of every *other* client (record
-``arrays``, schema in :mod:`cmfl_flower.wire`), generate images from them, update their vision
-LoRA, train their own vectors and send those back. Only vectors and scalar metrics leave a
-client: no image, image feature or weight.
+Server: every round the sampled clients receive the latest vectors of every *other* client
+(record ``arrays``, schema in :mod:`cmfl_flower.wire`); replies are validated against the
+wire limits and kept as their sender's latest. Client (:func:`relay_round`): generate images
+from the received vectors, update the vision LoRA, train its own vectors and send those back.
+Only vectors and scalar metrics leave a client: no image, image feature or weight.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
+from cmfl_flower.methods.base import Method, RoundStrategy
 from cmfl_flower.privacy import round_report
-from cmfl_flower.results import Row, RunRecorder
-from cmfl_flower.strategies.base import Arrays, CmflStrategy
+from cmfl_flower.token_round import token_round
 from cmfl_flower.wire import (
     TokenEntry,
     WireError,
@@ -26,17 +28,16 @@ from cmfl_flower.wire import (
     parse_reply,
     relay_arrays,
 )
+from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
 
 UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
 
 
-class CmflRelay(CmflStrategy):
+class CmflRelay(RoundStrategy):
     """Relay each client's latest class tokens to the other sampled clients."""
 
-    task = "cmfl-relay"
-
-    def __init__(self, cfg: AppConfig, recorder: RunRecorder) -> None:
-        super().__init__(cfg, recorder)
+    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
+        super().__init__(cfg, run_dir)
         self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self._max_vectors = 0  # most class vectors in one accepted reply this round
@@ -56,24 +57,29 @@ class CmflRelay(CmflStrategy):
         ]
         return relay_arrays(entries)
 
-    def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
-        """Validate the reply's vectors and keep them as the sender's latest."""
-        partition = row.get("partition-id")
+    def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
+        """A reply must name its partition and carry vectors within the wire limits."""
+        partition = metrics.get("partition-id")
         if not isinstance(partition, int) or partition < 0:
             return f"metrics: 'partition-id' missing or invalid: {partition!r}"
         try:
-            entries = parse_reply(arrays, self.limits, self.labelled)
+            parse_reply(arrays, self.limits, self.labelled)
         except WireError as err:
             return str(err)
+        return None
+
+    def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
+        """Keep the reply's vectors as the sender's latest."""
+        partition = int(metrics["partition-id"])
+        entries = parse_reply(arrays, self.limits, self.labelled)
         self.partitions[node_id] = partition
         self._max_vectors = max(self._max_vectors, len(entries))
         self.latest[partition] = [
             TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
         ]
-        return None
 
-    def end_round(self, server_round: int) -> dict[str, Any]:
-        """Report how many senders' vectors the server holds, and (epsilon, delta) under DP."""
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """How many senders' vectors the server holds, and (epsilon, delta) under DP."""
         report: dict[str, Any] = {"senders-known": len(self.latest)}
         if self.cfg.privacy.enabled:
             report |= round_report(self.cfg.privacy, server_round, self._max_vectors)
@@ -95,3 +101,13 @@ class CmflRelay(CmflStrategy):
         every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
         for entry in parse_relay(arrays, every_sender):
             self.latest.setdefault(entry.sender, []).append(entry)
+
+
+def relay_round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
+) -> RoundOutput:
+    """One CMFL round: generate from peers' tokens, update the encoder, train own tokens."""
+    return token_round(cfg, task, state, received, "relay")
+
+
+RELAY = Method("cmfl-relay", relay_round, strategy=CmflRelay)

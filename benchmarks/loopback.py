@@ -1,8 +1,9 @@
 """An in-process Grid: a strategy talks to a ClientApp in the same process, without Ray.
 
-For tests and benchmarks. Every message and reply is kept for inspection. Each node has its
-own ``Context`` (its ``context.state`` persists across rounds, as on a SuperNode). A client
-that raises produces an error reply, as Flower does.
+For tests and benchmarks (it is not part of the installed app). Every message and reply is
+kept for inspection. Each node has its own ``Context`` whose ``run_config`` is the run's flat
+config, as ``flwr run`` gives it (its ``context.state`` persists across rounds, as on a
+SuperNode). A client that raises produces an error reply, as Flower does.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from cmfl_flower.config import AppConfig
+
 ClientCall = Callable[[Message, Context], Message]
 
 
 class LoopbackGrid(Grid):
     """Deliver each message to an in-process ClientApp and return its reply."""
 
-    def __init__(self, client_app: ClientCall, num_nodes: int, first_node_id: int = 1000) -> None:
+    def __init__(
+        self, client_app: ClientCall, cfg: AppConfig, num_nodes: int, first_node_id: int = 1000
+    ) -> None:
         self.client_app = client_app
         self.contexts = {
             first_node_id + pid: Context(
@@ -30,7 +35,7 @@ class LoopbackGrid(Grid):
                 node_id=first_node_id + pid,
                 node_config={"partition-id": pid, "num-partitions": num_nodes},
                 state=RecordDict(),
-                run_config={},
+                run_config=dict(cfg.to_run_config()),
             )
             for pid in range(num_nodes)
         }

@@ -1,0 +1,199 @@
+"""What every method is made of: a client routine, a server side, and the records between them.
+
+A :class:`Method` names its client routine (what a client does with one ``train`` message)
+and how its server side is built:
+
+* a method that exchanges **weights** (``encoder-lora``, ``diffusion-unet``, ``diffusion-lora``)
+  gives the server's initial arrays and its per-round scoring of the global arrays; the
+  ``strategy`` key picks the Flower strategy that combines them (FedAvg, FedAdam, Krum, ...);
+* any other method brings its own Flower :class:`~flwr.serverapp.strategy.Strategy`, usually a
+  :class:`RoundStrategy` (the relay forwards vectors, the local baselines only collect metrics).
+
+Messages, both ways, hold at most one ``ArrayRecord`` (``arrays``) beside one ``ConfigRecord``
+(``config``: ``server-round``, ``run-name`` and what a strategy adds, such as FedProx's
+``proximal-mu``) or one ``MetricRecord`` (``metrics``). Clients read the run config from
+``context.run_config``; nothing else travels.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from cmfl_flower.config import AppConfig
+from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
+
+ARRAYS_KEY = "arrays"  # ArrayRecord: token vectors or weights, per method
+CONFIG_KEY = "config"  # ConfigRecord: ROUND_KEY, RUN_NAME_KEY and what a strategy adds
+METRICS_KEY = "metrics"  # MetricRecord: the client's scalar metrics for the round
+ROUND_KEY = "server-round"
+RUN_NAME_KEY = "run-name"  # the run directory's name, resolved by the server
+
+ClientRoutine = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
+EvaluateRoutine = Callable[[AppConfig, ClientTask, Arrays], Metrics]
+StrategyFactory = Callable[[AppConfig, Path], Strategy]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: its client routine and its server side, registered once.
+
+    ``strategy``: builds the method's own server strategy (``(cfg, run_dir) -> Strategy``);
+    None for a weight method, whose strategy the ``strategy`` key names. A weight method gives
+    ``initial_arrays`` (the global arrays of round 1: ``(cfg, run_dir) -> arrays``) and may give ``server_evaluate`` (scores
+    of the global arrays after each round: ``(cfg, run_dir, round, arrays) -> metrics``) and
+    ``evaluate`` (its answer to Flower's ``evaluate`` message).
+    """
+
+    name: str
+    train: ClientRoutine
+    strategy: StrategyFactory | None = None
+    initial_arrays: Callable[[AppConfig, Path], Arrays] | None = None
+    server_evaluate: Callable[[AppConfig, Path, int, Arrays], Metrics] | None = None
+    evaluate: EvaluateRoutine | None = None
+    learning_rate: Callable[[AppConfig], float] | None = None  # the clients' (q-FedAvg needs it)
+
+    def __post_init__(self) -> None:
+        if (self.strategy is None) == (self.initial_arrays is None):
+            raise ValueError(
+                f"method {self.name!r}: give either its own strategy or, for a weight method, "
+                "initial_arrays (and let the `strategy` key pick the Flower strategy)"
+            )
+
+    @property
+    def exchanges_weights(self) -> bool:
+        """Whether the ``strategy`` key (a Flower strategy) combines what clients send."""
+        return self.strategy is None
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    """Numpy arrays as an ArrayRecord (Flower wants ``Array`` values)."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    """An ArrayRecord as numpy arrays."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def reply(output: RoundOutput, message: Message) -> Message:
+    """The reply to ``message`` carrying a routine's metrics and arrays."""
+    content = RecordDict({METRICS_KEY: MetricRecord(output.metrics)})
+    if output.arrays:
+        content[ARRAYS_KEY] = to_record(output.arrays)
+    return Message(content, reply_to=message)
+
+
+class RoundStrategy(Strategy):
+    """A method's own server side, run by Flower's ``Strategy.start`` like any strategy.
+
+    Every round it samples ``federation.fraction`` of the connected nodes (seeded, at least
+    ``federation.min-nodes``), sends each a ``train`` message with :meth:`arrays_for`, and
+    passes each usable reply to :meth:`absorb`. Replies were checked before (the run's
+    harness refuses malformed ones and those :meth:`check_reply` rejects). :meth:`state` and
+    :meth:`load_state` are checkpointed after each round and restored on ``output.resume``;
+    :meth:`round_metrics` adds to the round's summary.
+    """
+
+    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.first_round = 1  # the harness sets it on resume: Flower counts from 1
+
+    # ----- hooks -------------------------------------------------------------------------
+    def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
+        """Arrays to send to ``node_id`` this round (None: none)."""
+        return None
+
+    def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
+        """Why a reply cannot be used (``"<kind>: <detail>"``), or None."""
+        return None
+
+    def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
+        """Take one usable reply."""
+
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """Extra figures for the round's summary (called once, after :meth:`absorb`)."""
+        return {}
+
+    def state(self) -> tuple[Arrays, dict[str, Any]]:
+        """What to checkpoint after each round: arrays and JSON-able metadata."""
+        return {}, {}
+
+    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    # ----- Flower's Strategy -------------------------------------------------------------
+    def round(self, flower_round: int) -> int:
+        """The run's round number of Flower's ``flower_round`` (they differ after a resume)."""
+        return self.first_round + flower_round - 1
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """Seeded sample of ``fraction`` of the connected nodes (at least ``min-nodes``)."""
+        fed = self.cfg.federation
+        nodes = sorted(grid.get_node_ids())
+        size = min(len(nodes), max(fed.min_nodes, round(fed.fraction * len(nodes))))
+        return sorted(random.Random(f"{self.cfg.seed}/{server_round}").sample(nodes, size))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One ``train`` message per sampled node, with that node's arrays."""
+        server_round = self.round(server_round)
+        messages = []
+        for node in self.sample(grid, server_round):
+            content = RecordDict({CONFIG_KEY: ConfigRecord({**config, ROUND_KEY: server_round})})
+            if (sent := self.arrays_for(server_round, node)) is not None:
+                content[ARRAYS_KEY] = to_record(sent)
+            messages.append(Message(content, node, MessageType.TRAIN))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Pass every reply without an error to :meth:`absorb`."""
+        server_round = self.round(server_round)
+        for message in replies:
+            if message.has_error():
+                continue
+            content = message.content
+            record = content.array_records.get(ARRAYS_KEY)
+            arrays = from_record(record) if record is not None else {}
+            metrics = dict(content.metric_records[METRICS_KEY])
+            self.absorb(server_round, message.metadata.src_node_id, metrics, arrays)
+        return None, None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Clients evaluate inside their train round: no ``evaluate`` messages."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    def summary(self) -> None:
+        """Log the sampling settings."""
+        fed = self.cfg.federation
+        log(
+            INFO,
+            "%s: method=%s fraction=%.2f min-nodes=%d",
+            type(self).__name__,
+            self.cfg.method,
+            fed.fraction,
+            fed.min_nodes,
+        )

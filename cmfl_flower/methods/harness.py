@@ -1,0 +1,412 @@
+"""Runs any method's server strategy with Flower's ``Strategy.start``, and records the run.
+
+The strategy (one of Flower's for a weight method, else the method's own) drives the rounds.
+Between it and Flower's Grid sits a :class:`RecordingGrid`, which for every message
+
+* routes it to the method's client routine (``train`` becomes ``train.<action>``) and stamps
+  the run's round number and run name into its config (Flower counts from 1 after a resume);
+* counts its bytes, and the bytes of each reply, as Flower ships them;
+* checks each reply and refuses a malformed one before the strategy sees it (the reason,
+  ``"<kind>: <detail>"``, is logged and counted as ``refused-<kind>``).
+
+After each round (Flower's ``evaluate_fn``) :class:`Session` scores the global arrays of a
+weight method, writes the round's rows and summary, saves the checkpoint, and stops the run
+(``RuntimeError``) when fewer than ``federation.min-replies`` replies were usable.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from cmfl_flower.weights import weights_problem
+from cmfl_flower.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cmfl_flower.config import AppConfig
+from cmfl_flower.methods import action, resolve_method
+from cmfl_flower.methods.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    ROUND_KEY,
+    RUN_NAME_KEY,
+    Method,
+    RoundStrategy,
+    from_record,
+    to_record,
+)
+from cmfl_flower.methods.flower import build_strategy
+from cmfl_flower.methods.flower_api import message_bytes, with_message_type
+from cmfl_flower.privacy import round_report
+from cmfl_flower.report import round_line
+from cmfl_flower.results import Row, RunRecorder
+from cmfl_flower.workspace import Arrays
+
+SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
+TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received")  # reported as sums
+RESERVED = frozenset({"node-id", "bytes-sent", "bytes-received", "error", "refused"})
+
+
+class Session:
+    """One run of a method: its strategy, what each round sent and received, the recorder."""
+
+    def __init__(self, cfg: AppConfig, recorder: RunRecorder, method: Method) -> None:
+        self.cfg = cfg
+        self.recorder = recorder
+        self.method = method
+        self.strategy: Strategy | None = None
+        self.first_round = 1
+        self.round_number = 1  # the run's number of the round in progress
+        self._new_round()
+
+    def _new_round(self) -> None:
+        self.rows: dict[int, Row] = {}  # node id -> its row this round
+        self.sent_bytes: dict[int, int] = {}
+        self.reference: Arrays | None = None  # the weights sent this round (weight methods)
+        self.metric_keys: set[str] | None = None  # Flower averages only equal key sets
+        self.round_start = time.perf_counter()
+
+    # ----- messages out ----------------------------------------------------------------
+    def outgoing(self, message: Message) -> Message:
+        """Route, stamp and measure one message before it leaves."""
+        category = message.metadata.message_type.partition(".")[0]
+        config = message.content.config_records.get(CONFIG_KEY)
+        if config is not None:  # Flower's round count restarts at 1 after a resume
+            flower_round = int(config.get(ROUND_KEY, 1))
+            self.round_number = self.first_round + flower_round - 1
+            config[ROUND_KEY] = self.round_number
+            config[RUN_NAME_KEY] = self.cfg.output.run_name
+        if ":" not in self.cfg.method and message.metadata.message_type == category:
+            message = with_message_type(message, f"{category}.{action(self.cfg.method)}")
+        node = message.metadata.dst_node_id
+        if category == "train":
+            self.sent_bytes[node] = message_bytes(message)
+            record = message.content.array_records.get(ARRAYS_KEY)
+            if self.method.exchanges_weights and self.reference is None and record is not None:
+                self.reference = from_record(record)
+        return message
+
+    # ----- replies in ------------------------------------------------------------------
+    def incoming(self, replies: Iterable[Message]) -> list[Message]:
+        """Record every reply; return those the strategy may use (and the errors)."""
+        usable = []
+        for message in replies:
+            if message.metadata.message_type.startswith("evaluate"):
+                self._evaluation(message)
+                usable.append(message)
+            elif self._train_reply(message):
+                usable.append(message)
+        return usable
+
+    def _evaluation(self, message: Message) -> None:
+        row = self.rows.setdefault(message.metadata.src_node_id, {})
+        if not message.has_error() and METRICS_KEY in message.content.metric_records:
+            metrics = message.content.metric_records[METRICS_KEY]
+            row |= {f"eval-{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def _train_reply(self, message: Message) -> bool:
+        node = message.metadata.src_node_id
+        row: Row = {"node-id": node, "bytes-sent": self.sent_bytes.get(node, 0)}
+        row["bytes-received"] = message_bytes(message)
+        self.rows[node] = row
+        if message.has_error():
+            reason = str(message.error.reason)
+            log(WARNING, "round %d: node %d failed: %s", self.round_number, node, reason)
+            row["error"] = reason
+            return True  # Flower's strategies skip errors themselves
+        reason = self._refusal(row, message.content)
+        if reason is not None:
+            log(WARNING, "round %d: refused reply of node %d: %s", self.round_number, node, reason)
+            row["refused"] = reason
+            return False
+        return True
+
+    def _refusal(self, row: Row, content: RecordDict) -> str | None:
+        """Why a reply cannot be used (``"<kind>: <detail>"``); else fill ``row``."""
+        if extra := sorted(set(content) - {METRICS_KEY, ARRAYS_KEY}):
+            return f"records: unexpected record(s) {extra}"
+        if METRICS_KEY not in content.metric_records:
+            return f"records: no MetricRecord {METRICS_KEY!r}"
+        if ARRAYS_KEY in content and ARRAYS_KEY not in content.array_records:
+            return f"records: {ARRAYS_KEY!r} is not an ArrayRecord"
+        metrics = dict(content.metric_records[METRICS_KEY])
+        if clash := sorted(set(metrics) & RESERVED):
+            return f"metrics: reserved name(s) {clash}"
+        if lists := sorted(k for k, v in metrics.items() if not isinstance(v, (int, float))):
+            return f"metrics: non-scalar value(s) {lists}"
+        record = content.array_records.get(ARRAYS_KEY)
+        try:
+            arrays = from_record(record) if record is not None else {}
+        except Exception as err:  # a malformed Array: its bytes do not decode
+            return f"unreadable: arrays do not decode ({type(err).__name__}: {err})"
+        if self.method.exchanges_weights:
+            reason = self._weights_refusal(metrics, arrays)
+        else:
+            assert isinstance(self.strategy, RoundStrategy)
+            reason = self.strategy.check_reply(self.round_number, metrics, arrays)
+        if reason is None:
+            row |= metrics
+        return reason
+
+    def _weights_refusal(self, metrics: dict[str, Any], arrays: Arrays) -> str | None:
+        weight = metrics.get("num-examples")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+            return f"metrics: 'num-examples' missing or not positive: {weight!r}"
+        if self.reference is None:
+            return "records: no weights were sent to compare with"
+        if reason := weights_problem(arrays, self.reference, exact_dtype=False):
+            return reason
+        if self.metric_keys is not None and set(metrics) != self.metric_keys:
+            return f"metrics: names differ from the other replies' ({sorted(metrics)})"
+        self.metric_keys = set(metrics)
+        return None
+
+    # ----- after the round ---------------------------------------------------------------
+    def start(self, strategy: Strategy, first_round: int) -> None:
+        """Attach ``strategy``; the next round is ``first_round``."""
+        self.strategy, self.first_round = strategy, first_round
+
+    def end_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: score, record, checkpoint; stop on too few replies."""
+        if flower_round == 0:
+            return None  # before round 1: nothing happened yet
+        server_round = self.first_round + flower_round - 1
+        rows = sorted(self.rows.values(), key=lambda r: r.get("partition-id", -1))
+        rows = [row for row in rows if "node-id" in row]
+        extra = self._round_figures(server_round, arrays, rows)
+        summary = self.record(server_round, rows, extra)
+        state, meta = self._state(arrays)
+        save_checkpoint(self.recorder.run_dir, Checkpoint(server_round, state, meta))
+        self._check_replies(server_round, rows, summary)
+        self._new_round()
+        return MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+
+    def _round_figures(self, server_round: int, arrays: ArrayRecord, rows: list[Row]) -> Row:
+        extra: Row = {"no-reply": len(self.sent_bytes) - len(rows)}
+        if not self.method.exchanges_weights:
+            assert isinstance(self.strategy, RoundStrategy)
+            return extra | self.strategy.round_metrics(server_round)
+        extra["averaged"] = sum(not _failed(row) for row in rows)
+        if self.cfg.privacy.enabled:
+            extra |= round_report(self.cfg.privacy, server_round, 0)
+        if self.method.server_evaluate is not None and len(arrays):
+            run_dir, weights = self.recorder.run_dir, from_record(arrays)
+            extra |= self.method.server_evaluate(self.cfg, run_dir, server_round, weights)
+        return extra
+
+    def _state(self, arrays: ArrayRecord) -> tuple[Arrays, dict[str, Any]]:
+        if isinstance(self.strategy, RoundStrategy):
+            return self.strategy.state()
+        return from_record(arrays), {}
+
+    def record(self, server_round: int, rows: list[Row], extra: Row) -> Row:
+        """Store the client rows and the round summary; return the summary."""
+        ok = [row for row in rows if not _failed(row)]
+        summary: Row = {
+            "replies": len(ok),
+            "errors": sum("error" in row for row in rows),
+            "refused": sum("refused" in row for row in rows),
+        }
+        summary |= _refusal_kinds(rows) | _spread(ok) | _totals(rows) | _mean_seconds(ok) | extra
+        sampled = max(len(self.sent_bytes), len(rows))
+        summary |= {"sampled": sampled, "round-seconds": time.perf_counter() - self.round_start}
+        self.recorder.add_clients(server_round, rows)
+        self.recorder.add_round(server_round, summary)
+        for row in ok:
+            log(INFO, "round %d: %s", server_round, _format_row(row))
+        log(INFO, "%s", round_line(server_round, self.cfg.federation.rounds, sampled, summary))
+        return summary
+
+    def _check_replies(self, server_round: int, rows: list[Row], summary: Row) -> None:
+        needed = self.cfg.federation.min_replies
+        if summary["replies"] >= needed:
+            return
+        reasons = [str(row.get("error") or row["refused"]) for row in rows if _failed(row)]
+        raise RuntimeError(
+            f"round {server_round}: {summary['replies']} usable replies, "
+            f"federation.min-replies = {needed} ({summary['errors']} errors, "
+            f"{summary['refused']} refused, {summary['no-reply']} without reply)"
+            + (f"; first problem: {reasons[0]}" if reasons else "")
+        )
+
+
+class RecordingGrid(Grid):
+    """Flower's Grid with a :class:`Session` on the way out and on the way back."""
+
+    def __init__(self, grid: Grid, session: Session) -> None:
+        self.grid = grid
+        self.session = session
+
+    def set_run(self, run: Any) -> None:
+        """Flower's."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """Flower's."""
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Flower's."""
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Flower's."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Stamped and measured, then Flower's."""
+        return self.grid.push_messages([self.session.outgoing(m) for m in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Flower's, then recorded and checked."""
+        return self.session.incoming(self.grid.pull_messages(message_ids))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Stamp and measure the messages; record and check the replies."""
+        sent = [self.session.outgoing(m) for m in messages]
+        if not sent:
+            return []
+        return self.session.incoming(self.grid.send_and_receive(sent, timeout=timeout))
+
+
+def wait_for_nodes(grid: Grid, cfg: AppConfig) -> int:
+    """Wait up to ``federation.wait-for-nodes`` s for ``min-nodes`` nodes; return how many."""
+    fed = cfg.federation
+    deadline = time.monotonic() + fed.wait_for_nodes
+    while len(nodes := list(grid.get_node_ids())) < fed.min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} node(s) connected after {fed.wait_for_nodes:.0f} s; "
+                f"federation.min-nodes = {fed.min_nodes}"
+            )
+        time.sleep(1.0)
+    return len(nodes)
+
+
+def _strategy(cfg: AppConfig, method: Method, run_dir: Path, num_nodes: int) -> Strategy:
+    if method.strategy is not None:
+        if cfg.strategy != "fedavg" or cfg.strategy_args:
+            raise ValueError(
+                f"strategy = {cfg.strategy!r} has no use with method = {cfg.method!r}: its server "
+                "side is its own (the strategy key picks how weight methods are combined)"
+            )
+        return method.strategy(cfg, run_dir)
+    lr = method.learning_rate(cfg) if method.learning_rate else 0.0
+    return build_strategy(cfg, num_nodes, lr)
+
+
+def _restore(session: Session, strategy: Strategy, method: Method) -> tuple[int, ArrayRecord]:
+    """The first round to run and the arrays to start from (``output.resume``: the checkpoint's)."""
+    cfg, run_dir = session.cfg, session.recorder.run_dir
+    checkpoint = load_checkpoint(run_dir) if cfg.output.resume else None
+    done = checkpoint.round if checkpoint is not None else 0
+    if cfg.output.resume:
+        session.recorder.truncate(done)
+        log(INFO, "resuming %s after round %d", run_dir, done)
+    if isinstance(strategy, RoundStrategy):
+        if checkpoint is not None:
+            strategy.load_state(checkpoint.arrays, checkpoint.meta)
+        return done + 1, ArrayRecord()
+    assert method.initial_arrays is not None
+    arrays = checkpoint.arrays if checkpoint is not None else method.initial_arrays(cfg, run_dir)
+    return done + 1, to_record(arrays)
+
+
+def run_federation(grid: Grid, cfg: AppConfig) -> Path:
+    """Run the configured method to the end, recording into its run directory.
+
+    The directory is fresh, or with ``output.resume`` the named run's, continued after its
+    last checkpoint.
+    """
+    recorder = RunRecorder.open(cfg)
+    cfg = recorder.cfg  # with the resolved output.run-name, which the clients need
+    log(INFO, "==> cmfl-flower run directory: %s", recorder.run_dir)
+    try:
+        method = resolve_method(cfg.method)
+        num_nodes = wait_for_nodes(grid, cfg)
+        strategy = _strategy(cfg, method, recorder.run_dir, num_nodes)
+        session = Session(cfg, recorder, method)
+        first_round, initial = _restore(session, strategy, method)
+        session.start(strategy, first_round)
+        if (rounds := cfg.federation.rounds - first_round + 1) > 0:
+            strategy.start(
+                RecordingGrid(grid, session),
+                initial,
+                num_rounds=rounds,
+                timeout=cfg.federation.round_timeout,
+                train_config=ConfigRecord({RUN_NAME_KEY: cfg.output.run_name}),
+                evaluate_config=ConfigRecord({RUN_NAME_KEY: cfg.output.run_name}),
+                evaluate_fn=session.end_round,
+            )
+    except BaseException as err:
+        recorder.finish(err)
+        log(INFO, "==> cmfl-flower run failed; what it had is in: %s", recorder.run_dir)
+        raise
+    recorder.finish()
+    log(INFO, "==> cmfl-flower results written to: %s", recorder.run_dir)
+    log(INFO, "==> open %s", recorder.run_dir / "report.html")
+    return recorder.run_dir
+
+
+def _failed(row: Row) -> bool:
+    return "error" in row or "refused" in row
+
+
+def refusal_kind(reason: str) -> str:
+    """The kind of a refusal reason written ``"<kind>: <detail>"`` (else ``other``)."""
+    kind, sep, _ = reason.partition(": ")
+    return kind if sep and re.fullmatch(r"[a-z][a-z-]*", kind) else "other"
+
+
+def _refusal_kinds(rows: list[Row]) -> dict[str, int]:
+    """``refused-<kind>``: how many replies were refused for each kind of reason."""
+    kinds = [refusal_kind(str(row["refused"])) for row in rows if "refused" in row]
+    return {f"refused-{kind}": kinds.count(kind) for kind in sorted(set(kinds))}
+
+
+def _spread(rows: list[Row]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in (*SPREAD_METRICS, *(f"eval-{n}" for n in SPREAD_METRICS)):
+        values = [float(row[name]) for row in rows if name in row]
+        if values:
+            out |= {
+                f"{name}-mean": float(np.mean(values)),
+                f"{name}-min": min(values),
+                f"{name}-max": max(values),
+            }
+    return out
+
+
+def _totals(rows: list[Row]) -> dict[str, int]:
+    return {name: int(sum(row.get(name, 0) for row in rows)) for name in TOTAL_METRICS}
+
+
+def _mean_seconds(rows: list[Row]) -> dict[str, float]:
+    keys = sorted({key for row in rows for key in row if key.startswith("seconds-")})
+    return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
+
+
+def _format_row(row: Row) -> str:
+    parts = []
+    for key, value in row.items():
+        parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
