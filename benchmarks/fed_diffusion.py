@@ -3,7 +3,7 @@
 ``python -m benchmarks.fed_diffusion`` trains the tiny pixel DDPM two ways from the same seeded
 initialisation:
 
-* **FedAvg** (C = 4, E = 4): ``fedavg-diffusion`` through the real strategy and ClientApp code
+* **FedAvg** (C = 4, E = 4): ``diffusion-unet`` (FedAvg), via the real strategy and ClientApp
   (in process), 4 clients on an iid split of the digits training pool, all sampled every
   round, 4 local steps of batch 16 each; ``rounds x 4 x 4 x 16`` training samples in all.
 * **Centralised**: one model trained on the pooled images of the same 4 clients for
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
 from cmfl_flower.diffusion import (
@@ -37,8 +37,8 @@ from cmfl_flower.diffusion import (
     train_steps,
 )
 from cmfl_flower.diffusion_server import DiffusionPublisher
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
+from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.workspace import data_dir
 
 CLIENTS = 4
 LOCAL_STEPS = 4
@@ -50,7 +50,7 @@ def config(root: Path, args: argparse.Namespace) -> AppConfig:
     """The fixed benchmark settings."""
     return AppConfig.from_run_config(
         {
-            "strategy": "fedavg-diffusion",
+            "method": "diffusion-unet",
             "seed": SEED,
             "data.partitioner": "iid",
             "data.dir": str(root / "data"),
@@ -69,7 +69,7 @@ def config(root: Path, args: argparse.Namespace) -> AppConfig:
 
 def fedavg(cfg: AppConfig) -> tuple[float, int]:
     """Run FedAvg; return the final Fréchet distance and the bytes on the wire."""
-    run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, CLIENTS), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     wire = sum(int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds)
     return float(rounds[-1]["fd-clip"]), wire

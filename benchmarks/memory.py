@@ -1,7 +1,7 @@
 """Peak memory of one process serving 1 client against the same process serving 10.
 
 ``python -m benchmarks.memory`` runs, in two fresh child processes, the default
-``cmfl-relay`` strategy for two rounds (round 2 generates from the peers' tokens) through the
+``cmfl-relay`` method for two rounds (round 2 generates from the peers' tokens) through the
 real ServerApp strategy and ClientApp code on an in-process grid, with 1 and with 10 clients.
 Each child reports its peak resident set size; the parent prints both and their ratio. The
 clients of one process share one CLIP and one pipeline; what grows with the number of clients
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
+from cmfl_flower.methods.harness import run_federation
 
 ROUNDS = 2
 MARKER = "peak-rss-bytes="
@@ -40,7 +40,7 @@ def child(clients: int, root: Path) -> None:
             "output.run-name": f"memory-{clients}",
         }
     )
-    run_dir = run_federation(LoopbackGrid(client_app, clients), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, clients), cfg)
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"clients={clients} replies={last['replies']} generated={last['num-generated']}")

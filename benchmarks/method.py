@@ -44,15 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.workspace import ClientTask, data_dir, open_workspace
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
+from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.privacy import epsilon
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
+from cmfl_flower.workspace import ClientTask, data_dir, open_workspace
 
 CLIENTS = 10
 ROUNDS = 10
@@ -69,13 +69,17 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 FEDERATED: dict[str, dict[str, Any]] = {
-    "local-only": {"strategy": "local-only"},
-    "local-only-tokens": {"strategy": "local-only-tokens"},
-    "names-generation": {"strategy": "names-generation"},
-    "fedavg-encoder": {"strategy": "fedavg-encoder"},
-    "fedprox-encoder": {"strategy": "fedprox-encoder"},
-    "cmfl-relay": {"strategy": "cmfl-relay"},
-    "cmfl-relay-no-generation": {"strategy": "cmfl-relay", "generation.images-per-class": 0},
+    "local-only": {"method": "local-only"},
+    "local-only-tokens": {"method": "local-only-tokens"},
+    "names-generation": {"method": "names-generation"},
+    "fedavg-encoder": {"method": "encoder-lora", "strategy": "fedavg"},
+    "fedprox-encoder": {
+        "method": "encoder-lora",
+        "strategy": "fedprox",
+        "strategy-args": "proximal_mu=0.01",
+    },
+    "cmfl-relay": {"method": "cmfl-relay"},
+    "cmfl-relay-no-generation": {"method": "cmfl-relay", "generation.images-per-class": 0},
 }
 ARMS = ("zero-shot", "centralised", *FEDERATED)
 TUNING_GRID: tuple[dict[str, Any], ...] = (
@@ -91,7 +95,7 @@ def config(
     """The fixed settings of ``protocol`` and ``seed`` with an arm's overrides."""
     return AppConfig.from_run_config(
         {
-            "strategy": "local-only",
+            "method": "local-only",
             "seed": seed,
             "backbone.preset": "tiny-fewshot",
             "data.seed": seed,
@@ -110,7 +114,7 @@ def config(
 
 def federated(cfg: AppConfig) -> dict[str, Any]:
     """Run one federated arm; its last round's figures and bytes per round per client."""
-    run_dir = run_federation(LoopbackGrid(client_app, CLIENTS), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, CLIENTS), cfg)
     rows = json.loads((run_dir / "rounds.json").read_text())
     last = rows[-1]
     traffic = sum(row.get("bytes-sent", 0) + row.get("bytes-received", 0) for row in rows)

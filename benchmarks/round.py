@@ -1,14 +1,14 @@
-"""Wall time per round and per phase, and bytes on the wire per round, strategy by strategy.
+"""Wall time per round and per phase, and bytes on the wire per round, method by method.
 
-``python -m benchmarks.round`` runs every strategy in :data:`STRATEGIES` with the app's default
-config (same backbone, data, seed and clients) through the real ServerApp strategy and
+``python -m benchmarks.round`` runs every method in :data:`METHODS` with the app's default
+config (same backbone, data, seed and clients) through the real server strategy and
 ClientApp code on an in-process grid, where the clients are served one after another by one
 process (as one simulation worker serves them). Per round it prints the wall time of the
 round's message exchange, the mean seconds per client of each phase (the ``seconds-*``
 metrics the clients report) and the bytes sent and received (the round metrics), then each
-strategy's bytes and time per round relative to the first strategy.
+method's bytes and time per round relative to the first method.
 
-A new strategy is measured by adding its registry name to :data:`STRATEGIES`.
+A new method is measured by adding its name to :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from flwr.app import Message
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
+from cmfl_flower.methods.harness import run_federation
 
-# registry names; the first is the reference
-STRATEGIES = ["cmfl-relay", "fedlora-diffusion", "fedavg-encoder"]
+# method names; the first is the reference
+METHODS = ["cmfl-relay", "diffusion-lora", "encoder-lora"]
 CLIENTS = 4
 ROUNDS = 3
 PHASES = ("generation", "encoder", "tokens", "eval")
@@ -39,8 +39,8 @@ PHASES = ("generation", "encoder", "tokens", "eval")
 class TimedGrid(LoopbackGrid):
     """A loopback grid that records the wall time of every training exchange."""
 
-    def __init__(self, num_nodes: int) -> None:
-        super().__init__(client_app, num_nodes)
+    def __init__(self, cfg: AppConfig, num_nodes: int) -> None:
+        super().__init__(client_app, cfg, num_nodes)
         self.train_seconds: list[float] = []
 
     def send_and_receive(
@@ -55,23 +55,23 @@ class TimedGrid(LoopbackGrid):
         return replies
 
 
-def measure(strategy: str, root: Path, clients: int, rounds: int) -> list[dict[str, Any]]:
-    """Run ``strategy``; one row per round with wall time, phase means and bytes."""
+def measure(method: str, root: Path, clients: int, rounds: int) -> list[dict[str, Any]]:
+    """Run ``method``; one row per round with wall time, phase means and bytes."""
     cfg = AppConfig.from_run_config(
         {
-            "strategy": strategy,
+            "method": method,
             "federation.rounds": rounds,
             "federation.min-nodes": clients,
             "data.dir": str(root / "data"),
             "output.dir": str(root / "runs"),
-            "output.run-name": strategy,
+            "output.run-name": method,
         }
     )
-    grid = TimedGrid(clients)
+    grid = TimedGrid(cfg, clients)
     run_dir = run_federation(grid, cfg)
     summaries = json.loads((run_dir / "rounds.json").read_text())
     return [
-        {"strategy": strategy, "round": index + 1, "wall": seconds} | summary
+        {"method": method, "round": index + 1, "wall": seconds} | summary
         for index, (seconds, summary) in enumerate(zip(grid.train_seconds, summaries, strict=True))
     ]
 
@@ -80,13 +80,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The per-round rows as a Markdown table."""
     phases = " | ".join(f"{phase} s" for phase in PHASES)
     lines = [
-        f"| strategy | round | wall s | {phases} | bytes sent | bytes received |",
+        f"| method | round | wall s | {phases} | bytes sent | bytes received |",
         "| --- | --- " + "| --- " * (len(PHASES) + 3) + "|",
     ]
     for row in rows:
         seconds = " | ".join(_seconds(row.get(f"seconds-{phase}")) for phase in PHASES)
         lines.append(
-            f"| {row['strategy']} | {row['round']} | {row['wall']:.1f} | {seconds} | "
+            f"| {row['method']} | {row['round']} | {row['wall']:.1f} | {seconds} | "
             f"{row['bytes-sent']:,} | {row['bytes-received']:,} |"
         )
     return "\n".join(lines)
@@ -97,26 +97,26 @@ def _seconds(value: float | None) -> str:
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """Per strategy: mean bytes and wall time per round relative to the first strategy."""
+    """Per method: mean bytes and wall time per round relative to the first method."""
 
     def means(name: str) -> tuple[float, float]:
-        own = [row for row in rows if row["strategy"] == name]
+        own = [row for row in rows if row["method"] == name]
         wire = sum(row["bytes-sent"] + row["bytes-received"] for row in own) / len(own)
         return wire, sum(row["wall"] for row in own) / len(own)
 
-    base_wire, base_wall = means(STRATEGIES[0])
+    base_wire, base_wall = means(METHODS[0])
     lines = []
-    for name in STRATEGIES:
+    for name in METHODS:
         wire, wall = means(name)
         lines.append(
-            f"{name}: {wire:,.0f} bytes/round ({wire / base_wire:.2f}x {STRATEGIES[0]}), "
+            f"{name}: {wire:,.0f} bytes/round ({wire / base_wire:.2f}x {METHODS[0]}), "
             f"{wall:.1f} s/round ({wall / base_wall:.2f}x)"
         )
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run every strategy on the default config; print the table and the ratios."""
+    """Run every method on the default config; print the table and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cmfl-round-") as tmp:
-        for strategy in STRATEGIES:
-            rows += measure(strategy, Path(tmp), args.clients, args.rounds)
+        for method in METHODS:
+            rows += measure(method, Path(tmp), args.clients, args.rounds)
     print(table(rows))
     print("\n".join(ratios(rows)))
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
+from cmfl_flower.methods.harness import run_federation
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     flat = {"output.dir": str(root), "output.progress": False}
     flat |= {"federation.min-nodes": args.clients} | dict(map(parse_override, args.overrides))
     start = time.perf_counter()
-    run_dir = run_federation(
-        LoopbackGrid(client_app, args.clients), AppConfig.from_run_config(flat)
-    )
+    cfg = AppConfig.from_run_config(flat)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, args.clients), cfg)
     for row in json.loads((run_dir / "rounds.json").read_text()):
         print(round_line(row))
     print(f"{time.perf_counter() - start:.0f} s, run directory {run_dir}")

@@ -41,7 +41,11 @@ Handler = Callable[[Method, Message, Context], Message]
 
 def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays]:
     """The run config, who and which round, and the arrays the server sent."""
-    config = dict(msg.content.config_records.get(CONFIG_KEY, {}))
+    config = {
+        k: v
+        for k, v in msg.content.config_records.get(CONFIG_KEY, {}).items()
+        if isinstance(v, (int, float, str, bool))
+    }
     run_name = str(config.pop(RUN_NAME_KEY, ""))
     cfg = AppConfig.from_run_config({**context.run_config, "output.run-name": run_name})
     task = client_task(context.node_config, config.pop(ROUND_KEY, None), config)

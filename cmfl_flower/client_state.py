@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cmfl_flower.workspace import ClientState
 from cmfl_flower.config import AppConfig
 from cmfl_flower.report import client_dir
 from cmfl_flower.results import output_root
+from cmfl_flower.workspace import ClientState
 
 STATE_DIR = "state"
 FIELDS = ("lora", "tokens")

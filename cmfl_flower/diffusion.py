@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from cmfl_flower.weights import weights_problem
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DiffusionConfig
 from cmfl_flower.encoder import resize_uint8
+from cmfl_flower.weights import weights_problem
 
 Arrays = dict[str, np.ndarray]
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

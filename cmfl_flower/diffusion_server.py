@@ -122,8 +122,10 @@ class DiffusionPublisher:
         _ = self.distance
 
     def initial_arrays(self) -> Arrays:
-        """The global weights before round 1: the seeded DDPM, the preset's pretrained UNet,
-        or (``lora``) the seeded adapter every client starts from, whose B matrices are zero.
+        """The global weights before round 1.
+
+        The seeded DDPM, the preset's pretrained UNet, or (``lora``) the seeded adapter every
+        client starts from, whose B matrices are zero.
         """
         if self.kind == "lora":
             d = self.cfg.diffusion

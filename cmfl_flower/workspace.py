@@ -267,6 +267,7 @@ def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
 
 
 def base_metrics(ws: Workspace) -> Metrics:
+    """Who replied and how much data it holds."""
     return {
         "partition-id": ws.task.partition_id,
         "num-train": len(ws.data.train),

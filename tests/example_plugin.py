@@ -1,16 +1,17 @@
-"""An example plug-in strategy, loaded by import path: ``tests.example_plugin:BestPeerRelay``.
+"""An example plug-in method, loaded by import path: ``method = "tests.example_plugin:BEST_PEER"``.
 
-It follows the :class:`~cmfl_flower.strategies.CmflStrategy` contract by subclassing the
-built-in relay and overriding one hook: each client receives only the vectors of the peer that
-had the best local accuracy in the previous round.
+A plug-in is a :class:`~cmfl_flower.methods.Method`: its client routine and its server strategy
+in one object, importable wherever the ServerApp and the ClientApps run. This one keeps the
+relay's client routine and changes the server: each client receives only the vectors of the
+peer that had the best local accuracy in the previous round.
 """
 
 from __future__ import annotations
 
-from cmfl_flower.results import Row
-from cmfl_flower.strategies.base import Arrays
-from cmfl_flower.strategies.relay import CmflRelay
+from cmfl_flower.methods import Method
+from cmfl_flower.methods.relay import CmflRelay, relay_round
 from cmfl_flower.wire import relay_arrays
+from cmfl_flower.workspace import Arrays, Metrics
 
 
 class BestPeerRelay(CmflRelay):
@@ -20,11 +21,9 @@ class BestPeerRelay(CmflRelay):
         super().__init__(*args, **kwargs)
         self.local_acc: dict[int, float] = {}  # partition id -> last local accuracy
 
-    def absorb(self, server_round: int, node_id: int, row: Row, arrays: Arrays) -> str | None:
-        reason = super().absorb(server_round, node_id, row, arrays)
-        if reason is None:
-            self.local_acc[row["partition-id"]] = float(row["local-acc"])
-        return reason
+    def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
+        super().absorb(server_round, node_id, metrics, arrays)
+        self.local_acc[int(metrics["partition-id"])] = float(metrics["local-acc"])
 
     def arrays_for(self, server_round: int, node_id: int) -> Arrays:
         own = self.partitions.get(node_id)
@@ -33,3 +32,6 @@ class BestPeerRelay(CmflRelay):
             return {}
         best = max(sorted(peers), key=lambda p: peers[p])
         return relay_arrays(self.latest[best])
+
+
+BEST_PEER = Method("best-peer-relay", relay_round, strategy=BestPeerRelay)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cmfl_flower.workspace import ClientState
 from cmfl_flower.client_state import load_state, save_state, state_dir
 from cmfl_flower.config import AppConfig
+from cmfl_flower.workspace import ClientState
 
 
 def _state(value):

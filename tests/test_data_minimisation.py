@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY
 from cmfl_flower.strategies.base import from_record
+
 from tests.test_strategies import make_cfg, run
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -6,6 +6,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from cmfl_flower.protocol import METRICS_KEY
+from cmfl_flower.strategies import build_strategy, run_federation
+from cmfl_flower.strategies.base import from_record
+from benchmarks.loopback import LoopbackGrid
 
 from client_app import app as client_app
 from cmfl_flower import checkpoint
@@ -13,11 +17,7 @@ from cmfl_flower.backbones import load_pipeline, resolve_preset
 from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.fid import FrechetDistance, build_fd_metric
-from cmfl_flower.protocol import METRICS_KEY
 from cmfl_flower.results import RunRecorder
-from cmfl_flower.strategies import build_strategy, run_federation
-from cmfl_flower.strategies.base import from_record
-from cmfl_flower.strategies.loopback import LoopbackGrid
 from tests.test_strategies import make_cfg
 
 FAST = {

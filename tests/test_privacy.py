@@ -4,16 +4,16 @@ import json
 
 import numpy as np
 import pytest
+from cmfl_flower.protocol import ARRAYS_KEY
+from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.strategies.base import from_record
+from benchmarks.loopback import LoopbackGrid
 from opacus.accountants import RDPAccountant
 
 from client_app import app as client_app
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import PrivacyConfig
 from cmfl_flower.privacy import clip, epsilon, privatise
-from cmfl_flower.protocol import ARRAYS_KEY
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.base import from_record
-from cmfl_flower.strategies.loopback import LoopbackGrid
 from tests.test_strategies import make_cfg
 
 CFG = PrivacyConfig(enabled=True, clip_norm=0.5, noise_multiplier=1.3, delta=1e-5)

@@ -8,15 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from cmfl_flower.client import ClientState, ClientTask, run_task
+from cmfl_flower.methods.harness import run_federation
+from benchmarks.loopback import LoopbackGrid
 from PIL import Image
 
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.client import ClientState, ClientTask, run_task
 from cmfl_flower.config import AppConfig, TokensConfig
 from cmfl_flower.results import RunRecorder
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
 
 IMAGES_PER_CLASS = 2
 NODES = 3

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from cmfl_flower.methods.harness import run_federation
+from benchmarks.loopback import LoopbackGrid
 
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.config import AppConfig
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.loopback import LoopbackGrid
 from tests.test_strategies import make_cfg
 
 

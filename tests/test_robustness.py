@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
+from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.strategies.base import refusal_kind, to_record
+from benchmarks.loopback import LoopbackGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
 from cmfl_flower.weights import weights_problem
-from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
-from cmfl_flower.strategies import run_federation
-from cmfl_flower.strategies.base import refusal_kind, to_record
-from cmfl_flower.strategies.loopback import LoopbackGrid
 from tests.test_strategies import make_cfg
 
 D = 64  # token width of the tiny backbone

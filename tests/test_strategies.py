@@ -5,29 +5,28 @@ import re
 
 import numpy as np
 import pytest
+from cmfl_flower.methods import resolve_method
+from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
+from cmfl_flower.methods.flower import FLOWER_STRATEGIES, strategy_class
+from cmfl_flower.methods.harness import run_federation
+from benchmarks.loopback import LoopbackGrid
 from flwr.app import Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
-from cmfl_flower.weights import weighted_mean
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig
-from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
-from cmfl_flower.results import RunRecorder
-from cmfl_flower.strategies import build_strategy, run_federation
-from cmfl_flower.strategies.base import from_record, to_record
-from cmfl_flower.strategies.loopback import LoopbackGrid
 
 TOKEN_DIM = 64
 
 
-def make_cfg(tmp_path, strategy, rounds=2, **extra):
+def make_cfg(tmp_path, method, rounds=2, **extra):
     flat = {
-        "strategy": strategy,
+        "method": method,
         "federation.rounds": rounds,
         "federation.min-nodes": 2,
         "data.dir": str(tmp_path / "data"),
         "output.dir": str(tmp_path / "runs"),
-        "output.run-name": strategy.replace(":", "-"),
+        "output.run-name": method.replace(":", "-"),
         "generation.images-per-class": 2,
         "generation.steps": 2,
         "tokens.epochs": 1,
@@ -35,9 +34,9 @@ def make_cfg(tmp_path, strategy, rounds=2, **extra):
     return AppConfig.from_run_config(flat | extra)
 
 
-def run(tmp_path, strategy, num_nodes=4, rounds=2, overrides=None, **extra):
-    cfg = make_cfg(tmp_path, strategy, rounds, **extra)
-    grid = LoopbackGrid(client_app, num_nodes)
+def run(tmp_path, method, num_nodes=4, rounds=2, overrides=None, **extra):
+    cfg = make_cfg(tmp_path, method, rounds, **extra)
+    grid = LoopbackGrid(client_app, cfg, num_nodes)
     grid.overrides.update(overrides or {})
     run_dir = run_federation(grid, cfg)
     rows = json.loads((run_dir / "clients.json").read_text())
@@ -133,37 +132,80 @@ def test_error_and_invalid_replies_are_counted_and_survived(tmp_path):
     assert senders == {2, 3}
 
 
-def test_weighted_mean_is_the_exact_example_weighted_mean():
-    a = {"w": np.array([[1.0, 2.0]], np.float32), "b": np.array([0.0], np.float32)}
-    b = {"w": np.array([[3.0, 6.0]], np.float32), "b": np.array([4.0], np.float32)}
-    out = weighted_mean([(a, 1.0), (b, 3.0)])
-    assert np.allclose(out["w"], [[(1 + 9) / 4, (2 + 18) / 4]]) and np.allclose(out["b"], [3.0])
-    with pytest.raises(ValueError, match="differ in keys"):
-        weighted_mean([(a, 1.0), ({"w": a["w"]}, 1.0)])
-
-
-@pytest.mark.parametrize("strategy", ["fedavg-encoder", "fedprox-encoder"])
-def test_encoder_averaging_sends_the_weighted_mean_back(tmp_path, strategy):
-    grid, _, rounds = run(tmp_path, strategy, num_nodes=3, rounds=2)
-    first = [r for r in grid.replies[:3]]
-    items = [
-        (from_record(r.content["arrays"]), float(r.content[METRICS_KEY]["num-train"]))
-        for r in first
-    ]
-    expected = weighted_mean(items)
+@pytest.mark.parametrize(
+    ("strategy", "args"), [("fedavg", ""), ("fedprox", "proximal_mu=0.5")]
+)
+def test_flowers_fedavg_sends_the_example_weighted_mean_back(tmp_path, strategy, args):
+    extra = {"strategy": strategy, "strategy-args": args}
+    grid, _, rounds = run(tmp_path, "encoder-lora", num_nodes=3, rounds=2, **extra)
+    first = grid.replies[:3]
+    weights = [float(r.content[METRICS_KEY]["num-examples"]) for r in first]
+    adapters = [from_record(r.content["arrays"]) for r in first]
+    # Flower's strategies reuse one config record, so select round 2 by position
     second_round = grid.sent[3:]
     assert len(second_round) == 3
     for message in second_round:
+        assert message.metadata.message_type == "train.encoder_lora"
         received = from_record(message.content["arrays"])
-        assert set(received) == set(expected)
-        for key in expected:
-            assert np.allclose(received[key], expected[key])
+        for key in adapters[0]:
+            expected = sum(w * a[key] for w, a in zip(weights, adapters, strict=True))
+            assert np.allclose(received[key], expected / sum(weights), atol=1e-6)
+        mu = message.content["config"].get("proximal-mu")
+        assert mu == (0.5 if strategy == "fedprox" else None)
     assert [r["averaged"] for r in rounds] == [3, 3]
-    assert all(k.startswith("transformer.") for k in items[0][0])  # LoRA weights only
+    assert all(k.startswith("transformer.") for k in adapters[0])  # LoRA weights only
+    assert all(0.0 <= r["server-global-acc"] <= 1.0 for r in rounds)
 
 
-def test_plugin_strategy_by_import_path(tmp_path):
-    grid, _, _ = run(tmp_path, "tests.example_plugin:BestPeerRelay", num_nodes=3, rounds=2)
+@pytest.mark.parametrize("name", sorted(FLOWER_STRATEGIES))
+def test_every_flower_strategy_runs_encoder_lora(tmp_path, name):
+    args = {"bulyan": "num_malicious_nodes=0", "fedtrimmedavg": "beta=0.2"}.get(name, "")
+    extra = {"strategy": name, "strategy-args": args, "encoder.epochs": 1}
+    grid, _, rounds = run(tmp_path, "encoder-lora", num_nodes=4, rounds=2, **extra)
+    assert [(r["replies"], r["refused"], r["errors"]) for r in rounds] == [(4, 0, 0)] * 2
+    assert all(0.0 <= r["server-global-acc"] <= 1.0 for r in rounds)
+    sent = [from_record(m.content["arrays"]) for m in grid.sent]
+    moved = [not np.allclose(sent[0][k], sent[-1][k]) for k in sent[0]]
+    assert any(moved), "the global adapter changed between round 1 and round 2"
+
+
+def test_strategy_by_import_path_and_flowers_evaluate_message(tmp_path):
+    extra = {
+        "strategy": "flwr.serverapp.strategy:FedAdam",
+        "strategy-args": "eta=0.01 beta_1=0.9",
+        "federation.fraction-evaluate": 1.0,
+    }
+    grid, rows, rounds = run(tmp_path, "encoder-lora", num_nodes=2, rounds=2, **extra)
+    types = {m.metadata.message_type for m in grid.sent}
+    assert types == {"train.encoder_lora", "evaluate.encoder_lora"}
+    assert all(0.0 <= row["eval-local-acc"] <= 1.0 for row in rows)
+    assert all(0.0 <= r["eval-local-acc-mean"] <= 1.0 for r in rounds)
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"strategy": "fedadam", "strategy-args": "etaa=0.1"}, "etaa not accepted by FedAdam"),
+        ({"strategy": "fedadam", "strategy-args": "eta"}, "'eta' is not name=value"),
+        ({"strategy": "no-such"}, "unknown; Flower's built-ins: fedavg"),
+        ({"strategy": "cmfl_flower.config:AppConfig"}, "not a flwr.serverapp.strategy.Strategy"),
+    ],
+)
+def test_bad_strategies_and_arguments_are_refused(tmp_path, extra, error):
+    cfg = make_cfg(tmp_path, "encoder-lora", **extra)
+    with pytest.raises(ValueError, match=error):
+        run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
+
+
+def test_a_strategy_is_refused_for_a_method_with_its_own_server_side(tmp_path):
+    cfg = make_cfg(tmp_path, "cmfl-relay", **{"strategy": "krum"})
+    with pytest.raises(ValueError, match="strategy = 'krum' has no use with method"):
+        run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
+
+
+def test_plugin_method_by_import_path(tmp_path):
+    grid, _, _ = run(tmp_path, "tests.example_plugin:BEST_PEER", num_nodes=3, rounds=2)
+    assert {m.metadata.message_type for m in grid.sent} == {"train"}  # the default handler
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     for message in later:  # one peer's vectors, never the client's own
         senders = {int(k.split(".")[0][1:]) for k in from_record(message.content["arrays"])}
@@ -173,22 +215,25 @@ def test_plugin_strategy_by_import_path(tmp_path):
 @pytest.mark.parametrize(
     ("name", "error"),
     [
-        ("no-such-strategy", "unknown; built in: cmfl-relay"),
+        ("no-such-method", "unknown; built in: cmfl-relay"),
         ("no_such_pkg.mod:Thing", "cannot be imported"),
-        ("cmfl_flower.config:AppConfig", "not a subclass of CmflStrategy"),
+        ("cmfl_flower.config:AppConfig", "not a cmfl_flower.methods.Method"),
     ],
 )
-def test_bad_strategy_names_are_refused(tmp_path, name, error):
-    cfg = make_cfg(tmp_path, name)
+def test_bad_method_names_are_refused(name, error):
     with pytest.raises(ValueError, match=error):
-        build_strategy(cfg, RunRecorder.create(cfg))
+        resolve_method(name)
+
+
+def test_strategy_class_resolves_short_names():
+    assert strategy_class("krum").__name__ == "Krum"
 
 
 def test_failed_run_is_recorded_as_failed(tmp_path):
     cfg = make_cfg(
         tmp_path, "local-only", **{"federation.min-nodes": 5, "federation.wait-for-nodes": 1.0}
     )
-    grid = LoopbackGrid(client_app, 2)
+    grid = LoopbackGrid(client_app, cfg, 2)
     with pytest.raises(RuntimeError, match="min-nodes = 5"):
         run_federation(grid, cfg)
     status = json.loads((tmp_path / "runs" / "local-only" / "status.json").read_text())
@@ -230,25 +275,25 @@ def _reply_classes(reply):
     return sorted(int(k[1:]) for k in from_record(record)) if record else []
 
 
-@pytest.mark.parametrize("strategy", ["local-only-tokens", "names-generation"])
-def test_baselines_with_tokens_send_nothing(tmp_path, strategy):
-    grid, rows, rounds = run(tmp_path, strategy, num_nodes=2, rounds=1)
+@pytest.mark.parametrize("method", ["local-only-tokens", "names-generation"])
+def test_baselines_with_tokens_send_nothing(tmp_path, method):
+    grid, rows, rounds = run(tmp_path, method, num_nodes=2, rounds=1)
     assert [r["replies"] for r in rounds] == [2]
     assert all(_reply_classes(reply) == [] for reply in grid.replies)
     for row in rows:
         missing = 10 - row["num-token-classes"]
-        if strategy == "names-generation":  # 2 images of every class it has no tokens for
+        if method == "names-generation":  # 2 images of every class it has no tokens for
             assert row["num-generated"] == 2 * missing > 0
             assert 0.0 <= row["generated-recognised"] <= 1.0
         else:
             assert row["num-generated"] == 0 and "generated-recognised" not in row
-    if strategy == "names-generation":
+    if method == "names-generation":
         assert 0.0 <= rounds[0]["generated-recognised-mean"] <= 1.0
 
 
 def test_classes_with_too_few_images_are_neither_learned_nor_relayed(tmp_path):
-    from cmfl_flower.workspace import data_dir
     from cmfl_flower.data import load_partition
+    from cmfl_flower.workspace import data_dir
 
     extra = {"tokens.min-images": 20}
     grid, rows, rounds = run(tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **extra)

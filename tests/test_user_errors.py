@@ -5,11 +5,11 @@ import shutil
 import traceback
 
 import pytest
+from benchmarks.loopback import LoopbackGrid
 from flwr.app import Context, RecordDict
 
 from client_app import app as client_app
 from cmfl_flower.workspace import data_dir
-from cmfl_flower.strategies.loopback import LoopbackGrid
 from data_prep import main as data_prep
 from server_app import RunFailedError
 from server_app import main as server_main

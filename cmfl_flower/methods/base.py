@@ -25,8 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -51,9 +58,10 @@ class Method:
 
     ``strategy``: builds the method's own server strategy (``(cfg, run_dir) -> Strategy``);
     None for a weight method, whose strategy the ``strategy`` key names. A weight method gives
-    ``initial_arrays`` (the global arrays of round 1: ``(cfg, run_dir) -> arrays``) and may give ``server_evaluate`` (scores
-    of the global arrays after each round: ``(cfg, run_dir, round, arrays) -> metrics``) and
-    ``evaluate`` (its answer to Flower's ``evaluate`` message).
+    ``initial_arrays`` (round 1's global arrays: ``(cfg, run_dir) -> arrays``) and may give
+    ``server_evaluate`` (scores of the global arrays after each round:
+    ``(cfg, run_dir, round, arrays) -> metrics``), ``evaluate`` (its answer to Flower's
+    ``evaluate`` message) and ``learning_rate`` (the clients', which q-FedAvg needs).
     """
 
     name: str

@@ -29,7 +29,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from cmfl_flower.weights import weights_problem
 from cmfl_flower.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import action, resolve_method
@@ -49,6 +48,7 @@ from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 from cmfl_flower.privacy import round_report
 from cmfl_flower.report import round_line
 from cmfl_flower.results import Row, RunRecorder
+from cmfl_flower.weights import weights_problem
 from cmfl_flower.workspace import Arrays
 
 SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
@@ -81,7 +81,8 @@ class Session:
         category = message.metadata.message_type.partition(".")[0]
         config = message.content.config_records.get(CONFIG_KEY)
         if config is not None:  # Flower's round count restarts at 1 after a resume
-            flower_round = int(config.get(ROUND_KEY, 1))
+            flower_round = config.get(ROUND_KEY, 1)
+            assert isinstance(flower_round, int)
             self.round_number = self.first_round + flower_round - 1
             config[ROUND_KEY] = self.round_number
             config[RUN_NAME_KEY] = self.cfg.output.run_name
@@ -119,9 +120,9 @@ class Session:
         row["bytes-received"] = message_bytes(message)
         self.rows[node] = row
         if message.has_error():
-            reason = str(message.error.reason)
-            log(WARNING, "round %d: node %d failed: %s", self.round_number, node, reason)
-            row["error"] = reason
+            error = str(message.error.reason)
+            log(WARNING, "round %d: node %d failed: %s", self.round_number, node, error)
+            row["error"] = error
             return True  # Flower's strategies skip errors themselves
         reason = self._refusal(row, message.content)
         if reason is not None:
