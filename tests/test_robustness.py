@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from cmfl_flower.protocol import ARRAYS_KEY, METRICS_KEY
-from cmfl_flower.methods.harness import run_federation
-from cmfl_flower.strategies.base import refusal_kind, to_record
-from benchmarks.loopback import LoopbackGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
+from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
+from cmfl_flower.methods.harness import refusal_kind, run_federation
 from cmfl_flower.weights import weights_problem
 from tests.test_strategies import make_cfg
 
@@ -105,7 +104,7 @@ def _run(tmp_path, name, hostile):
             "data.min-partition-size": 1,
         },
     )
-    grid = LoopbackGrid(client_app, HONEST + len(KINDS))
+    grid = LoopbackGrid(client_app, cfg, HONEST + len(KINDS))
     for offset, kind in enumerate(KINDS):
         grid.overrides[1000 + HONEST + offset] = _hostile_app(kind) if hostile else _raising
     run_dir = run_federation(grid, cfg)
@@ -171,7 +170,7 @@ def test_averaging_refuses_adapters_it_cannot_average():
 
 def test_a_client_raising_every_round_is_survived(tmp_path):
     cfg = make_cfg(tmp_path, "local-only", 2)
-    grid = LoopbackGrid(client_app, 2)
+    grid = LoopbackGrid(client_app, cfg, 2)
     grid.overrides[1000] = _raising
     run_dir = run_federation(grid, cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
@@ -181,7 +180,7 @@ def test_a_client_raising_every_round_is_survived(tmp_path):
 
 def test_too_few_replies_stop_the_run_as_failed(tmp_path):
     cfg = make_cfg(tmp_path, "local-only", 2, **{"federation.min-replies": 2})
-    grid = LoopbackGrid(client_app, 2)
+    grid = LoopbackGrid(client_app, cfg, 2)
     grid.overrides[1000] = _raising
     with pytest.raises(
         RuntimeError, match=r"round 1: 1 usable replies, federation.min-replies = 2"
@@ -191,3 +190,44 @@ def test_too_few_replies_stop_the_run_as_failed(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "silent node" in status["error"]
     assert [r["round"] for r in json.loads((run_dir / "rounds.json").read_text())] == [1]
+
+
+def _sign_flipping(message, context):
+    """An attacker: trains honestly, then sends its adapter flipped and scaled by 50."""
+    reply = client_app(message, context)
+    arrays = {k: -50.0 * v for k, v in from_record(reply.content[ARRAYS_KEY]).items()}
+    content = RecordDict({METRICS_KEY: reply.content[METRICS_KEY], ARRAYS_KEY: to_record(arrays)})
+    return Message(content, reply_to=message)
+
+
+ROBUST_NODES = 5  # 4 honest clients and 1 attacker: Krum needs n > 2f + 2
+
+
+def robust_accuracy(tmp_path, strategy: str, attacked: bool = True) -> float:
+    """``server-global-acc`` after 2 rounds of encoder-lora beside one sign-flipping client."""
+    cfg = make_cfg(
+        tmp_path,
+        "encoder-lora",
+        2,
+        **{
+            "strategy": strategy,
+            "strategy-args": "num_malicious_nodes=1" if "krum" in strategy else "",
+            "output.run-name": f"robust-{strategy}-{attacked}",
+            "data.partitioner": "iid",
+            "backbone.preset": "tiny-fewshot",  # zero-shot 0.69: the adapter matters
+        },
+    )
+    grid = LoopbackGrid(client_app, cfg, ROBUST_NODES)
+    if attacked:
+        grid.overrides[1000 + ROBUST_NODES - 1] = _sign_flipping
+    run_dir = run_federation(grid, cfg)
+    return float(json.loads((run_dir / "rounds.json").read_text())[-1]["server-global-acc"])
+
+
+def test_robust_aggregation_holds_where_fedavg_loses_it(tmp_path):
+    honest = robust_accuracy(tmp_path, "fedavg", attacked=False)
+    robust = ("krum", "fedmedian", "fedtrimmedavg")
+    scores = {s: robust_accuracy(tmp_path, s) for s in ("fedavg", *robust)}
+    print(f"server-global-acc: no attacker {honest:.3f}; beside a sign-flipping client {scores}")
+    assert scores["fedavg"] <= honest - 0.3
+    assert all(scores[s] >= honest - 0.05 for s in robust)
