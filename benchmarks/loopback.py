@@ -9,7 +9,8 @@ SuperNode). A client that raises produces an error reply, as Flower does.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
@@ -26,16 +27,22 @@ class LoopbackGrid(Grid):
     """Deliver each message to an in-process ClientApp and return its reply."""
 
     def __init__(
-        self, client_app: ClientCall, cfg: AppConfig, num_nodes: int, first_node_id: int = 1000
+        self,
+        client_app: ClientCall,
+        run_config: AppConfig | Mapping[str, Any],
+        num_nodes: int,
+        first_node_id: int = 1000,
     ) -> None:
         self.client_app = client_app
+        if isinstance(run_config, AppConfig):
+            run_config = run_config.to_run_config()
         self.contexts = {
             first_node_id + pid: Context(
                 run_id=1,
                 node_id=first_node_id + pid,
                 node_config={"partition-id": pid, "num-partitions": num_nodes},
                 state=RecordDict(),
-                run_config=dict(cfg.to_run_config()),
+                run_config=dict(run_config),
             )
             for pid in range(num_nodes)
         }

@@ -61,6 +61,7 @@ def test_partial_config_takes_defaults_and_int_is_accepted_for_float():
         ({"output.run-name": "a b"}, "output.run-name"),
         ({"encoder.target-modules": "c_fc,"}, "encoder.target-modules"),
         ({"strategy": "not a name"}, "strategy"),
+        ({"method": "not a name"}, "method"),
     ],
 )
 def test_bad_key_or_value_is_refused_naming_the_key(flat, named):

@@ -1,4 +1,4 @@
-"""The README's table of what each strategy sends matches every real message of a run."""
+"""The README's table of what each method sends matches every real message of a run."""
 
 import re
 from dataclasses import dataclass
@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cmfl_flower.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, ROUND_KEY
-from cmfl_flower.strategies.base import from_record
 
-from tests.test_strategies import make_cfg, run
+from cmfl_flower.methods.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record
+from tests.test_strategies import run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- data-minimisation table"
@@ -19,6 +18,8 @@ MARKER = "<!-- data-minimisation table"
 class Row:
     records: set[str]
     optional: set[str]  # records marked "(from round 2)" / present only some rounds
+    config: set[str]
+    optional_config: set[str]  # marked "(...)": sent only by some strategies
     keys: re.Pattern[str] | None
     shapes: str
     size: str
@@ -28,6 +29,11 @@ class Row:
 
 def _names(cell: str) -> list[str]:
     return re.findall(r"`([^`]+)`", cell)
+
+
+def _marked(names: set[str], cell: str) -> set[str]:
+    """The names followed by a parenthesis: present only in some rounds or runs."""
+    return {n for n in names if re.search(rf"`{re.escape(n)}` \(", cell)}
 
 
 def _key_pattern(cell: str) -> re.Pattern[str] | None:
@@ -47,18 +53,23 @@ def _table() -> dict[tuple[str, str], Row]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        strategies, direction, records, keys, shapes, size, metrics = cells
-        record_names = set(_names(records))
-        optional = {n for n in record_names if f"`{n}` (" in records}
-        metric_names = set(_names(metrics))
-        sometimes = {n for n in metric_names if re.search(rf"`{re.escape(n)}` \(", metrics)}
-        row = Row(record_names, optional, _key_pattern(keys), shapes, size, metric_names, sometimes)
-        if keys.startswith("the same"):
-            row = Row(row.records, row.optional, table[(strategies, "server → client")].keys,
-                      shapes, size, row.metrics, sometimes)  # fmt: skip
-        for strategy in _names(strategies):
-            table[(strategy, direction)] = row
-            table[(strategies, direction)] = row
+        methods, direction, records, config, keys, shapes, size, metrics = cells
+        record_names, config_names = set(_names(records)), set(_names(config))
+        keys_of = table[(methods, "server → client")].keys if keys.startswith("the same") else None
+        row = Row(
+            record_names,
+            _marked(record_names, records),
+            config_names,
+            _marked(config_names, config),
+            keys_of or _key_pattern(keys),
+            shapes,
+            size,
+            set(_names(metrics)),
+            _marked(set(_names(metrics)), metrics),
+        )
+        for method in _names(methods):
+            table[(method, direction)] = row
+        table[(methods, direction)] = row
     return table
 
 
@@ -82,33 +93,34 @@ def _check_arrays(row: Row, arrays: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy",
+    ("method", "strategy"),
     [
-        "local-only",
-        "fedavg-encoder",
-        "fedprox-encoder",
-        "cmfl-relay",
-        "local-only-tokens",
-        "names-generation",
+        ("local-only", "fedavg"),
+        ("encoder-lora", "fedavg"),
+        ("encoder-lora", "fedprox"),
+        ("cmfl-relay", "fedavg"),
+        ("local-only-tokens", "fedavg"),
+        ("names-generation", "fedavg"),
     ],
 )
-def test_every_message_matches_the_readme_table(tmp_path, strategy):
+def test_every_message_matches_the_readme_table(tmp_path, method, strategy):
     table = _table()
-    grid, _, _ = run(tmp_path, strategy, num_nodes=2, rounds=2)
-    config_keys = set(make_cfg(tmp_path, strategy).to_run_config()) | {ROUND_KEY}
+    grid, _, _ = run(tmp_path, method, num_nodes=2, rounds=2, strategy=strategy)
     for direction, messages in (("server → client", grid.sent), ("client → server", grid.replies)):
-        row = table[(strategy, direction)]
+        row = table[(method, direction)]
         for message in messages:
             content = message.content
             assert row.records - row.optional <= set(content) <= row.records
             if CONFIG_KEY in content:
-                assert set(content[CONFIG_KEY]) == config_keys
+                sent = set(content[CONFIG_KEY])
+                assert row.config - row.optional_config <= sent <= row.config
+                assert ("proximal-mu" in sent) == (strategy == "fedprox")
             if METRICS_KEY in content:
                 sent = set(content[METRICS_KEY])
                 assert row.metrics - row.optional_metrics <= sent <= row.metrics
             if ARRAYS_KEY in content:
                 _check_arrays(row, from_record(content[ARRAYS_KEY]))
             elif row.keys is not None and direction == "client → server":
-                pytest.fail(f"{strategy}: a reply without arrays")
+                pytest.fail(f"{method}: a reply without arrays")
     if row.keys is not None:  # arrays really travel in round 2
         assert all(ARRAYS_KEY in m.content for m in grid.sent[2:])

@@ -1,4 +1,4 @@
-"""fedavg-diffusion and fedlora-diffusion on the tiny preset, through an in-process grid."""
+"""diffusion-unet and diffusion-lora on the tiny preset, through an in-process grid."""
 
 import json
 import re
@@ -6,18 +6,16 @@ import re
 import numpy as np
 import pytest
 import torch
-from cmfl_flower.protocol import METRICS_KEY
-from cmfl_flower.strategies import build_strategy, run_federation
-from cmfl_flower.strategies.base import from_record
-from benchmarks.loopback import LoopbackGrid
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.backbones import load_pipeline, resolve_preset
 from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.fid import FrechetDistance, build_fd_metric
-from cmfl_flower.results import RunRecorder
+from cmfl_flower.methods.base import METRICS_KEY, from_record
+from cmfl_flower.methods.harness import run_federation
 from tests.test_strategies import make_cfg
 
 FAST = {
@@ -38,43 +36,26 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run(tmp_path, strategy, nodes=3, rounds=2, **extra):
-    cfg = make_cfg(tmp_path, strategy, rounds, **(FAST | extra))
-    grid = LoopbackGrid(client_app, nodes)
+def run(tmp_path, method, nodes=3, rounds=2, **extra):
+    cfg = make_cfg(tmp_path, method, rounds, **(FAST | extra))
+    grid = LoopbackGrid(client_app, cfg, nodes)
     run_dir = run_federation(grid, cfg)
     return grid, run_dir, json.loads((run_dir / "rounds.json").read_text())
 
 
-def replies_of_round(grid, server_round):
-    sent = [m.content.config_records["config"]["server-round"] for m in grid.sent]
-    return [r for r, s in zip(grid.replies, sent, strict=True) if s == server_round]
+def of_round(messages, server_round, nodes):
+    """Round ``server_round``'s messages (Flower's strategies reuse one config record)."""
+    return messages[(server_round - 1) * nodes : server_round * nodes]
 
 
-def test_aggregation_is_the_exact_example_weighted_mean(tmp_path):
-    cfg = make_cfg(tmp_path, "fedavg-diffusion", 1, **FAST)
-    strategy = build_strategy(cfg, RunRecorder.create(cfg))
-    strategy.publish = lambda server_round, arrays: {}  # no rendering of a 2-weight "UNet"
-    a = {"w": np.array([[1.0, 2.0]], np.float32), "b": np.array([0.5], np.float32)}
-    b = {"w": np.array([[3.0, 6.0]], np.float32), "b": np.array([-1.5], np.float32)}
-    c = {"w": np.array([[0.0, 4.0]], np.float32), "b": np.array([1.0], np.float32)}
-    for node, (arrays, n) in enumerate([(a, 1), (b, 3), (c, 4)]):
-        assert strategy.absorb(1, node, {"num-train": n}, arrays) is None
-    assert strategy.absorb(1, 9, {"num-train": 0}, a) is not None  # no examples: refused
-    assert strategy.end_round(1)["averaged"] == 3
-    # by hand: (1*a + 3*b + 4*c) / 8
-    np.testing.assert_allclose(strategy.global_arrays["w"], [[10 / 8, 36 / 8]], rtol=1e-7)
-    np.testing.assert_allclose(strategy.global_arrays["b"], [(0.5 - 4.5 + 4.0) / 8], atol=1e-7)
-    bad = {"w": np.full((1, 2), np.nan, np.float32), "b": b["b"]}
-    assert "NaN" in strategy.absorb(2, 0, {"num-train": 2}, bad)
-    assert "shape" in strategy.absorb(2, 0, {"num-train": 2}, {"w": a["w"].T, "b": a["b"]})
-
-
-def test_fedavg_diffusion_trains_averages_and_publishes(tmp_path):
-    grid, run_dir, rounds = run(tmp_path, "fedavg-diffusion", nodes=3, rounds=2)
-    first = replies_of_round(grid, 1)
-    items = [(from_record(r.content["arrays"]), r.content[METRICS_KEY]["num-train"]) for r in first]
+def test_diffusion_unet_trains_averages_and_publishes(tmp_path):
+    grid, run_dir, rounds = run(tmp_path, "diffusion-unet", nodes=3, rounds=2)
+    first = of_round(grid.replies, 1, 3)
+    items = [
+        (from_record(r.content["arrays"]), r.content[METRICS_KEY]["num-examples"]) for r in first
+    ]
     total = sum(n for _, n in items)
-    sent_2 = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
+    sent_2 = of_round(grid.sent, 2, 3)
     start = from_record(grid.sent[0].content["arrays"])
     for key in ("conv_in.weight", "time_embedding.linear_1.bias"):
         expected = sum(arrays[key].astype(np.float64) * n for arrays, n in items) / total
@@ -95,12 +76,13 @@ def test_fedavg_diffusion_trains_averages_and_publishes(tmp_path):
     )
 
 
-def test_fedlora_only_lora_weights_travel_and_the_adapter_loads(tmp_path):
+def test_diffusion_lora_only_lora_weights_travel_and_the_adapter_loads(tmp_path):
     grid, run_dir, rounds = run(
-        tmp_path, "fedlora-diffusion", nodes=2, rounds=2, **{"diffusion.images-per-client": 4}
+        tmp_path, "diffusion-lora", nodes=2, rounds=2, **{"diffusion.images-per-client": 4}
     )
-    assert "arrays" not in grid.sent[0].content.array_records  # round 1: the seeded adapter
-    messages = [*grid.replies, *grid.sent[2:]]
+    seeded = from_record(grid.sent[0].content["arrays"])  # round 1: the seeded adapter
+    assert all(not v.any() for k, v in seeded.items() if "lora_B" in k)
+    messages = [*grid.replies, *grid.sent]
     for message in messages:
         arrays = from_record(message.content["arrays"])
         assert arrays and all(LORA_KEY.fullmatch(key) for key in arrays)
@@ -128,11 +110,11 @@ def test_fedlora_only_lora_weights_travel_and_the_adapter_loads(tmp_path):
     assert not torch.allclose(base, tuned)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg-diffusion", "fedlora-diffusion"])
-def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkeypatch, strategy):
+@pytest.mark.parametrize("method", ["diffusion-unet", "diffusion-lora"])
+def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkeypatch, method):
     extra = {"diffusion.images-per-client": 8, "output.run-name": "whole"}
-    whole_cfg = make_cfg(tmp_path, strategy, 2, **(FAST | extra))
-    whole = run_federation(LoopbackGrid(client_app, 2), whole_cfg)
+    whole_cfg = make_cfg(tmp_path, method, 2, **(FAST | extra))
+    whole = run_federation(LoopbackGrid(client_app, whole_cfg, 2), whole_cfg)
 
     save = checkpoint.save_checkpoint
 
@@ -141,13 +123,15 @@ def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkey
             raise KeyboardInterrupt
         return save(run_dir, state)
 
-    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", stop_in_round_2)
-    cfg = make_cfg(tmp_path, strategy, 2, **(FAST | extra | {"output.run-name": "cut"}))
+    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", stop_in_round_2)
+    cfg = make_cfg(tmp_path, method, 2, **(FAST | extra | {"output.run-name": "cut"}))
     with pytest.raises(KeyboardInterrupt):
-        run_federation(LoopbackGrid(client_app, 2), cfg)
-    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
+        run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
+    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
-    cut = run_federation(LoopbackGrid(client_app, 2), resumed)  # a fresh server and clients
+    cut = run_federation(
+        LoopbackGrid(client_app, resumed, 2), resumed
+    )  # a fresh server and clients
 
     expected, got = checkpoint.load_checkpoint(whole), checkpoint.load_checkpoint(cut)
     assert expected.round == got.round == 2 and set(got.arrays) == set(expected.arrays)

@@ -49,7 +49,7 @@ DOCKER = ROOT / "docker"
 NUM_NODES = 3
 # 2 rounds of the relay, sized for a 2-core CI machine; every round is one message per node
 OVERRIDES = (
-    "strategy='cmfl-relay' federation.rounds=2 generation.steps=2 "
+    "method='tests.example_plugin:BEST_PEER' federation.rounds=2 generation.steps=2 "
     "generation.images-per-class=1 tokens.epochs=1 "
     f"federation.min-nodes={NUM_NODES} federation.wait-for-nodes=90"
 )

@@ -10,7 +10,7 @@ import pytest
 from tests.test_e2e_simulation import flwr_run
 
 pytestmark = pytest.mark.e2e
-SETTINGS = "strategy='cmfl-relay' generation.steps=2 generation.images-per-class=2 tokens.epochs=1"
+SETTINGS = "method='cmfl-relay' generation.steps=2 generation.images-per-class=2 tokens.epochs=1"
 
 
 def _last_round(run_dir):

@@ -4,15 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from cmfl_flower.protocol import ARRAYS_KEY
-from cmfl_flower.methods.harness import run_federation
-from cmfl_flower.strategies.base import from_record
-from benchmarks.loopback import LoopbackGrid
 from opacus.accountants import RDPAccountant
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client_state import load_state
 from cmfl_flower.config import PrivacyConfig
+from cmfl_flower.methods.base import ARRAYS_KEY, from_record
+from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.privacy import clip, epsilon, privatise
 from tests.test_strategies import make_cfg
 
@@ -56,7 +55,7 @@ def test_epsilon_is_the_rdp_accountants_for_the_stated_sensitivity():
 def test_a_private_run_reports_epsilon_and_sends_noised_vectors(tmp_path):
     extra = {"privacy.enabled": True, "privacy.clip-norm": 0.5, "privacy.noise-multiplier": 1.3}
     cfg = make_cfg(tmp_path, "cmfl-relay", 2, **extra)
-    grid = LoopbackGrid(client_app, 2)
+    grid = LoopbackGrid(client_app, cfg, 2)
     run_dir = run_federation(grid, cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     for r, summary in enumerate(rounds, start=1):
@@ -81,7 +80,7 @@ def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrappe
     sigma, bound, nodes = 1.0, 0.01, 2
     cfg = make_cfg(
         tmp_path,
-        "fedavg-encoder",
+        "encoder-lora",
         2,
         **{
             "privacy.enabled": True,
@@ -89,7 +88,7 @@ def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrappe
             "privacy.update-clip-norm": bound,
         },
     )
-    grid = LoopbackGrid(client_app, nodes)
+    grid = LoopbackGrid(client_app, cfg, nodes)
     run_dir = run_federation(grid, cfg)
     sent = [from_record(m.content.array_records[ARRAYS_KEY]) for m in grid.sent]
     assert len(sent) == 4 and sent[0], "round 1 sends the seeded initial adapter"
@@ -110,9 +109,3 @@ def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrappe
     for row in rounds:
         expected = _accountant_epsilon(sigma / 2, row["round"], 1e-5)
         assert row["dp-epsilon-total"] == pytest.approx(expected)
-
-
-def test_privacy_is_refused_where_no_mechanism_exists(tmp_path):
-    cfg = make_cfg(tmp_path, "fedavg-diffusion", 1, **{"privacy.enabled": True})
-    with pytest.raises(ValueError, match="privacy.enabled = true has no mechanism"):
-        run_federation(LoopbackGrid(client_app, 2), cfg)

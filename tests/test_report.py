@@ -8,15 +8,16 @@ import sys
 
 import numpy as np
 import pytest
-from cmfl_flower.client import ClientState, ClientTask, run_task
-from cmfl_flower.methods.harness import run_federation
-from benchmarks.loopback import LoopbackGrid
 from PIL import Image
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import report
 from cmfl_flower.config import AppConfig, TokensConfig
+from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.methods.local import local_only_round
 from cmfl_flower.results import RunRecorder
+from cmfl_flower.workspace import ClientState, ClientTask
 
 IMAGES_PER_CLASS = 2
 NODES = 3
@@ -29,9 +30,9 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
-def _cfg(root, data, strategy, rounds, **extra):
+def _cfg(root, data, method, rounds, **extra):
     flat = {
-        "strategy": strategy,
+        "method": method,
         "federation.rounds": rounds,
         "federation.min-nodes": 2,
         "data.dir": str(data),
@@ -48,14 +49,13 @@ def _cfg(root, data, strategy, rounds, **extra):
 def relay_run(tmp_path_factory, data_dir):
     """A 2-round cmfl-relay run of 3 clients, with TensorBoard on; its grid and run dir."""
     root = tmp_path_factory.mktemp("relay")
-    grid = LoopbackGrid(client_app, NODES)
+    cfg = _cfg(root, data_dir, "cmfl-relay", 2, **{"output.tensorboard": True})
+    grid = LoopbackGrid(client_app, cfg, NODES)
     flwr_logger = logging.getLogger("flwr")
     handler = _Collect()
     flwr_logger.addHandler(handler)
     try:
-        run_dir = run_federation(
-            grid, _cfg(root, data_dir, "cmfl-relay", 2, **{"output.tensorboard": True})
-        )
+        run_dir = run_federation(grid, cfg)
     finally:
         flwr_logger.removeHandler(handler)
     return grid, run_dir, handler.messages
@@ -75,7 +75,8 @@ class _Collect(logging.Handler):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("local")
-    return run_federation(LoopbackGrid(client_app, 2), _cfg(root, data_dir, "local-only", 1))
+    cfg = _cfg(root, data_dir, "local-only", 1)
+    return run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
 
 
 def _labels(run_dir, partition):
@@ -244,7 +245,7 @@ def test_tensorboard_missing_names_the_extra(tmp_path, data_dir, monkeypatch):
 @pytest.mark.parametrize("enabled", [False, True])
 def test_progress_switch(tmp_path, data_dir, capsys, enabled):
     cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.progress": enabled})
-    run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
+    local_only_round(cfg, ClientTask(0, NODES, 1), ClientState(), {})
     err = capsys.readouterr().err
     if enabled:
         # stderr is not a terminal here: plain lines, the finished bar, no carriage returns
@@ -259,25 +260,25 @@ def test_a_client_that_cannot_write_its_pictures_still_finishes_the_round(tmp_pa
     blocker.write_text("a file where the output root should be")
     cfg = _cfg(tmp_path, data_dir, "local-only", 1, **{"output.run-name": "r"})
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(blocker)})})
-    output = run_task("local-only", cfg, ClientTask(0, NODES, 1), ClientState(), {})
+    output = local_only_round(cfg, ClientTask(0, NODES, 1), ClientState(), {})
     assert 0.0 <= output.metrics["global-acc"] <= 1.0
     assert blocker.is_file()
 
 
 def test_accuracy_chart_says_why_it_is_empty(tmp_path):
     def note(rounds):
-        view = report.RunView(tmp_path, {"strategy": "fedlora-diffusion"}, rounds, [], "running")
+        view = report.RunView(tmp_path, {"method": "diffusion-lora"}, rounds, [], "running")
         return [text.get_text() for text in report.accuracy_figure([view]).axes[0].texts]
 
     assert note([]) == ["no round finished yet"]
     assert note([{"round": 1, "fd-clip": 11.1}]) == ["no client accuracy in these rounds"]
 
 
-def _written_run(tmp_path, name, rounds, strategy="cmfl-relay"):
+def _written_run(tmp_path, name, rounds, method="cmfl-relay"):
     """A finished run directory holding just what :func:`report.load_run` reads."""
     run_dir = tmp_path / name
     run_dir.mkdir()
-    config = {"run_config": {"strategy": strategy, "federation.rounds": len(rounds)}}
+    config = {"run_config": {"method": method, "federation.rounds": len(rounds)}}
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "rounds.json").write_text(json.dumps(rounds))
     (run_dir / "status.json").write_text(json.dumps({"status": "completed"}))
@@ -345,7 +346,7 @@ def test_accuracy_chart_adds_the_recognised_share_only_when_images_were_generate
 
 def test_accuracy_chart_keeps_its_note_beside_the_recognised_share(tmp_path):
     rounds = [{"round": 1, "fd-clip": 11.1} | _recognised(0.5, 0.25, 0.75)]
-    view = report.RunView(tmp_path, {"strategy": "fedlora-diffusion"}, rounds, [], "running")
+    view = report.RunView(tmp_path, {"method": "diffusion-lora"}, rounds, [], "running")
     figure = report.accuracy_figure([view])
     assert len(figure.axes) == 2
     assert [text.get_text() for text in figure.axes[0].texts] == [
@@ -371,7 +372,7 @@ def test_report_html_tables_show_the_recognised_share(tmp_path):
 
 
 def test_report_html_of_a_run_that_generates_nothing_has_no_recognised_column(tmp_path):
-    run_dir = _written_run(tmp_path, "plain", [_acc(1, 0.4)], strategy="local-only")
+    run_dir = _written_run(tmp_path, "plain", [_acc(1, 0.4)], method="local-only")
     page = report.write_report(run_dir).read_text()
     assert "generated-recognised" not in page
     assert _table(page, 1)[0]["global-acc-mean"] == "0.400"
@@ -384,7 +385,7 @@ def _cells(line):
 
 def test_cmfl_report_table_has_the_recognised_share(tmp_path, capsys):
     generating = _written_run(tmp_path, "gen", GENERATING)
-    plain = _written_run(tmp_path, "plain", [_acc(1, 0.4)], strategy="local-only")
+    plain = _written_run(tmp_path, "plain", [_acc(1, 0.4)], method="local-only")
     report.main([str(generating), str(plain)])
     header, _, *rows = capsys.readouterr().out.splitlines()
     columns = _cells(header)

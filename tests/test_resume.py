@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from cmfl_flower.methods.harness import run_federation
-from benchmarks.loopback import LoopbackGrid
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.config import AppConfig
+from cmfl_flower.methods.harness import run_federation
 from tests.test_strategies import make_cfg
 
 
@@ -22,11 +22,10 @@ def _final_accuracies(run_dir):
     return {r["partition-id"]: (r["local-acc"], r["global-acc"]) for r in rows}
 
 
-@pytest.mark.parametrize("strategy", ["cmfl-relay", "fedavg-encoder"])
-def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, strategy):
-    whole = run_federation(
-        LoopbackGrid(client_app, 3), make_cfg(tmp_path, strategy, 3, **{"output.run-name": "a"})
-    )
+@pytest.mark.parametrize("method", ["cmfl-relay", "encoder-lora"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method):
+    first = make_cfg(tmp_path, method, 3, **{"output.run-name": "a"})
+    whole = run_federation(LoopbackGrid(client_app, first, 3), first)
 
     # crash right after round 3 was recorded, before its checkpoint was written
     save = checkpoint.save_checkpoint
@@ -36,9 +35,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return save(run_dir, state)
 
-    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", crash_in_round_3)
-    grid = LoopbackGrid(client_app, 3)
-    cfg = make_cfg(tmp_path, strategy, 3, **{"output.run-name": "b"})
+    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", crash_in_round_3)
+    cfg = make_cfg(tmp_path, method, 3, **{"output.run-name": "b"})
+    grid = LoopbackGrid(client_app, cfg, 3)
     with pytest.raises(KeyboardInterrupt):
         run_federation(grid, cfg)
     cut = tmp_path / "runs" / "b"
@@ -46,11 +45,11 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]
     assert json.loads((cut / "checkpoint" / "latest.json").read_text())["round"] == 2
 
-    monkeypatch.setattr("cmfl_flower.strategies.base.save_checkpoint", save)
+    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
     # a restarted run is a new Flower run: fresh contexts (client state comes from disk) and
     # new node ids (the server must not rely on its old node -> partition map)
-    assert run_federation(LoopbackGrid(client_app, 3, first_node_id=5000), resumed) == cut
+    assert run_federation(LoopbackGrid(client_app, resumed, 3, first_node_id=5000), resumed) == cut
 
     assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]  # round 3 redone once
     assert _final_accuracies(cut) == _final_accuracies(whole)
@@ -63,20 +62,20 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
 
 def test_resume_refuses_a_changed_config_and_a_missing_run(tmp_path):
     cfg = make_cfg(tmp_path, "local-only", 1, **{"output.run-name": "r"})
-    run_federation(LoopbackGrid(client_app, 2), cfg)
+    run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
     changed = cfg.to_run_config() | {"output.resume": True, "seed": 7}
     with pytest.raises(ValueError, match="differs .* in seed"):
-        run_federation(LoopbackGrid(client_app, 2), AppConfig.from_run_config(changed))
+        run_federation(LoopbackGrid(client_app, cfg, 2), AppConfig.from_run_config(changed))
     missing = changed | {"seed": 0, "output.run-name": "nope"}
     with pytest.raises(ValueError, match="holds no run"):
-        run_federation(LoopbackGrid(client_app, 2), AppConfig.from_run_config(missing))
+        run_federation(LoopbackGrid(client_app, cfg, 2), AppConfig.from_run_config(missing))
     with pytest.raises(ValueError, match="output.run-name"):
         AppConfig.from_run_config({"output.resume": True})
 
 
 def test_more_rounds_can_be_added_to_a_finished_run(tmp_path):
-    cfg = make_cfg(tmp_path, "fedavg-encoder", 1, **{"output.run-name": "grow"})
-    grid = LoopbackGrid(client_app, 2)
+    cfg = make_cfg(tmp_path, "encoder-lora", 1, **{"output.run-name": "grow"})
+    grid = LoopbackGrid(client_app, cfg, 2)
     run_dir = run_federation(grid, cfg)
     more = cfg.to_run_config() | {"output.resume": True, "federation.rounds": 2}
     run_federation(grid, AppConfig.from_run_config(more))

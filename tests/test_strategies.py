@@ -5,16 +5,16 @@ import re
 
 import numpy as np
 import pytest
+from flwr.app import Message, MetricRecord, RecordDict
+
+from benchmarks.loopback import LoopbackGrid
+from client_app import app as client_app
+from cmfl_flower.client_state import load_state
+from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import resolve_method
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.flower import FLOWER_STRATEGIES, strategy_class
 from cmfl_flower.methods.harness import run_federation
-from benchmarks.loopback import LoopbackGrid
-from flwr.app import Message, MetricRecord, RecordDict
-
-from client_app import app as client_app
-from cmfl_flower.client_state import load_state
-from cmfl_flower.config import AppConfig
 
 TOKEN_DIM = 64
 
@@ -132,9 +132,7 @@ def test_error_and_invalid_replies_are_counted_and_survived(tmp_path):
     assert senders == {2, 3}
 
 
-@pytest.mark.parametrize(
-    ("strategy", "args"), [("fedavg", ""), ("fedprox", "proximal_mu=0.5")]
-)
+@pytest.mark.parametrize(("strategy", "args"), [("fedavg", ""), ("fedprox", "proximal_mu=0.5")])
 def test_flowers_fedavg_sends_the_example_weighted_mean_back(tmp_path, strategy, args):
     extra = {"strategy": strategy, "strategy-args": args}
     grid, _, rounds = run(tmp_path, "encoder-lora", num_nodes=3, rounds=2, **extra)

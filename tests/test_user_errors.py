@@ -5,9 +5,9 @@ import shutil
 import traceback
 
 import pytest
-from benchmarks.loopback import LoopbackGrid
 from flwr.app import Context, RecordDict
 
+from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.workspace import data_dir
 from data_prep import main as data_prep
@@ -19,7 +19,7 @@ from tests.test_strategies import make_cfg
 
 def _serve(cfg_or_flat, num_nodes=2):
     flat = cfg_or_flat if isinstance(cfg_or_flat, dict) else cfg_or_flat.to_run_config()
-    grid = LoopbackGrid(client_app, num_nodes)
+    grid = LoopbackGrid(client_app, flat, num_nodes)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=flat)
     with pytest.raises(RunFailedError) as info:
         server_main(grid, context)

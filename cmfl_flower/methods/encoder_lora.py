@@ -22,7 +22,6 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.data import LabeledImages, load_source, opaque_names
 from cmfl_flower.encoder import ClipEncoder, LoraSpec, accuracy, load_encoder, train_encoder
 from cmfl_flower.methods.base import Method
-from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY
 from cmfl_flower.tokens import TextSide
 from cmfl_flower.workspace import (
     Arrays,
@@ -30,7 +29,6 @@ from cmfl_flower.workspace import (
     ClientTask,
     Metrics,
     RoundOutput,
-    Workspace,
     base_metrics,
     evaluate,
     open_workspace,
@@ -65,14 +63,6 @@ def load_adapter(encoder: ClipEncoder, arrays: Arrays) -> None:
     encoder.load_lora_state({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
 
 
-def _weights(cfg: AppConfig, ws: Workspace) -> Metrics:
-    """How the strategy weighs this client: its examples (all equal under DP)."""
-    weights: Metrics = {"num-examples": len(ws.data.train)}
-    if cfg.privacy.enabled:
-        weights[EQUAL_WEIGHT_KEY] = 1
-    return weights
-
-
 def encoder_round(
     cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
 ) -> RoundOutput:
@@ -86,7 +76,8 @@ def encoder_round(
             ws.encoder, ws.local_set(), names, cfg.encoder, ws.seed, mu, ws.progress
         )
     ws.save_artifacts()
-    metrics = evaluate(ws, names) | base_metrics(ws) | {"train-loss": loss} | _weights(cfg, ws)
+    metrics = evaluate(ws, names) | base_metrics(ws)
+    metrics |= {"train-loss": loss, "num-examples": len(ws.data.train)}
     arrays = {k: v.numpy() for k, v in ws.encoder.lora_state().items()}
     return RoundOutput(metrics | ws.timings, ClientState(), arrays)
 

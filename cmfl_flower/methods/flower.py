@@ -33,7 +33,7 @@ FLOWER_STRATEGIES: dict[str, type[Strategy]] = {
     "bulyan": flower.Bulyan,
     "qfedavg": flower.QFedAvg,
 }
-EQUAL_WEIGHT_KEY = "unit-weight"  # under DP every client weighs the same (the accounting's)
+EQUAL_WEIGHT_KEY = "unit-weight"  # under DP the harness weighs every usable reply 1
 
 
 def strategy_class(name: str) -> type[Strategy]:

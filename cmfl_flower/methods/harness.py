@@ -43,7 +43,7 @@ from cmfl_flower.methods.base import (
     from_record,
     to_record,
 )
-from cmfl_flower.methods.flower import build_strategy
+from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY, build_strategy
 from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 from cmfl_flower.privacy import round_report
 from cmfl_flower.report import round_line
@@ -65,7 +65,7 @@ class Session:
         self.method = method
         self.strategy: Strategy | None = None
         self.first_round = 1
-        self.round_number = 1  # the run's number of the round in progress
+        self.train_exchanges = 0  # train rounds sent so far by this session
         self._new_round()
 
     def _new_round(self) -> None:
@@ -81,9 +81,6 @@ class Session:
         category = message.metadata.message_type.partition(".")[0]
         config = message.content.config_records.get(CONFIG_KEY)
         if config is not None:  # Flower's round count restarts at 1 after a resume
-            flower_round = config.get(ROUND_KEY, 1)
-            assert isinstance(flower_round, int)
-            self.round_number = self.first_round + flower_round - 1
             config[ROUND_KEY] = self.round_number
             config[RUN_NAME_KEY] = self.cfg.output.run_name
         if ":" not in self.cfg.method and message.metadata.message_type == category:
@@ -98,9 +95,13 @@ class Session:
 
     # ----- replies in ------------------------------------------------------------------
     def incoming(self, replies: Iterable[Message]) -> list[Message]:
-        """Record every reply; return those the strategy may use (and the errors)."""
+        """Record every reply; return those the strategy may use (and the errors).
+
+        In node order: Flower samples in random order, and the order of a float sum matters
+        (a resumed run must reach the uninterrupted run's weights exactly).
+        """
         usable = []
-        for message in replies:
+        for message in sorted(replies, key=lambda m: m.metadata.src_node_id):
             if message.metadata.message_type.startswith("evaluate"):
                 self._evaluation(message)
                 usable.append(message)
@@ -156,6 +157,8 @@ class Session:
             reason = self.strategy.check_reply(self.round_number, metrics, arrays)
         if reason is None:
             row |= metrics
+            if self.method.exchanges_weights and self.cfg.privacy.enabled:
+                content.metric_records[METRICS_KEY][EQUAL_WEIGHT_KEY] = 1  # the accounting's
         return reason
 
     def _weights_refusal(self, metrics: dict[str, Any], arrays: Arrays) -> str | None:
@@ -170,6 +173,11 @@ class Session:
             return f"metrics: names differ from the other replies' ({sorted(metrics)})"
         self.metric_keys = set(metrics)
         return None
+
+    @property
+    def round_number(self) -> int:
+        """The run's number of the round in progress."""
+        return self.first_round + max(self.train_exchanges, 1) - 1
 
     # ----- after the round ---------------------------------------------------------------
     def start(self, strategy: Strategy, first_round: int) -> None:
@@ -272,20 +280,23 @@ class RecordingGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Stamped and measured, then Flower's."""
-        return self.grid.push_messages([self.session.outgoing(m) for m in messages])
+        """Not used by ``Strategy.start``: refused, so no message escapes the recording."""
+        raise NotImplementedError("cmfl-flower strategies exchange through send_and_receive")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Flower's, then recorded and checked."""
-        return self.session.incoming(self.grid.pull_messages(message_ids))
+        """Not used by ``Strategy.start`` (see :meth:`push_messages`)."""
+        raise NotImplementedError("cmfl-flower strategies exchange through send_and_receive")
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Stamp and measure the messages; record and check the replies."""
-        sent = [self.session.outgoing(m) for m in messages]
-        if not sent:
+        batch = list(messages)
+        if not batch:
             return []
+        if any(m.metadata.message_type.startswith("train") for m in batch):
+            self.session.train_exchanges += 1  # one per round: Strategy.start's loop
+        sent = [self.session.outgoing(m) for m in batch]
         return self.session.incoming(self.grid.send_and_receive(sent, timeout=timeout))
 
 
