@@ -69,7 +69,7 @@ class DataConfig(_Section):
     test_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share of each client's data kept as its test split."
     )
-    seed: int = Field(0, ge=0, description="Seed of the partitioning (fixed across strategies).")
+    seed: int = Field(0, ge=0, description="Seed of the partitioning (fixed across methods).")
     class_names: Literal["real", "opaque"] = Field(
         "real",
         description="`opaque`: clients know classes only by ids no backbone was trained on "
@@ -248,7 +248,8 @@ class PrivacyConfig(_Section):
     enabled: bool = Field(
         False,
         description="`cmfl-relay`: clip and noise each class's vectors before a client sends "
-        "them; `fedavg-encoder`/`fedprox-encoder`: central DP of the averaged adapter.",
+        "them; weight methods: central DP of the combined weights (Flower's wrapper around "
+        "the strategy).",
     )
     clip_norm: float = Field(
         0.2,
@@ -263,8 +264,8 @@ class PrivacyConfig(_Section):
     update_clip_norm: float = Field(
         1.0,
         gt=0,
-        description="`fedavg-encoder`/`fedprox-encoder`: L2 bound C of a client's adapter "
-        "update (Flower's server-side fixed clipping; noise std = noise-multiplier * C / n).",
+        description="Weight methods: L2 bound C of a client's update (Flower's server-side "
+        "fixed clipping; noise std = noise-multiplier * C / n).",
     )
 
 
@@ -274,7 +275,7 @@ class OutputConfig(_Section):
     dir: str = Field(
         "", description="Absolute root of run directories; empty = `~/.cache/cmfl-flower/runs`."
     )
-    run_name: str = Field("", description="Run directory name; empty = timestamp + strategy.")
+    run_name: str = Field("", description="Run directory name; empty = timestamp + method.")
     resume: bool = Field(
         False,
         description="Continue run `run-name` from its last checkpoint (same config; more "
@@ -307,7 +308,7 @@ class DiffusionConfig(_Section):
 
     model: Literal["ddpm", "conditional"] = Field(
         "ddpm",
-        description="`fedavg-diffusion` trains a pixel-space DDPM UNet (`ddpm`) or the preset's "
+        description="`diffusion-unet` trains a pixel-space DDPM UNet (`ddpm`) or the preset's "
         "text-conditional latent UNet (`conditional`).",
     )
     unet: Literal["auto", "tiny", "ddpm-cifar10"] = Field(
@@ -324,7 +325,7 @@ class DiffusionConfig(_Section):
         "linear", description="DDPM beta schedule (the preset's UNets keep their own)."
     )
     timesteps: int = Field(1000, ge=2, description="DDPM training timesteps (T).")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank of `fedlora-diffusion`.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of `diffusion-lora`.")
     lora_alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (alpha / rank).")
     caption_template: str = Field(
         "a photo of a {name}.", description="Caption of a training image; `{name}` = its class."

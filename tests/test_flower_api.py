@@ -1,0 +1,25 @@
+"""The Flower APIs that are not public, one test each: an upgrade that breaks one fails here."""
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from cmfl_flower.methods.flower_api import message_bytes, with_message_type
+
+
+def _message(size: int) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    record = ArrayRecord({"a": Array(np.zeros(size, np.float32))})
+    return Message(RecordDict({"arrays": record}), 7, "train")
+
+
+def test_message_bytes_counts_the_serialised_arrays():
+    small, large = message_bytes(_message(10)), message_bytes(_message(10_010))
+    assert small > 40  # the array's 40 bytes, plus the records around it
+    assert 40_000 <= large - small <= 40_016  # 10,000 more float32 values (and a longer shape)
+
+
+def test_a_message_can_be_routed_to_an_action():
+    message = with_message_type(_message(1), "train.cmfl_relay")
+    assert message.metadata.message_type == "train.cmfl_relay"
+    assert message.metadata.dst_node_id == 7
