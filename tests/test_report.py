@@ -113,11 +113,11 @@ def test_run_directory_holds_every_promised_file(relay_run):
             assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
 
 
-def test_clients_learn_the_resolved_run_name_from_the_config(relay_run):
+def test_clients_learn_the_resolved_run_name_from_each_message(relay_run):
     grid, run_dir, _ = relay_run
     assert re.fullmatch(r"\d{8}-\d{6}-cmfl-relay", run_dir.name)
     for message in grid.sent:
-        assert message.content.config_records["config"]["output.run-name"] == run_dir.name
+        assert message.content.config_records["config"]["run-name"] == run_dir.name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_config"]["output.run-name"] == run_dir.name
 

@@ -20,18 +20,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import numpy.typing as npt
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-)
 
 from cmfl_flower.data.sources import DATASETS
+
+if TYPE_CHECKING:  # imported where used: a ClientApp process pays its imports every message
+    import datasets
 
 PARTITIONERS: tuple[str, ...] = ("dirichlet", "pathological", "iid")
 DIRICHLET_RESTARTS = 20
@@ -105,6 +102,8 @@ def partition_indices(
 ) -> list[npt.NDArray[np.int64]]:
     """Sorted sample positions of each client, one array per partition."""
     _check_feasible(labels, spec)
+    import datasets  # imported here: see the module's imports
+
     table = datasets.Dataset.from_dict(
         {"label": labels, "idx": np.arange(len(labels), dtype=np.int64)}
     )
@@ -143,6 +142,12 @@ def _run_partitioner(
 
 
 def _make_partitioner(spec: PartitionSpec, attempt: int) -> Any:
+    from flwr_datasets.partitioner import (  # imported here: see the module's imports
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     """The flwr-datasets partitioner for ``spec``; ``attempt`` varies the Dirichlet seed."""
     if spec.partitioner == "dirichlet":
         seed = int(np.random.SeedSequence([spec.seed, attempt]).generate_state(1)[0])

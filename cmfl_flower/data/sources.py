@@ -14,12 +14,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+# `datasets` and scikit-learn are imported in the functions that use them: a ClientApp process
+# starts for every message, and most messages only read prepared partitions.
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "tiny-imagenet", "folder")
 # Number of classes of each fixed dataset (a local folder has as many as it has sub-folders).
@@ -120,6 +120,8 @@ def split_indices(
     n_test = min(max(math.ceil(test_fraction * len(idx)), 1), len(idx) - 1)
     counts = np.unique(labels, return_counts=True)[1]  # (C,)
     can_stratify = counts.min() >= 2 and min(n_test, len(idx) - n_test) >= len(counts)
+    from sklearn.model_selection import train_test_split
+
     train, test = train_test_split(
         idx, test_size=n_test, random_state=seed, stratify=labels if can_stratify else None
     )
@@ -128,6 +130,9 @@ def split_indices(
 
 def _load_digits(split: str) -> LabeledImages:
     """scikit-learn's 8x8 digits as RGB 0..255, one of the fixed 40/40/20 splits."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     gray = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8) uint8
     images = np.repeat(gray[..., None], 3, axis=3)  # (1797, 8, 8, 3) uint8
@@ -161,6 +166,8 @@ _HUB: dict[str, _HubSource] = {
 
 def _load_hub(dataset: str, split: str, path: str) -> LabeledImages:
     """A ``datasets`` split, from the hub or from a local ``save_to_disk`` directory."""
+    import datasets
+
     source = _HUB[dataset]
     name = source.test_split if split == "test" else split
     table = (
@@ -179,6 +186,8 @@ def _load_hub(dataset: str, split: str, path: str) -> LabeledImages:
 
 def _local_split(path: str, name: str, split: str) -> Any:
     """Split ``name`` (else ``split``) of the ``DatasetDict`` saved at ``path``."""
+    import datasets
+
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ValueError(f"path {str(directory)!r} is not a directory (save_to_disk output)")
@@ -195,6 +204,8 @@ def _local_split(path: str, name: str, split: str) -> Any:
 
 def _check_columns(table: Any, source: _HubSource, where: str) -> None:
     """Refuse a table that lacks the expected image column or ClassLabel label column."""
+    import datasets
+
     for column in (source.image_column, source.label_column):
         if column not in table.column_names:
             raise ValueError(
