@@ -51,6 +51,7 @@ from cmfl_flower.client_state import load_state
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
 from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.privacy import epsilon
 from cmfl_flower.workspace import ClientTask, data_dir, open_workspace
 
@@ -315,7 +316,7 @@ def token_norms(run_dir: Path) -> list[float]:
     """Frobenius norms of every class's vectors the clients of ``run_dir`` hold at the end."""
     norms = []
     for pid in range(CLIENTS):
-        directory = run_dir / "clients" / f"partition-{pid}" / "state"
+        directory = client_dir(run_dir, pid) / STATE_DIR
         state = load_state(directory, ROUNDS + 1)
         norms += [float(v.norm()) for v in (state.tokens or {}).values()]
     return norms

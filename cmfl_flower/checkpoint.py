@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-CHECKPOINT_DIR = "checkpoint"
+from cmfl_flower.paths import CHECKPOINT_DIR
+
 LATEST = "latest.json"
 
 

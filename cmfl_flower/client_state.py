@@ -2,7 +2,7 @@
 
 A restarted ``flwr run`` is a new Flower run with an empty ``context.state``; what a client
 learned (vision LoRA, class tokens) is therefore kept in files, in the client's folder of the
-run directory on its own node (where its pictures go, :func:`cmfl_flower.report.client_dir`)::
+run directory on its own node (where its pictures go, :func:`cmfl_flower.paths.client_dir`)::
 
     <output root>/<run name>/clients/partition-<i>/state/round-<r>.safetensors
 
@@ -24,11 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cmfl_flower.config import AppConfig
-from cmfl_flower.report import client_dir
+from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.results import output_root
 from cmfl_flower.workspace import ClientState
 
-STATE_DIR = "state"
 FIELDS = ("lora", "tokens")
 KEEP_ROUNDS = 2
 _FILE = re.compile(r"^round-(\d+)\.safetensors$")

@@ -30,7 +30,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DiffusionConfig
-from cmfl_flower.encoder import resize_uint8
+from cmfl_flower.images import to_uint8, to_unit_range
 from cmfl_flower.weights import weights_problem
 
 Arrays = dict[str, np.ndarray]
@@ -88,18 +88,6 @@ def ddpm_scheduler(cfg: DiffusionConfig) -> Any:
         beta_schedule=cfg.beta_schedule,
         clip_sample=True,
     )
-
-
-def to_unit_range(images: np.ndarray, size: int) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, size, size) float in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(resize_uint8(images, size)))
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) float in [0, 1] (a pipeline's ``np`` output) -> uint8."""
-    out: np.ndarray = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return out
 
 
 # ----- weights as arrays ------------------------------------------------------------------

@@ -41,11 +41,9 @@ from cmfl_flower.diffusion import (
     sample_ddpm,
 )
 from cmfl_flower.fid import FrechetDistance, build_fd_metric, fd_metric_name
+from cmfl_flower.paths import ADAPTER_DIR, MODEL_DIR, SAMPLES_DIR
 from cmfl_flower.report import MAX_COLUMNS, sample_grid
 
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
-SAMPLES_DIR = "samples"
 ModelKind = Literal["ddpm", "conditional", "lora"]
 
 

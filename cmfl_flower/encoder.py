@@ -24,6 +24,7 @@ from peft import (
 
 from cmfl_flower.backbones import ClipBundle, Preset, load_clip
 from cmfl_flower.config import EncoderConfig
+from cmfl_flower.images import resize_uint8, to_pixels
 from cmfl_flower.progress import QUIET, Progress
 
 LoraState = dict[str, torch.Tensor]
@@ -130,30 +131,6 @@ def _refuse_bypassed_targets(module: torch.nn.Module, targets: tuple[str, ...]) 
 def load_encoder(preset: Preset, device_name: str, seed: int, spec: LoraSpec) -> ClipEncoder:
     """The process-wide encoder for this backbone and adapter shape (loaded once)."""
     return ClipEncoder(load_clip(preset, device_name, seed), spec, seed)
-
-
-def to_pixels(images: np.ndarray, bundle: ClipBundle) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, S, S) float, resized and normalised for ``bundle``."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(bundle.device)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
-    size = bundle.image_size
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-    mean = torch.tensor(bundle.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(bundle.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8 (bilinear, antialiased)."""
-    if images.shape[1:3] == (size, size):
-        return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    out: np.ndarray = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from cmfl_flower.backbones import ClipBundle, Preset, load_clip
 from cmfl_flower.config import DiffusionConfig
-from cmfl_flower.encoder import to_pixels
+from cmfl_flower.images import to_pixels
 
 INCEPTION_FEATURES = 2048
 BATCH = 128

@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
 
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_dtype
 from cmfl_flower.config import GenerationConfig
+from cmfl_flower.images import to_uint8
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 
@@ -201,8 +202,7 @@ class Generator:
             generator=generators,
             output_type="np",
         )
-        images = np.asarray(out.images, dtype=np.float32)  # (B, H, W, 3) in [0, 1]
-        return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return to_uint8(np.asarray(out.images, dtype=np.float32))  # from (B, H, W, 3) in [0, 1]
 
     def generate(
         self,

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from cmfl_flower.encoder import resize_uint8
 from cmfl_flower.generation import Generator
+from cmfl_flower.images import resize_uint8
 
 
 @torch.no_grad()

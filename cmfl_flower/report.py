@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,23 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
+from cmfl_flower.paths import (
+    ACCURACY_PNG,
+    CLIENT_ROWS,
+    CLIENTS_DIR,
+    CONFIG_JSON,
+    GRID_NAME,
+    LABELS_FILE,
+    LABELS_PNG,
+    REPORT_HTML,
+    ROUNDS,
+    STATUS_JSON,
+    TENSORBOARD_DIR,
+    grid_name,
+)
+
 Row = dict[str, Any]
 
-CLIENTS_DIR = "clients"  # <run dir>/clients/partition-<i>/: what client i wrote
-LABELS_FILE = "labels.json"
-LABELS_PNG = "labels.png"
-ACCURACY_PNG = "accuracy.png"
-REPORT_HTML = "report.html"
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
 CELL = 96  # pixels of one image in a sample grid
@@ -45,18 +54,9 @@ MAX_COLUMNS = 8  # images shown per class in a sample grid
 TITLE_HEIGHT = 28  # pixels of the title line above a sample grid
 MIN_WIDTH = 420  # pixels: room for the title
 _UP, _DOWN = Image.Resampling.NEAREST, Image.Resampling.LANCZOS  # keep pixels honest
-_GRID_NAME = re.compile(r"^samples-round-(\d+)\.png$")
 
 
 # ----- what a client writes ---------------------------------------------------------------
-def client_dir(run_dir: Path, partition_id: int) -> Path:
-    """Where partition ``partition_id`` keeps its artifacts of the run."""
-    return run_dir / CLIENTS_DIR / f"partition-{partition_id}"
-
-
-def grid_name(server_round: int) -> str:
-    """File name of a client's sample grid of ``server_round``."""
-    return f"samples-round-{server_round:03d}.png"
 
 
 def grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -186,14 +186,14 @@ def _read_json(path: Path, default: Any) -> Any:
 def load_run(run_dir: Path) -> RunView:
     """Read a run directory written by :class:`cmfl_flower.results.RunRecorder`."""
     run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / "config.json").is_file():
+    if not (run_dir / CONFIG_JSON).is_file():
         raise ValueError(f"{run_dir} is not a cmfl-flower run directory (no config.json)")
     return RunView(
         run_dir=run_dir,
-        run_config=_read_json(run_dir / "config.json", {}).get("run_config", {}),
-        rounds=_read_json(run_dir / "rounds.json", []),
-        clients=_read_json(run_dir / "clients.json", []),
-        status=str(_read_json(run_dir / "status.json", {}).get("status", "unknown")),
+        run_config=_read_json(run_dir / CONFIG_JSON, {}).get("run_config", {}),
+        rounds=_read_json(run_dir / f"{ROUNDS}.json", []),
+        clients=_read_json(run_dir / f"{CLIENT_ROWS}.json", []),
+        status=str(_read_json(run_dir / STATUS_JSON, {}).get("status", "unknown")),
     )
 
 
@@ -212,7 +212,7 @@ def latest_grids(run_dir: Path) -> dict[int, tuple[int, Path]]:
     for directory in sorted((run_dir / CLIENTS_DIR).glob("partition-*")):
         partition = int(directory.name.removeprefix("partition-"))
         for path in directory.iterdir():
-            match = _GRID_NAME.match(path.name)
+            match = GRID_NAME.match(path.name)
             if match and int(match.group(1)) >= latest.get(partition, (0, path))[0]:
                 latest[partition] = (int(match.group(1)), path)
     return dict(sorted(latest.items()))
@@ -474,7 +474,7 @@ class TensorBoardLog:
                 "pip install 'cmfl-flower[tensorboard]'"
             ) from None
         self.run_dir = run_dir
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
     def log_round(self, server_round: int, summary: Row) -> None:
         """Every numeric summary value, each client's grid of the round, the label chart."""

@@ -1,18 +1,7 @@
 """One directory per run: resolved config, per-round and per-client metrics, final status.
 
 Everything is rewritten atomically after each round, so a run that dies keeps what it had.
-Layout::
-
-    <output root>/<run name>/
-        config.json      resolved AppConfig (nested) and the flat run config
-        rounds.json/csv  one row per round: aggregated metrics
-        clients.json/csv one row per (round, client): that client's metrics
-        status.json      {"status": "running" | "completed" | "failed", "error": ...}
-        accuracy.png     accuracy per round; report.html: curves, tables, pictures
-        labels.json/png  label counts per client and class (from the clients' files)
-        clients/partition-<i>/  what client i wrote: labels.json, samples-round-<k>.png
-        tensorboard/     event files (``output.tensorboard = true``)
-        checkpoint/      the strategy's state after the latest round (see checkpoint.py)
+The layout is :mod:`cmfl_flower.paths`'s.
 
 The report files are rewritten after each round and at the end (:mod:`cmfl_flower.report`).
 ``output.resume = true`` reopens an existing directory: the config must match the one it was
@@ -31,7 +20,7 @@ from typing import Any
 
 from cmfl_flower import report
 from cmfl_flower.config import AppConfig, OutputConfig
-from cmfl_flower.paths import cache_root
+from cmfl_flower.paths import CLIENT_ROWS, CONFIG_JSON, ROUNDS, STATUS_JSON, cache_root
 
 Row = dict[str, Any]
 RESUMABLE_KEYS = frozenset(
@@ -77,7 +66,7 @@ class RunRecorder:
         self.clients: list[Row] = clients or []
         self.tensorboard = report.TensorBoardLog(run_dir) if cfg.output.tensorboard else None
         config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
-        _write_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+        _write_atomic(run_dir / CONFIG_JSON, json.dumps(config, indent=2))
         self._status("running")
 
     @classmethod
@@ -105,12 +94,12 @@ class RunRecorder:
     def reopen(cls, cfg: AppConfig) -> RunRecorder:
         """Reopen run ``output.run-name`` with its recorded rows, checking the config."""
         run_dir = output_root(cfg.output) / cfg.output.run_name
-        if not (run_dir / "config.json").is_file():
+        if not (run_dir / CONFIG_JSON).is_file():
             raise ValueError(
                 f"output.resume = true but {run_dir} holds no run (no config.json): "
                 "check output.run-name and output.dir"
             )
-        before = json.loads((run_dir / "config.json").read_text())["run_config"]
+        before = json.loads((run_dir / CONFIG_JSON).read_text())["run_config"]
         now = cfg.to_run_config()
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed := [key for key in changed if key not in RESUMABLE_KEYS]:
@@ -118,8 +107,8 @@ class RunRecorder:
                 f"output.resume: the run config differs from {run_dir}'s in {', '.join(changed)}; "
                 f"only {', '.join(sorted(RESUMABLE_KEYS))} may change"
             )
-        rows = {n: json.loads((run_dir / f"{n}.json").read_text()) for n in ("rounds", "clients")}
-        return cls(cfg, run_dir, rows["rounds"], rows["clients"])
+        rows = {n: json.loads((run_dir / f"{n}.json").read_text()) for n in (ROUNDS, CLIENT_ROWS)}
+        return cls(cfg, run_dir, rows[ROUNDS], rows[CLIENT_ROWS])
 
     def truncate(self, last_round: int) -> None:
         """Forget rows recorded after ``last_round`` (they are redone on resume)."""
@@ -141,7 +130,7 @@ class RunRecorder:
 
     def flush(self) -> None:
         """Rewrite the metric files (JSON and CSV) from memory."""
-        for name, rows in (("rounds", self.rounds), ("clients", self.clients)):
+        for name, rows in ((ROUNDS, self.rounds), (CLIENT_ROWS, self.clients)):
             _write_atomic(self.run_dir / f"{name}.json", json.dumps(rows, indent=2))
             _write_atomic(self.run_dir / f"{name}.csv", _csv_text(rows))
 
@@ -155,4 +144,4 @@ class RunRecorder:
 
     def _status(self, status: str, error: str | None = None) -> None:
         payload = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_atomic(self.run_dir / "status.json", json.dumps(payload, indent=2))
+        _write_atomic(self.run_dir / STATUS_JSON, json.dumps(payload, indent=2))

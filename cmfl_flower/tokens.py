@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from cmfl_flower.backbones import ClipBundle
 from cmfl_flower.config import TokensConfig
-from cmfl_flower.encoder import ClipEncoder, to_pixels
+from cmfl_flower.encoder import ClipEncoder
+from cmfl_flower.images import to_pixels
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 

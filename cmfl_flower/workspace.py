@@ -42,8 +42,9 @@ from cmfl_flower.encoder import (
     load_encoder,
 )
 from cmfl_flower.generation import GeneratedImages
+from cmfl_flower.paths import client_dir
 from cmfl_flower.progress import Progress
-from cmfl_flower.report import client_dir, write_label_counts, write_sample_grid
+from cmfl_flower.report import write_label_counts, write_sample_grid
 from cmfl_flower.results import output_root
 from cmfl_flower.tokens import TextSide, TokenState
 

@@ -22,7 +22,7 @@ from cmfl_flower.backbones import (
 )
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.data import load_source
-from cmfl_flower.encoder import to_pixels
+from cmfl_flower.images import to_pixels
 from tests.pipelines import render
 
 TINY = resolve_preset(BackboneConfig())

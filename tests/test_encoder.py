@@ -13,11 +13,10 @@ from cmfl_flower.encoder import (
     accuracy,
     load_encoder,
     proximal_term,
-    resize_uint8,
-    to_pixels,
     train_encoder,
     weighted_cross_entropy,
 )
+from cmfl_flower.images import resize_uint8, to_pixels
 from cmfl_flower.tokens import TextSide
 
 TINY = resolve_preset(BackboneConfig())

@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower import report
+from cmfl_flower import paths, report
 from cmfl_flower.config import AppConfig, TokensConfig
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.methods.local import local_only_round
@@ -80,7 +80,7 @@ def local_run(tmp_path_factory, data_dir):
 
 
 def _labels(run_dir, partition):
-    return json.loads((report.client_dir(run_dir, partition) / "labels.json").read_text())
+    return json.loads((paths.client_dir(run_dir, partition) / "labels.json").read_text())
 
 
 def test_run_directory_holds_every_promised_file(relay_run):
@@ -100,7 +100,7 @@ def test_run_directory_holds_every_promised_file(relay_run):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     for partition in range(NODES):
-        folder = report.client_dir(run_dir, partition)
+        folder = paths.client_dir(run_dir, partition)
         # round 1 receives nothing, so generates nothing: only round 2 has a grid
         assert sorted(p.name for p in folder.iterdir()) == [
             "labels.json",
@@ -132,7 +132,7 @@ def test_sample_grid_has_one_row_per_received_class(relay_run):
         senders = [per_partition[p] for p in range(NODES) if p != partition]
         received = set().union(*senders)
         columns = max(IMAGES_PER_CLASS * sum(c in s for s in senders) for c in received)
-        path = report.client_dir(run_dir, partition) / "samples-round-002.png"
+        path = paths.client_dir(run_dir, partition) / "samples-round-002.png"
         with Image.open(path) as image:
             assert image.size == report.grid_size(len(received), min(columns, report.MAX_COLUMNS))
             pixels = np.asarray(image.convert("RGB"))

@@ -43,9 +43,9 @@ from cmfl_flower.encoder import (
     LoraSpec,
     TrainingSet,
     accuracy,
-    resize_uint8,
     train_encoder,
 )
+from cmfl_flower.images import resize_uint8
 from cmfl_flower.zoo import locate
 from cmfl_flower.zoo.train_tiny import (
     EVAL_TEMPLATE,

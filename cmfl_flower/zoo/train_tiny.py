@@ -43,7 +43,7 @@ from cmfl_flower.backbones import (
     tiny_components,
 )
 from cmfl_flower.data import LabeledImages, load_source
-from cmfl_flower.encoder import resize_uint8
+from cmfl_flower.images import resize_uint8
 
 ZOO_TINY = Path(__file__).resolve().parent / "tiny"
 IMAGE_SIZE = 32
