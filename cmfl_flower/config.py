@@ -224,7 +224,15 @@ class FederationConfig(_Section):
 
     rounds: int = Field(3, ge=1, description="Number of server rounds.")
     fraction: float = Field(1.0, gt=0, le=1, description="Share of nodes sampled every round.")
-    min_nodes: int = Field(2, ge=1, description="Fewest nodes to sample (and to wait for).")
+    min_nodes: int = Field(
+        2, ge=1, description="Start quorum: nodes to wait for (`wait-for-nodes` s) before round 1."
+    )
+    min_live_nodes: int = Field(
+        1,
+        ge=1,
+        description="Once started, the fewest connected nodes a round samples (it waits for "
+        "them); lost nodes do not stop the run until fewer than `min-replies` reply.",
+    )
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
     min_replies: int = Field(
         1, ge=1, description="Fewest usable replies per round; fewer stop the run (failed)."

@@ -231,3 +231,37 @@ def test_robust_aggregation_holds_where_fedavg_loses_it(tmp_path):
     print(f"server-global-acc: no attacker {honest:.3f}; beside a sign-flipping client {scores}")
     assert scores["fedavg"] <= honest - 0.3
     assert all(scores[s] >= honest - 0.05 for s in robust)
+
+
+def test_a_second_node_claiming_a_partition_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, "cmfl-relay", 1, **{"output.run-name": "twins"})
+    grid = LoopbackGrid(client_app, cfg, 3)
+    grid.contexts[1002].node_config["partition-id"] = 1  # an operator slip: two nodes say 1
+    run_dir = run_federation(grid, cfg)
+    (summary,) = json.loads((run_dir / "rounds.json").read_text())
+    assert summary["replies"] == 2 and summary["refused-duplicate-partition"] == 1
+    (refused,) = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
+    assert refused["node-id"] == 1002 and "partition-id 1 already replied" in refused["refused"]
+    sent = {int(k.split(".")[0][1:]) for m in grid.sent for k in m.content.get(ARRAYS_KEY, {})}
+    assert sent <= {0, 1}
+
+
+def test_a_lost_node_does_not_end_a_run_of_flowers_strategy(tmp_path):
+    cfg = make_cfg(tmp_path, "encoder-lora", 3, **{"federation.min-nodes": 3})
+    grid = LoopbackGrid(client_app, cfg, 3)
+
+    def lost_in_round_2(message, context):
+        del grid.contexts[1002]  # gone for good: no longer among the connected nodes
+        raise RuntimeError("node lost")
+
+    def flaky(message, context):
+        if message.content["config"]["server-round"] >= 2:
+            return lost_in_round_2(message, context)
+        return client_app(message, context)
+
+    grid.overrides[1002] = flaky
+    run_dir = run_federation(grid, cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [(r["sampled"], r["replies"]) for r in rounds] == [(3, 3), (3, 2), (2, 2)]
+    assert [r.get("partitions-missing") for r in rounds] == [None, "2", "2"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

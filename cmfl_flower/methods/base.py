@@ -148,10 +148,10 @@ class RoundStrategy(Strategy):
         return self.first_round + flower_round - 1
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """Seeded sample of ``fraction`` of the connected nodes (at least ``min-nodes``)."""
+        """Seeded sample of ``fraction`` of the connected nodes (at least ``min-live-nodes``)."""
         fed = self.cfg.federation
         nodes = sorted(grid.get_node_ids())
-        size = min(len(nodes), max(fed.min_nodes, round(fed.fraction * len(nodes))))
+        size = min(len(nodes), max(fed.min_live_nodes, round(fed.fraction * len(nodes))))
         return sorted(random.Random(f"{self.cfg.seed}/{server_round}").sample(nodes, size))
 
     def configure_train(

@@ -92,9 +92,9 @@ def build_strategy(cfg: AppConfig, num_nodes: int, client_lr: float) -> Strategy
     defaults: dict[str, Any] = {
         "fraction_train": fed.fraction,
         "fraction_evaluate": fed.fraction_evaluate,
-        "min_train_nodes": fed.min_nodes,
+        "min_train_nodes": fed.min_live_nodes,
         "min_evaluate_nodes": 1 if fed.fraction_evaluate else 0,
-        "min_available_nodes": fed.min_nodes,
+        "min_available_nodes": fed.min_live_nodes,
         "client_learning_rate": client_lr,
         "train_loss_key": "train-loss",
     }
@@ -112,7 +112,7 @@ def build_strategy(cfg: AppConfig, num_nodes: int, client_lr: float) -> Strategy
         raise ValueError(f"strategy = {cfg.strategy!r} with {kwargs}: {err}") from None
     if not cfg.privacy.enabled:
         return strategy
-    sampled = min(num_nodes, max(fed.min_nodes, round(fed.fraction * num_nodes)))
+    sampled = min(num_nodes, max(fed.min_live_nodes, round(fed.fraction * num_nodes)))
     return DifferentialPrivacyServerSideFixedClipping(
         strategy,
         noise_multiplier=cfg.privacy.noise_multiplier,

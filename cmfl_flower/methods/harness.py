@@ -66,6 +66,7 @@ class Session:
         self.strategy: Strategy | None = None
         self.first_round = 1
         self.train_exchanges = 0  # train rounds sent so far by this session
+        self.known_partitions: set[int] = set()  # every partition that ever replied
         self._new_round()
 
     def _new_round(self) -> None:
@@ -73,6 +74,7 @@ class Session:
         self.sent_bytes: dict[int, int] = {}
         self.reference: Arrays | None = None  # the weights sent this round (weight methods)
         self.metric_keys: set[str] | None = None  # Flower averages only equal key sets
+        self.partition_nodes: dict[int, int] = {}  # partition id -> the node it replied from
         self.round_start = time.perf_counter()
 
     # ----- messages out ----------------------------------------------------------------
@@ -125,14 +127,14 @@ class Session:
             log(WARNING, "round %d: node %d failed: %s", self.round_number, node, error)
             row["error"] = error
             return True  # Flower's strategies skip errors themselves
-        reason = self._refusal(row, message.content)
+        reason = self._refusal(node, row, message.content)
         if reason is not None:
             log(WARNING, "round %d: refused reply of node %d: %s", self.round_number, node, reason)
             row["refused"] = reason
             return False
         return True
 
-    def _refusal(self, row: Row, content: RecordDict) -> str | None:
+    def _refusal(self, node: int, row: Row, content: RecordDict) -> str | None:
         """Why a reply cannot be used (``"<kind>: <detail>"``); else fill ``row``."""
         if extra := sorted(set(content) - {METRICS_KEY, ARRAYS_KEY}):
             return f"records: unexpected record(s) {extra}"
@@ -145,6 +147,13 @@ class Session:
             return f"metrics: reserved name(s) {clash}"
         if lists := sorted(k for k, v in metrics.items() if not isinstance(v, (int, float))):
             return f"metrics: non-scalar value(s) {lists}"
+        partition = metrics.get("partition-id")
+        holder = self.partition_nodes.get(partition) if isinstance(partition, int) else None
+        if holder is not None and holder != node:
+            return (
+                f"duplicate-partition: partition-id {partition} already replied from node "
+                f"{holder} this round (two SuperNodes started with the same partition-id?)"
+            )
         record = content.array_records.get(ARRAYS_KEY)
         try:
             arrays = from_record(record) if record is not None else {}
@@ -157,6 +166,8 @@ class Session:
             reason = self.strategy.check_reply(self.round_number, metrics, arrays)
         if reason is None:
             row |= metrics
+            if isinstance(partition, int):
+                self.partition_nodes[partition] = node
             if self.method.exchanges_weights and self.cfg.privacy.enabled:
                 content.metric_records[METRICS_KEY][EQUAL_WEIGHT_KEY] = 1  # the accounting's
         return reason
@@ -201,6 +212,11 @@ class Session:
 
     def _round_figures(self, server_round: int, arrays: ArrayRecord, rows: list[Row]) -> Row:
         extra: Row = {"no-reply": len(self.sent_bytes) - len(rows)}
+        replied = set(self.partition_nodes)
+        if missing := sorted(self.known_partitions - replied):
+            log(WARNING, "round %d: no usable reply from partition(s) %s", server_round, missing)
+            extra["partitions-missing"] = ",".join(map(str, missing))
+        self.known_partitions |= replied
         if not self.method.exchanges_weights:
             assert isinstance(self.strategy, RoundStrategy)
             return extra | self.strategy.round_metrics(server_round)
