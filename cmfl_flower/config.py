@@ -31,6 +31,11 @@ from pydantic import (
 Scalar = bool | int | float | str
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# vocabularies: declared once here; other modules derive their tuples with typing.get_args
+DatasetName = Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "folder"]
+PartitionerName = Literal["dirichlet", "pathological", "iid"]
+SchedulerName = Literal["dpm-solver++", "pndm", "ddim"]
+
 _NAME_PATTERN = re.compile(r"^([a-z0-9][a-z0-9-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 _MODULE_NAME_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
 
@@ -50,7 +55,7 @@ def _absolute_or_empty(value: str) -> str:
 class DataConfig(_Section):
     """Which dataset, and how it is split over clients."""
 
-    dataset: Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "folder"] = Field(
+    dataset: DatasetName = Field(
         "digits", description="Source dataset; `digits` is bundled with scikit-learn (offline)."
     )
     path: str = Field(
@@ -60,7 +65,7 @@ class DataConfig(_Section):
         "",
         description="Absolute root of prepared partitions; empty = `~/.cache/cmfl-flower/data`.",
     )
-    partitioner: Literal["dirichlet", "pathological", "iid"] = Field(
+    partitioner: PartitionerName = Field(
         "dirichlet", description="How the training pool is split over clients."
     )
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration (smaller = more skew).")
@@ -180,9 +185,7 @@ class GenerationConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Images per denoising batch.")
     steps: int = Field(20, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1, description="Classifier-free guidance scale.")
-    scheduler: Literal["dpm-solver++", "pndm", "ddim"] = Field(
-        "dpm-solver++", description="Noise scheduler."
-    )
+    scheduler: SchedulerName = Field("dpm-solver++", description="Noise scheduler.")
     sample_weight: float = Field(
         0.5, ge=0, description="Loss weight of a generated image (a local image weighs 1)."
     )

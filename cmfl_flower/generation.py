@@ -19,7 +19,7 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import numpy as np
 import open_clip
@@ -27,12 +27,12 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
 
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_dtype
-from cmfl_flower.config import GenerationConfig
+from cmfl_flower.config import GenerationConfig, SchedulerName
 from cmfl_flower.images import to_uint8
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
 
-SCHEDULERS = ("dpm-solver++", "pndm", "ddim")
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 _SEED_MASK = (1 << 63) - 1
 
 

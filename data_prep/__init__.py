@@ -5,7 +5,7 @@ Usage: ``cmfl-data-prep --dataset digits --num-partitions 20 --partitioner diric
 ``$CMFL_FLOWER_DATA/<slug>`` (else ``~/.cache/cmfl-flower/data/<slug>``, honouring
 ``XDG_CACHE_HOME``), where ``<slug>`` names the settings, e.g.
 ``digits-dirichlet-a0.1-n20-m10-t0.25-s0``. The run reads partitions from the same place, so
-preparing once serves every strategy. ``digits`` is prepared on first use; hub datasets and
+preparing once serves every method. ``digits`` is prepared on first use; hub datasets and
 folders must be prepared with this command first.
 
 On-disk format (``FORMAT_VERSION = 1``), written to a temporary sibling directory and renamed
@@ -30,31 +30,42 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
-from cmfl_flower.data import (
-    DATASETS,
-    PARTITIONERS,
-    PartitionSpec,
-    default_data_root,
-    prepare_partitions,
-)
+from cmfl_flower.config import DataConfig
+from cmfl_flower.data import PartitionSpec, default_data_root, prepare_partitions
 from cmfl_flower.data.store import PLOT, SUMMARY
+
+# the options that are run-config keys (`data.<key>`): type, choices, default and help come
+# from the config model, so the command and the run read a setting the same way
+CONFIG_OPTIONS = (
+    "dataset",
+    "path",
+    "partitioner",
+    "alpha",
+    "classes_per_client",
+    "min_partition_size",
+    "test_fraction",
+    "seed",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line options (defaults = :class:`PartitionSpec`'s)."""
+    """The command-line options (the run-config ones as :class:`DataConfig` declares them)."""
     parser = argparse.ArgumentParser(
         prog="cmfl-data-prep", description="Partition a dataset over federated clients."
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="digits")
-    parser.add_argument("--path", default="", help="image folder or save_to_disk directory")
-    parser.add_argument("--num-partitions", type=int, default=20)
-    parser.add_argument("--partitioner", choices=PARTITIONERS, default="dirichlet")
-    parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration")
-    parser.add_argument("--classes-per-client", type=int, default=2, help="pathological k")
-    parser.add_argument("--min-partition-size", type=int, default=10)
-    parser.add_argument("--test-fraction", type=float, default=0.25)
-    parser.add_argument("--seed", type=int, default=0)
+    for name in CONFIG_OPTIONS:
+        info = DataConfig.model_fields[name]
+        choices = get_args(info.annotation) or None  # a Literal's values
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=str if choices else type(info.default),
+            choices=choices,
+            default=info.default,
+            help=f"{info.description} (run config: data.{name.replace('_', '-')})",
+        )
+    parser.add_argument("--num-partitions", type=int, default=20, help="clients (default 20)")
     parser.add_argument("--output", type=Path, default=None, help="default: data root / slug")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     return parser

@@ -20,17 +20,18 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from cmfl_flower.config import PartitionerName
 from cmfl_flower.data.sources import DATASETS
 
 if TYPE_CHECKING:  # imported where used: a ClientApp process pays its imports every message
     import datasets
 
-PARTITIONERS: tuple[str, ...] = ("dirichlet", "pathological", "iid")
+PARTITIONERS: tuple[str, ...] = get_args(PartitionerName)
 DIRICHLET_RESTARTS = 20
 
 

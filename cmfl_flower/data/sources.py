@@ -12,16 +12,18 @@ import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
+from cmfl_flower.config import DatasetName
+
 # `datasets` and scikit-learn are imported in the functions that use them: a ClientApp process
 # starts for every message, and most messages only read prepared partitions.
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "tiny-imagenet", "folder")
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 # Number of classes of each fixed dataset (a local folder has as many as it has sub-folders).
 CLASS_COUNTS: dict[str, int] = {"digits": 10, "cifar10": 10, "cifar100": 100, "tiny-imagenet": 200}
 DIGITS_SPLITS: tuple[str, ...] = ("public", "train", "test")
