@@ -1,23 +1,17 @@
-"""What a run shows a user: sample grids, label distributions, curves, report.html, cmfl-report.
+"""The run's own page: reading a run directory, its figures, ``report.html``, TensorBoard.
 
-Clients write their own artifacts into ``<run dir>/clients/partition-<i>/`` on *their*
-filesystem (:func:`write_sample_grid`, :func:`write_label_counts`); in a simulation that is the
-server's run directory, in a deployment the SuperNode machine's output root. The server
-renders the run-level views from whatever the run directory holds (:func:`write_report`,
-rewritten after every round) and, optionally, logs the same to TensorBoard.
-
-``cmfl-report RUN_DIR [RUN_DIR ...] [--out DIR]`` compares finished (or running) runs.
-Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow.
+The server renders the run-level views from whatever the run directory holds
+(:func:`write_report`, rewritten after every round) and, optionally, logs the same to
+TensorBoard. Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +20,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from cmfl_flower.paths import (
     ACCURACY_PNG,
@@ -40,101 +34,13 @@ from cmfl_flower.paths import (
     ROUNDS,
     STATUS_JSON,
     TENSORBOARD_DIR,
-    grid_name,
 )
 
 Row = dict[str, Any]
 
+
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
-CELL = 96  # pixels of one image in a sample grid
-PAD = 4  # pixels between grid cells
-LABEL_WIDTH = 120  # pixels of the class-name column of a sample grid
-MAX_COLUMNS = 8  # images shown per class in a sample grid
-TITLE_HEIGHT = 28  # pixels of the title line above a sample grid
-MIN_WIDTH = 420  # pixels: room for the title
-_UP, _DOWN = Image.Resampling.NEAREST, Image.Resampling.LANCZOS  # keep pixels honest
-
-
-# ----- what a client writes ---------------------------------------------------------------
-
-
-def grid_size(rows: int, columns: int) -> tuple[int, int]:
-    """(width, height) in pixels of a sample grid with ``rows`` classes, ``columns`` images."""
-    width = max(LABEL_WIDTH + columns * (CELL + PAD) + PAD, MIN_WIDTH)
-    return width, TITLE_HEIGHT + rows * (CELL + PAD) + PAD
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
-def sample_grid(
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    title: str,
-    columns: int = MAX_COLUMNS,
-) -> Image.Image:
-    """One row per class in ``labels`` (sorted), up to ``columns`` of its images per row.
-
-    images: (N, H, W, 3) uint8; labels: (N,) class ids into ``class_names``.
-    """
-    if len(images) == 0:
-        raise ValueError("a sample grid needs at least one image")
-    classes = sorted({int(c) for c in labels})
-    width = min(columns, max(int((labels == c).sum()) for c in classes))
-    canvas = Image.new("RGB", grid_size(len(classes), width), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = _font(16)
-    draw.text((PAD, TITLE_HEIGHT // 2), title, fill="black", font=font, anchor="lm")
-    for row, class_id in enumerate(classes):
-        top = TITLE_HEIGHT + row * (CELL + PAD)
-        name = class_names[class_id] if class_id < len(class_names) else str(class_id)
-        draw.text((PAD, top + CELL // 2), name, fill="black", font=font, anchor="lm")
-        for col, image in enumerate(images[labels == class_id][:width]):
-            tile = Image.fromarray(image)
-            smaller = tile.width < CELL
-            tile = tile.resize((CELL, CELL), _UP if smaller else _DOWN)
-            canvas.paste(tile, (LABEL_WIDTH + col * (CELL + PAD), top))
-    return canvas
-
-
-def write_sample_grid(
-    directory: Path,
-    partition_id: int,
-    server_round: int,
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-) -> Path:
-    """Save the round's sample grid into a client's artifact directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / grid_name(server_round)
-    title = f"client {partition_id}, round {server_round}: generated from received tokens"
-    sample_grid(images, labels, class_names, title).save(path, optimize=True)
-    return path
-
-
-def write_label_counts(
-    directory: Path,
-    partition_id: int,
-    class_names: Sequence[str],
-    train: np.ndarray,
-    test: np.ndarray,
-) -> Path:
-    """Save a client's per-class counts (train and test labels) as JSON."""
-    directory.mkdir(parents=True, exist_ok=True)
-    size = len(class_names)
-    payload = {
-        "partition-id": partition_id,
-        "class-names": list(class_names),
-        "train": np.bincount(train, minlength=size).tolist(),
-        "test": np.bincount(test, minlength=size).tolist(),
-    }
-    path = directory / LABELS_FILE
-    path.write_text(json.dumps(payload, indent=1))
-    return path
 
 
 # ----- reading a run directory ------------------------------------------------------------
@@ -328,13 +234,15 @@ def labels_figure(counts: dict[int, Row]) -> Figure:
     return figure
 
 
-def _png_bytes(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
+    """``figure`` as PNG bytes."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
+    """PNG bytes as a data URI to embed in HTML."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -361,7 +269,7 @@ def round_line(server_round: int, rounds: int, sampled: int, summary: Row) -> st
     return ", ".join(parts + problems)
 
 
-def _cell(value: Any, key: str = "") -> str:
+def cell(value: Any, key: str = "") -> str:
     """A table cell: bytes in kB/MB, seconds to 0.1, other floats to 0.001."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "bytes" in key:
@@ -371,11 +279,12 @@ def _cell(value: Any, key: str = "") -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _html_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
+def html_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    """``rows`` as an HTML table of ``columns``."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>"
-        + "".join(f"<td>{html.escape(_cell(row.get(c, ''), c))}</td>" for c in columns)
+        + "".join(f"<td>{html.escape(cell(row.get(c, ''), c))}</td>" for c in columns)
         + "</tr>"
         for row in rows
     )
@@ -404,7 +313,7 @@ ROUND_COLUMNS = (
     "fid-inception",
     "dp-epsilon-total",
 )
-_STYLE = (
+STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
     "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f3f3f3}img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0}"
@@ -426,7 +335,7 @@ def write_labels(run_dir: Path) -> dict[int, Row]:
 def write_report(run_dir: Path) -> Path:
     """(Re)write ``accuracy.png``, the label files and ``report.html`` of a run directory."""
     run = load_run(run_dir)
-    accuracy = _png_bytes(accuracy_figure([run]))
+    accuracy = png_bytes(accuracy_figure([run]))
     (run.run_dir / ACCURACY_PNG).write_bytes(accuracy)
     sections = [
         f"<h1>{html.escape(run.name)}</h1>",
@@ -434,14 +343,14 @@ def write_report(run_dir: Path) -> Path:
         f"</b>, {len(run.rounds)} of {run.run_config.get('federation.rounds', '?')} rounds. "
         f"Directory: <code>{html.escape(str(run.run_dir))}</code></p>",
         "<h2>Final figures</h2>",
-        _html_table([run.final()], list(run.final())),
+        html_table([run.final()], list(run.final())),
         "<h2>Accuracy per round</h2>",
-        f'<img alt="accuracy per round" src="{_data_uri(accuracy)}">',
-        _html_table(run.rounds, [c for c in ROUND_COLUMNS if any(c in r for r in run.rounds)]),
+        f'<img alt="accuracy per round" src="{data_uri(accuracy)}">',
+        html_table(run.rounds, [c for c in ROUND_COLUMNS if any(c in r for r in run.rounds)]),
     ]
     if write_labels(run.run_dir):
         png = (run.run_dir / LABELS_PNG).read_bytes()
-        sections += ["<h2>Label distribution</h2>", f'<img alt="labels" src="{_data_uri(png)}">']
+        sections += ["<h2>Label distribution</h2>", f'<img alt="labels" src="{data_uri(png)}">']
     grids = latest_grids(run.run_dir)
     if grids:
         sections.append("<h2>Generated samples (latest round of each client)</h2>")
@@ -453,7 +362,7 @@ def write_report(run_dir: Path) -> Path:
     config = json.dumps(run.run_config, indent=1)
     sections += ["<h2>Run config</h2>", f"<pre>{html.escape(config)}</pre>"]
     page = f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(run.name)}'
-    page += f"</title><style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    page += f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
     path = run.run_dir / REPORT_HTML
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page)
@@ -497,77 +406,3 @@ class TensorBoardLog:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
-
-
-# ----- cmfl-report ------------------------------------------------------------------------
-COMPARE_COLUMNS = (
-    "run",
-    "method",
-    "status",
-    "rounds",
-    "global-acc-mean",
-    "global-acc-min",
-    "global-acc-max",
-    "local-acc-mean",
-    f"{RECOGNISED}-mean",
-    "bytes-sent",
-    "bytes-received",
-    "round-seconds",
-)
-
-
-def comparison_rows(runs: Iterable[RunView]) -> list[Row]:
-    """One row of headline figures per run."""
-    return [{"run": run.name, "method": run.method} | run.final() for run in runs]
-
-
-def comparison_table(rows: Sequence[Row]) -> str:
-    """The rows as a Markdown table (the columns of :data:`COMPARE_COLUMNS`)."""
-    lines = ["| " + " | ".join(COMPARE_COLUMNS) + " |", "|" + " --- |" * len(COMPARE_COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, ""), c) for c in COMPARE_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def write_comparison(runs: Sequence[RunView], out: Path) -> tuple[Path, Path]:
-    """``compare.png`` (overlaid accuracy curves) and ``compare.html`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    png = _png_bytes(accuracy_figure(runs))
-    (out / "compare.png").write_bytes(png)
-    rows = comparison_rows(runs)
-    page = (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>cmfl-report</title>'
-        f"<style>{_STYLE}</style></head><body><h1>Runs compared</h1>"
-        f"{_html_table(rows, COMPARE_COLUMNS)}"
-        f'<img alt="accuracy per round" src="{_data_uri(png)}">'
-        "<ul>"
-        + "".join(
-            f"<li>{html.escape(r.name)}: <code>{html.escape(str(r.run_dir))}</code></li>"
-            for r in runs
-        )
-        + "</ul></body></html>"
-    )
-    (out / "compare.html").write_text(page)
-    return out / "compare.html", out / "compare.png"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``cmfl-report``: print a comparison table; with ``--out``, also the overlaid curves."""
-    parser = argparse.ArgumentParser(
-        prog="cmfl-report", description="Compare cmfl-flower runs side by side."
-    )
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, default=None, help="write compare.html/.png here")
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(path) for path in args.runs]
-    except ValueError as err:
-        parser.error(str(err))
-    print(comparison_table(comparison_rows(runs)))
-    if args.out is not None:
-        page, png = write_comparison(runs, args.out)
-        print(f"wrote {page.resolve()} and {png.resolve()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,112 @@
+"""Pictures a client writes of its own data: sample grids of generated images, label counts.
+
+Clients write into ``<run dir>/clients/partition-<i>/`` on *their* filesystem; in a simulation
+that is the server's run directory, in a deployment the SuperNode machine's output root.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cmfl_flower.paths import (
+    LABELS_FILE,
+    grid_name,
+)
+
+Row = dict[str, Any]
+
+
+CELL = 96  # pixels of one image in a sample grid
+PAD = 4  # pixels between grid cells
+LABEL_WIDTH = 120  # pixels of the class-name column of a sample grid
+MAX_COLUMNS = 8  # images shown per class in a sample grid
+TITLE_HEIGHT = 28  # pixels of the title line above a sample grid
+MIN_WIDTH = 420  # pixels: room for the title
+_UP, _DOWN = Image.Resampling.NEAREST, Image.Resampling.LANCZOS  # keep pixels honest
+
+
+# ----- what a client writes ---------------------------------------------------------------
+
+
+def grid_size(rows: int, columns: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sample grid with ``rows`` classes, ``columns`` images."""
+    width = max(LABEL_WIDTH + columns * (CELL + PAD) + PAD, MIN_WIDTH)
+    return width, TITLE_HEIGHT + rows * (CELL + PAD) + PAD
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    title: str,
+    columns: int = MAX_COLUMNS,
+) -> Image.Image:
+    """One row per class in ``labels`` (sorted), up to ``columns`` of its images per row.
+
+    images: (N, H, W, 3) uint8; labels: (N,) class ids into ``class_names``.
+    """
+    if len(images) == 0:
+        raise ValueError("a sample grid needs at least one image")
+    classes = sorted({int(c) for c in labels})
+    width = min(columns, max(int((labels == c).sum()) for c in classes))
+    canvas = Image.new("RGB", grid_size(len(classes), width), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(16)
+    draw.text((PAD, TITLE_HEIGHT // 2), title, fill="black", font=font, anchor="lm")
+    for row, class_id in enumerate(classes):
+        top = TITLE_HEIGHT + row * (CELL + PAD)
+        name = class_names[class_id] if class_id < len(class_names) else str(class_id)
+        draw.text((PAD, top + CELL // 2), name, fill="black", font=font, anchor="lm")
+        for col, image in enumerate(images[labels == class_id][:width]):
+            tile = Image.fromarray(image)
+            smaller = tile.width < CELL
+            tile = tile.resize((CELL, CELL), _UP if smaller else _DOWN)
+            canvas.paste(tile, (LABEL_WIDTH + col * (CELL + PAD), top))
+    return canvas
+
+
+def write_sample_grid(
+    directory: Path,
+    partition_id: int,
+    server_round: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+) -> Path:
+    """Save the round's sample grid into a client's artifact directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / grid_name(server_round)
+    title = f"client {partition_id}, round {server_round}: generated from received tokens"
+    sample_grid(images, labels, class_names, title).save(path, optimize=True)
+    return path
+
+
+def write_label_counts(
+    directory: Path,
+    partition_id: int,
+    class_names: Sequence[str],
+    train: np.ndarray,
+    test: np.ndarray,
+) -> Path:
+    """Save a client's per-class counts (train and test labels) as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    size = len(class_names)
+    payload = {
+        "partition-id": partition_id,
+        "class-names": list(class_names),
+        "train": np.bincount(train, minlength=size).tolist(),
+        "test": np.bincount(test, minlength=size).tolist(),
+    }
+    path = directory / LABELS_FILE
+    path.write_text(json.dumps(payload, indent=1))
+    return path
