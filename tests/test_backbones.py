@@ -11,18 +11,20 @@ from cmfl_flower import zoo
 from cmfl_flower.backbones import (
     LOCAL_DIR,
     PRESETS,
-    build_tiny_pipeline,
-    clip_text_to_hf,
     load_clip,
     load_pipeline,
     resolve_device,
     resolve_preset,
-    save_clip,
-    tiny_clip_config,
 )
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.images import to_pixels
+from cmfl_flower.zoo.builders import (
+    build_tiny_pipeline,
+    clip_text_to_hf,
+    save_clip,
+    tiny_clip_config,
+)
 from tests.pipelines import render
 
 TINY = resolve_preset(BackboneConfig())

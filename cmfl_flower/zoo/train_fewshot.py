@@ -35,7 +35,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from cmfl_flower.backbones import CLIP_CONFIG_FILE, ClipBundle, save_clip
+from cmfl_flower.backbones import CLIP_CONFIG_FILE, ClipBundle
 from cmfl_flower.config import EncoderConfig
 from cmfl_flower.data import LabeledImages, load_source
 from cmfl_flower.encoder import (
@@ -47,6 +47,7 @@ from cmfl_flower.encoder import (
 )
 from cmfl_flower.images import resize_uint8
 from cmfl_flower.zoo import locate
+from cmfl_flower.zoo.builders import save_clip
 from cmfl_flower.zoo.train_tiny import (
     EVAL_TEMPLATE,
     IMAGE_SIZE,

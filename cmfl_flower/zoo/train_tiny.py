@@ -35,15 +35,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from cmfl_flower.backbones import (
-    CLIP_CONFIG_FILE,
+from cmfl_flower.backbones import CLIP_CONFIG_FILE
+from cmfl_flower.data import LabeledImages, load_source
+from cmfl_flower.images import resize_uint8
+from cmfl_flower.zoo.builders import (
     build_tiny_pipeline,
     clip_text_to_hf,
     save_clip,
     tiny_components,
 )
-from cmfl_flower.data import LabeledImages, load_source
-from cmfl_flower.images import resize_uint8
 
 ZOO_TINY = Path(__file__).resolve().parent / "tiny"
 IMAGE_SIZE = 32
