@@ -1,9 +1,15 @@
-"""Shared fixtures: seeded, CPU-only, offline, and quiet about the tiny preset's random init."""
+"""Shared fixtures: seeded, CPU-only, offline, one torch thread, quiet about the tiny init."""
 
 import logging
+import os
 
 import pytest
 import torch
+
+# Tests run two at a time (pytest-xdist, one worker per core) beside the Flower processes the
+# end-to-end tests start: more than one torch thread per process makes tiny convolutions crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests start
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
