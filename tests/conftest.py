@@ -16,3 +16,10 @@ torch.set_num_threads(1)
 def _seeded_cpu() -> None:
     torch.manual_seed(0)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about the untrained tiny CLIP
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests run on one xdist worker, one after another (see pyproject's addopts)."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
