@@ -1,8 +1,11 @@
-"""What the apps import: no training tools, no test harness, no data-preparation libraries."""
+"""What the apps import: no training tools, no test harness, no data-preparation libraries;
+and only the method modules import Flower."""
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 PROBE = """
 import json, sys
@@ -31,3 +34,19 @@ def test_the_apps_import_no_tools():
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     found = [m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_AT_RUN_TIME)]
     assert found == []
+
+
+def test_only_the_method_modules_import_flower():
+    package = Path(__file__).resolve().parents[1] / "cmfl_flower"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "methods" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "flwr"]
+    assert offenders == []
