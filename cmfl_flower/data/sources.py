@@ -266,14 +266,36 @@ def _wordnet_to_names(wnids: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _load_folder(path: str, split: str) -> LabeledImages:
-    """Class sub-folders under ``path`` (or under ``path/train`` and ``path/test``)."""
+    """Class sub-folders under ``path`` (or under ``path/train`` and ``path/test``).
+
+    Read through ``datasets``' own ``imagefolder`` builder, which names the classes by their
+    folders (sorted, over every split); the images are decoded here, one at a time, so that a
+    corrupt file is named.
+    """
     root = _existing_dir(Path(path).expanduser(), "path")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train = _read_class_folders(root / "train", None)
-        return train if split == "train" else _read_class_folders(root / "test", train.class_names)
-    whole = _read_class_folders(root, None)
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    for directory in (root / "train", root / "test") if has_splits else (root,):
+        _check_class_folders(directory)
+    if has_splits:
+        _check_subset(root / "test", root / "train")
+    table = _imagefolder(root, split if has_splits else "train")
+    names = tuple(table.features["label"].names)
+    labels = np.asarray(table["label"], dtype=np.int64)  # (N,)
+    images = np.stack([_read_image(Path(item["path"])) for item in table["image"]])
+    whole = LabeledImages(images, labels, names)
+    if has_splits:
+        return whole
     train_idx, test_idx = split_indices(whole.labels, FOLDER_TEST_FRACTION, SPLIT_SEED)
     return whole.subset(train_idx if split == "train" else test_idx)
+
+
+def _imagefolder(root: Path, split: str) -> Any:
+    """Split ``split`` of ``datasets``' ``imagefolder`` over ``root``, images not decoded."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = datasets.load_dataset("imagefolder", data_dir=str(root), split=split)
+    return table.cast_column("image", datasets.Image(decode=False))
 
 
 def _existing_dir(directory: Path, argument: str) -> Path:
@@ -283,26 +305,27 @@ def _existing_dir(directory: Path, argument: str) -> Path:
     return directory
 
 
-def _read_class_folders(root: Path, class_names: tuple[str, ...] | None) -> LabeledImages:
-    """One class per sub-folder (sorted names unless ``class_names`` fixes them)."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_class_folders(root: Path) -> None:
+    """Refuse a root without class sub-folders, or a class folder without images."""
+    folders = _class_folders(root)
     if not folders:
         raise ValueError(f"no class sub-folders in {str(root)!r}")
-    names = class_names or tuple(p.name for p in folders)
-    unknown = [p.name for p in folders if p.name not in names]
-    if unknown:
-        raise ValueError(f"class folders {unknown} in {str(root)!r} are not in {names}")
-    images: list[npt.NDArray[np.uint8]] = []
-    labels: list[int] = []
     for folder in folders:
-        files = [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir()):
             raise ValueError(
                 f"class folder {str(folder)!r} has no images ({sorted(IMAGE_SUFFIXES)})"
             )
-        images.extend(_read_image(f) for f in files)
-        labels.extend([names.index(folder.name)] * len(files))
-    return LabeledImages(np.stack(images), np.asarray(labels, dtype=np.int64), names)
+
+
+def _check_subset(test: Path, train: Path) -> None:
+    """Refuse test classes the training split does not have."""
+    known = {p.name for p in _class_folders(train)}
+    if unknown := [p.name for p in _class_folders(test) if p.name not in known]:
+        raise ValueError(f"class folders {unknown} in {str(test)!r} are not in {sorted(known)}")
 
 
 def _read_image(file: Path) -> npt.NDArray[np.uint8]:
