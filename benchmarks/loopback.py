@@ -4,6 +4,10 @@ For tests and benchmarks (it is not part of the installed app). Every message an
 kept for inspection. Each node has its own ``Context`` whose ``run_config`` is the run's flat
 config, as ``flwr run`` gives it (its ``context.state`` persists across rounds, as on a
 SuperNode). A client that raises produces an error reply, as Flower does.
+
+It stands in for Flower's runtime, so it uses three Flower internals, each once, and
+``tests/test_flower_api.py`` checks them: the process's ``TaskIdentity`` (a ServerApp process
+has one before it builds messages), a delivered message's id and a reply's source node.
 """
 
 from __future__ import annotations

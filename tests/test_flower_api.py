@@ -23,3 +23,17 @@ def test_a_message_can_be_routed_to_an_action():
     message = with_message_type(_message(1), "train.cmfl_relay")
     assert message.metadata.message_type == "train.cmfl_relay"
     assert message.metadata.dst_node_id == 7
+
+
+def test_the_loopback_grid_delivers_like_flowers_runtime():
+    from benchmarks.loopback import LoopbackGrid
+    from cmfl_flower.config import AppConfig
+
+    def echo(message: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        return Message(RecordDict(), reply_to=message)
+
+    grid = LoopbackGrid(echo, AppConfig(), 2)
+    (reply,) = grid.send_and_receive([Message(RecordDict(), 1001, "train")])
+    assert grid.sent[0].metadata.message_id  # an id, as the SuperLink gives it
+    assert reply.metadata.src_node_id == 1001
+    assert reply.metadata.reply_to_message_id == grid.sent[0].metadata.message_id
