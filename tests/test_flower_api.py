@@ -4,6 +4,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from benchmarks.loopback import LoopbackGrid
+from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 
 
@@ -26,9 +28,6 @@ def test_a_message_can_be_routed_to_an_action():
 
 
 def test_the_loopback_grid_delivers_like_flowers_runtime():
-    from benchmarks.loopback import LoopbackGrid
-    from cmfl_flower.config import AppConfig
-
     def echo(message: Message, context) -> Message:  # type: ignore[no-untyped-def]
         return Message(RecordDict(), reply_to=message)
 
