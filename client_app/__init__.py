@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from cmfl_flower.backbones import pin_threads
 from cmfl_flower.client_state import load_state, save_state, state_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
@@ -48,6 +49,7 @@ def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays
     }
     run_name = str(config.pop(RUN_NAME_KEY, ""))
     cfg = AppConfig.from_run_config({**context.run_config, "output.run-name": run_name})
+    pin_threads(cfg.backbone)  # before any work: a fresh process per message in a deployment
     task = client_task(context.node_config, config.pop(ROUND_KEY, None), config)
     record = msg.content.array_records.get(ARRAYS_KEY)
     return cfg, task, from_record(record) if record is not None else {}

@@ -115,6 +115,13 @@ class BackboneConfig(_Section):
         description="Diffusion pipeline dtype; `auto` = bfloat16 on CUDA (float16 without bf16 "
         "support), float32 elsewhere. The CLIP and its LoRA stay float32.",
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads of each client process; 0 = torch's default (every CPU it may "
+        "use, or `OMP_NUM_THREADS`). Set it to the CPUs a client is given when processes share "
+        "a machine.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -5,10 +5,14 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from benchmarks.loopback import LoopbackGrid
+from client_app import app as client_app
 from cmfl_flower.backbones import resolve_device, resolve_dtype, resolve_preset
 from cmfl_flower.config import AppConfig, BackboneConfig, GenerationConfig
 from cmfl_flower.generation import GenerationRequest, load_generator
+from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.prompts import DEFAULT_TEMPLATE
+from tests.test_strategies import make_cfg
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -64,3 +68,13 @@ def test_generator_in_bfloat16_renders_on_cpu():
     out = generator.generate([GenerationRequest(0, 3, vectors)], cfg, 0, 1)
     assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
     assert out.images.std() > 1.0  # not a blank image
+
+
+def test_each_client_message_pins_torch_to_backbone_threads(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 1, **{"backbone.threads": 1})
+    torch.set_num_threads(2)  # as a process with two CPUs starts
+    try:
+        run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
