@@ -4,10 +4,21 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
+import client_app as client_module
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
+from cmfl_flower.client_state import load_state
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.harness import refusal_kind, run_federation
 from cmfl_flower.weights import weights_problem
@@ -265,3 +276,41 @@ def test_a_lost_node_does_not_end_a_run_of_flowers_strategy(tmp_path):
     assert [(r["sampled"], r["replies"]) for r in rounds] == [(3, 3), (3, 2), (2, 2)]
     assert [r.get("partitions-missing") for r in rounds] == [None, "2", "2"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+
+
+def test_a_restarted_node_rejoins_from_its_state_on_disk(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "cmfl-relay", 3, **{"federation.min-nodes": 3})
+    grid = LoopbackGrid(client_app, cfg, 3)
+    loaded = []
+
+    def spying_load_state(directory, server_round):
+        state = load_state(directory, server_round)
+        loaded.append((directory.parent.name, server_round, state.tokens is not None))
+        return state
+
+    monkeypatch.setattr(client_module, "load_state", spying_load_state)
+
+    def lost_then_restarted(message, context):
+        old = grid.contexts.pop(1002)  # the machine goes down ...
+        grid.contexts[2002] = Context(  # ... and comes back as a new node, same partition
+            run_id=1, node_id=2002, node_config=dict(old.node_config), state=RecordDict(),
+            run_config=dict(old.run_config),
+        )  # fmt: skip
+        raise RuntimeError("node lost")
+
+    def flaky(message, context):
+        if message.content["config"]["server-round"] == 2:
+            return lost_then_restarted(message, context)
+        return client_app(message, context)
+
+    grid.overrides[1002] = flaky
+    run_dir = run_federation(grid, cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [(r["replies"], r.get("partitions-missing")) for r in rounds] == [
+        (3, None),
+        (2, "2"),
+        (3, None),
+    ]
+    assert ("partition-2", 3, True) in loaded  # round 3 began from round 1's saved tokens
+    rows = json.loads((run_dir / "clients.json").read_text())
+    assert {r["node-id"] for r in rows if r["round"] == 3} == {1000, 1001, 2002}
