@@ -394,3 +394,14 @@ def test_cmfl_report_table_has_the_recognised_share(tmp_path, capsys):
     cells = {_cells(row)[0]: _cells(row) for row in rows}
     assert cells["gen"][column] == "0.933"
     assert cells["plain"][column] == ""
+
+
+def test_accuracy_chart_draws_the_global_model_of_a_weight_method(tmp_path):
+    rounds = [
+        {"round": r, "global-acc-mean": 0.8, "global-acc-min": 0.7, "global-acc-max": 0.9}
+        | {"server-global-acc": acc}
+        for r, acc in ((1, 0.85), (2, 0.9))
+    ]
+    view = report.RunView(tmp_path, {"method": "encoder-lora"}, rounds, [], "completed")
+    lines = {line.get_label(): line for line in report.accuracy_figure([view]).axes[0].lines}
+    assert list(lines["global model, global test"].get_ydata()) == [0.85, 0.9]

@@ -40,6 +40,7 @@ Row = dict[str, Any]
 
 
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
+SERVER_ACC = "server-global-acc"  # weight methods: the global weights scored by the server
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
 
 
@@ -165,6 +166,10 @@ def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
         local = [row.get("local-acc-mean", np.nan) for row in rows]
         label = _label(run, runs, "local test")
         axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=label)
+        if any(SERVER_ACC in row for row in rows):  # weight methods: the global model itself
+            server = [row.get(SERVER_ACC, np.nan) for row in rows]
+            label = _label(run, runs, "global model, global test")
+            axes.plot(rounds, server, "D:", color=color, label=label)
     title = runs[0].method + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
     _round_axes(axes, "mean client accuracy", title + "\n(band: min–max over clients, global test)")
     if axes.has_data():
@@ -300,7 +305,9 @@ ROUND_COLUMNS = (
     "global-acc-min",
     "global-acc-max",
     "local-acc-mean",
+    SERVER_ACC,
     "val-acc-mean",
+    "partitions-missing",
     "num-generated",
     f"{RECOGNISED}-mean",
     f"{RECOGNISED}-min",
