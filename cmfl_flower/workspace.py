@@ -109,25 +109,10 @@ def _as_int(key: str, value: Any) -> int:
     return value
 
 
-def partition_spec(cfg: DataConfig, num_partitions: int) -> PartitionSpec:
-    """The partitioning the data config asks for, over ``num_partitions`` clients."""
-    return PartitionSpec(
-        dataset=cfg.dataset,
-        path=cfg.path,
-        num_partitions=num_partitions,
-        partitioner=cfg.partitioner,
-        alpha=cfg.alpha,
-        classes_per_client=cfg.classes_per_client,
-        min_partition_size=cfg.min_partition_size,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-    )
-
-
 def data_dir(cfg: DataConfig, num_partitions: int) -> Path:
     """The prepared partition directory (prepared on first use for the offline default)."""
     root = Path(cfg.dir).expanduser() if cfg.dir else default_data_root()
-    return ensure_partitions(partition_spec(cfg, num_partitions), root)
+    return ensure_partitions(PartitionSpec.from_settings(cfg, num_partitions), root)
 
 
 @cache

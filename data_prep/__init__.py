@@ -34,20 +34,8 @@ from typing import get_args
 
 from cmfl_flower.config import DataConfig
 from cmfl_flower.data import PartitionSpec, default_data_root, prepare_partitions
+from cmfl_flower.data.partition import SETTINGS
 from cmfl_flower.data.store import PLOT, SUMMARY
-
-# the options that are run-config keys (`data.<key>`): type, choices, default and help come
-# from the config model, so the command and the run read a setting the same way
-CONFIG_OPTIONS = (
-    "dataset",
-    "path",
-    "partitioner",
-    "alpha",
-    "classes_per_client",
-    "min_partition_size",
-    "test_fraction",
-    "seed",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cmfl-data-prep", description="Partition a dataset over federated clients."
     )
-    for name in CONFIG_OPTIONS:
+    # the partitioning settings are run-config keys (`data.<key>`): type, choices, default and
+    # help come from the config model, so the command and the run read a setting the same way
+    for name in SETTINGS:
         info = DataConfig.model_fields[name]
         choices = get_args(info.annotation) or None  # a Literal's values
         parser.add_argument(
@@ -71,27 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def spec_from_args(args: argparse.Namespace) -> PartitionSpec:
-    """The partitioning the parsed options ask for."""
-    return PartitionSpec(
-        dataset=args.dataset,
-        path=args.path,
-        num_partitions=args.num_partitions,
-        partitioner=args.partitioner,
-        alpha=args.alpha,
-        classes_per_client=args.classes_per_client,
-        min_partition_size=args.min_partition_size,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare the partitions and print where they are; exit code 2 on bad arguments."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        spec = spec_from_args(args)
+        spec = PartitionSpec.from_settings(args, args.num_partitions)
         output = (args.output or default_data_root() / spec.slug()).expanduser().resolve()
         prepare_partitions(spec, output, show_progress=True, replace=args.force)
     except ValueError as err:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import warnings
@@ -51,6 +52,16 @@ class PartitionSpec:
     min_partition_size: int = 10
     test_fraction: float = 0.25
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, num_partitions: int) -> PartitionSpec:
+        """The spec over ``num_partitions`` clients, its other fields read from ``settings``.
+
+        ``settings`` has them as attributes of the same names: a ``DataConfig``, or the parsed
+        options of ``cmfl-data-prep``.
+        """
+        values = {name: getattr(settings, name) for name in SETTINGS}
+        return cls(num_partitions=num_partitions, **values)
 
     def __post_init__(self) -> None:
         """Refuse any field outside its allowed values, naming it."""
@@ -90,6 +101,11 @@ class PartitionSpec:
         if self.path:
             parts.append("p" + hashlib.sha256(self.path.encode()).hexdigest()[:8])
         return "-".join(parts)
+
+
+SETTINGS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(PartitionSpec) if f.name != "num_partitions"
+)  # the fields that are ``data.*`` run-config keys too
 
 
 def _check(ok: bool, field: str, value: object, allowed: str) -> None:
