@@ -41,6 +41,7 @@ class CmflRelay(RoundStrategy):
         self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self._max_vectors = 0  # most class vectors in one accepted reply this round
+        self._checked: dict[int, list[TokenEntry]] = {}  # partition -> its vectors, parsed once
         self.labelled = cfg.tokens.relay == "labelled"
         self.limits = WireLimits(
             token_dim=resolve_preset(cfg.backbone).token_dim,
@@ -63,20 +64,20 @@ class CmflRelay(RoundStrategy):
         if not isinstance(partition, int) or partition < 0:
             return f"metrics: 'partition-id' missing or invalid: {partition!r}"
         try:
-            parse_reply(arrays, self.limits, self.labelled)
+            entries = parse_reply(arrays, self.limits, self.labelled)
         except WireError as err:
             return str(err)
+        self._checked[partition] = [
+            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
+        ]
         return None
 
     def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
-        """Keep the reply's vectors as the sender's latest."""
+        """Keep the reply's vectors (parsed by :meth:`check_reply`) as the sender's latest."""
         partition = int(metrics["partition-id"])
-        entries = parse_reply(arrays, self.limits, self.labelled)
         self.partitions[node_id] = partition
-        self._max_vectors = max(self._max_vectors, len(entries))
-        self.latest[partition] = [
-            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
-        ]
+        self.latest[partition] = self._checked.pop(partition)
+        self._max_vectors = max(self._max_vectors, len(self.latest[partition]))
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         """How many senders' vectors the server holds, and (epsilon, delta) under DP."""
