@@ -2,6 +2,7 @@
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.loopback import LoopbackGrid
@@ -19,6 +20,16 @@ def test_message_bytes_counts_the_serialised_arrays():
     small, large = message_bytes(_message(10)), message_bytes(_message(10_010))
     assert small > 40  # the array's 40 bytes, plus the records around it
     assert 40_000 <= large - small <= 40_016  # 10,000 more float32 values (and a longer shape)
+
+
+def test_a_shared_content_is_measured_once_and_counted_for_every_message():
+    first = _message(1000)
+    second = Message(first.content, 8, "train")  # FedAvg sends one RecordDict to every node
+    whole = sum(len(o.deflate()) for o in get_all_nested_objects(first).values())
+    shared: dict[int, int] = {}
+    assert message_bytes(first, shared) == whole == message_bytes(first)
+    assert len(shared) == 1 and message_bytes(second, shared) == whole  # same size of header
+    assert len(shared) == 1
 
 
 def test_a_message_can_be_routed_to_an_action():

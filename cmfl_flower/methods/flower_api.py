@@ -14,9 +14,19 @@ from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
-def message_bytes(message: Message) -> int:
-    """Bytes of ``message`` as Flower ships it: every serialised object of its tree."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+def message_bytes(message: Message, content_bytes: dict[int, int] | None = None) -> int:
+    """Bytes of ``message`` as Flower ships it: every serialised object of its tree.
+
+    ``content_bytes`` remembers, by object identity, the bytes of record trees that several
+    live messages share (Flower's FedAvg sends one ``RecordDict`` to every node), so a
+    round serialises a shared model once, not once per node.
+    """
+    cache = {} if content_bytes is None else content_bytes
+    key = id(message.content)
+    if key not in cache:
+        objects = get_all_nested_objects(message.content).values()
+        cache[key] = sum(len(obj.deflate()) for obj in objects)
+    return cache[key] + len(message.deflate())
 
 
 def with_message_type(message: Message, message_type: str) -> Message:

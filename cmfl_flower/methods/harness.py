@@ -72,6 +72,7 @@ class Session:
     def _new_round(self) -> None:
         self.rows: dict[int, Row] = {}  # node id -> its row this round
         self.sent_bytes: dict[int, int] = {}
+        self.content_bytes: dict[int, int] = {}  # shared records, measured once per round
         self.reference: Arrays | None = None  # the weights sent this round (weight methods)
         self.metric_keys: set[str] | None = None  # Flower averages only equal key sets
         self.partition_nodes: dict[int, int] = {}  # partition id -> the node it replied from
@@ -89,7 +90,7 @@ class Session:
             message = with_message_type(message, f"{category}.{action(self.cfg.method)}")
         node = message.metadata.dst_node_id
         if category == "train":
-            self.sent_bytes[node] = message_bytes(message)
+            self.sent_bytes[node] = message_bytes(message, self.content_bytes)
             record = message.content.array_records.get(ARRAYS_KEY)
             if self.method.exchanges_weights and self.reference is None and record is not None:
                 self.reference = from_record(record)
