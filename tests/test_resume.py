@@ -82,3 +82,22 @@ def test_more_rounds_can_be_added_to_a_finished_run(tmp_path):
     assert [r["round"] for r in _rows(run_dir, "rounds")] == [1, 2]
     sent_round_2 = grid.sent[-1].content.array_records  # the restored global adapter
     assert sent_round_2, "round 2 starts from the checkpointed global adapter"
+
+
+def test_a_resumed_run_samples_as_the_uninterrupted_one(tmp_path):
+    # seed 1 samples other nodes in round 2 than in round 1
+    half = {"federation.fraction": 0.5, "federation.min-nodes": 4, "seed": 1}
+
+    def sampled_in_round_2(run_dir):
+        return sorted(r["partition-id"] for r in _rows(run_dir, "clients") if r["round"] == 2)
+
+    whole_cfg = make_cfg(tmp_path, "local-only", 2, **half, **{"output.run-name": "whole"})
+    whole = run_federation(LoopbackGrid(client_app, whole_cfg, 4), whole_cfg)
+    cfg = make_cfg(tmp_path, "local-only", 1, **half, **{"output.run-name": "grown"})
+    grown = run_federation(LoopbackGrid(client_app, cfg, 4), cfg)
+    more = AppConfig.from_run_config(
+        cfg.to_run_config() | {"output.resume": True, "federation.rounds": 2}
+    )
+    run_federation(LoopbackGrid(client_app, more, 4), more)
+    assert len(sampled_in_round_2(whole)) == 2
+    assert sampled_in_round_2(grown) == sampled_in_round_2(whole)  # seeded by the run's round

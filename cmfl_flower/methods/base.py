@@ -117,7 +117,7 @@ class RoundStrategy(Strategy):
     def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.first_round = 1  # the harness sets it on resume: Flower counts from 1
+        self.first_round = 1  # set by the harness: after a resume Flower still counts from 1
 
     # ----- hooks -------------------------------------------------------------------------
     def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:

@@ -352,6 +352,7 @@ def _restore(session: Session, strategy: Strategy, method: Method) -> tuple[int,
         session.recorder.truncate(done)
         log(INFO, "resuming %s after round %d", run_dir, done)
     if isinstance(strategy, RoundStrategy):
+        strategy.first_round = done + 1  # its hooks and sampling see the run's rounds
         if checkpoint is not None:
             strategy.load_state(checkpoint.arrays, checkpoint.meta)
         return done + 1, ArrayRecord()
