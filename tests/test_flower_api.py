@@ -1,7 +1,7 @@
 """The Flower APIs that are not public, one test each: an upgrade that breaks one fails here."""
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -47,3 +47,8 @@ def test_the_loopback_grid_delivers_like_flowers_runtime():
     assert grid.sent[0].metadata.message_id  # an id, as the SuperLink gives it
     assert reply.metadata.src_node_id == 1001
     assert reply.metadata.reply_to_message_id == grid.sent[0].metadata.message_id
+
+
+def test_an_error_reply_has_bytes_too():
+    reply = Message(Error(code=1, reason="client exploded"), reply_to=_message(1))
+    assert message_bytes(reply) > len("client exploded")

@@ -21,6 +21,8 @@ def message_bytes(message: Message, content_bytes: dict[int, int] | None = None)
     live messages share (Flower's FedAvg sends one ``RecordDict`` to every node), so a
     round serialises a shared model once, not once per node.
     """
+    if not message.has_content():  # an error reply
+        return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
     cache = {} if content_bytes is None else content_bytes
     key = id(message.content)
     if key not in cache:
