@@ -21,7 +21,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from cmfl_flower.backbones import pin_threads
 from cmfl_flower.client_state import load_state, save_state, state_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
@@ -34,6 +33,7 @@ from cmfl_flower.methods.base import (
     from_record,
     reply,
 )
+from cmfl_flower.threads import pin_threads
 from cmfl_flower.workspace import Arrays, ClientTask, client_task
 
 app = ClientApp()
@@ -49,7 +49,7 @@ def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays
     }
     run_name = str(config.pop(RUN_NAME_KEY, ""))
     cfg = AppConfig.from_run_config({**context.run_config, "output.run-name": run_name})
-    pin_threads(cfg.backbone)  # before any work: a fresh process per message in a deployment
+    pin_threads(cfg.backbone.threads, context.node_config)  # before any work, every message
     task = client_task(context.node_config, config.pop(ROUND_KEY, None), config)
     record = msg.content.array_records.get(ARRAYS_KEY)
     return cfg, task, from_record(record) if record is not None else {}

@@ -87,12 +87,6 @@ def resolve_preset(cfg: BackboneConfig) -> Preset:
     return preset
 
 
-def pin_threads(cfg: BackboneConfig) -> None:
-    """Give torch ``backbone.threads`` threads in this process (0: leave torch's default)."""
-    if cfg.threads and torch.get_num_threads() != cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-
 def resolve_device(name: str) -> torch.device:
     """Map the config's device name to a torch device (``auto`` prefers CUDA)."""
     if name == "auto":

@@ -118,9 +118,9 @@ class BackboneConfig(_Section):
     threads: int = Field(
         0,
         ge=0,
-        description="Torch threads of each client process; 0 = torch's default (every CPU it may "
-        "use, or `OMP_NUM_THREADS`). Set it to the CPUs a client is given when processes share "
-        "a machine.",
+        description="Torch threads of each client process; 0 = the CPUs it was given (node "
+        "config `num-cpus`, the simulation's `client-resources-num-cpus`, else its affinity "
+        "mask), fewer when some of them are busy as a message starts.",
     )
 
     @field_validator("device")
