@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from cmfl_flower.client_state import load_state, save_state, state_dir
+from cmfl_flower.client_state import train_with_state
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
 from cmfl_flower.methods.base import (
@@ -58,11 +58,7 @@ def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays
 def _train(method: Method, msg: Message, context: Context) -> Message:
     """One round of ``method``'s client routine, its state kept on the node's disk."""
     cfg, task, received = _read(msg, context)
-    directory = state_dir(cfg, task.partition_id)
-    state = load_state(directory, task.server_round)
-    output = method.train(cfg, task, state, received)
-    save_state(directory, output.state, task.server_round)
-    return reply(output, msg)
+    return reply(train_with_state(method.train, cfg, task, context.node_id, received), msg)
 
 
 def _evaluate(method: Method, msg: Message, context: Context) -> Message:

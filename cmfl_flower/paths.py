@@ -9,7 +9,7 @@ A run directory, ``<output root>/<run name>/``::
     accuracy.png       ACCURACY_PNG; report.html: REPORT_HTML
     labels.json/png    LABELS_FILE / LABELS_PNG: label counts per client and class
     clients/partition-<i>/    client_dir(): what client i wrote (labels.json, sample grids)
-        state/                STATE_DIR: its vision LoRA and class tokens between messages
+        state/node-<id>/      STATE_DIR: its vision LoRA and class tokens, per SuperNode
     checkpoint/        CHECKPOINT_DIR: the server's state after the latest round
     model/, adapter/, samples/   MODEL_DIR, ADAPTER_DIR, SAMPLES_DIR: the diffusion methods'
     tensorboard/       TENSORBOARD_DIR (``output.tensorboard = true``)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -78,6 +78,9 @@ class RoundOutput:
     metrics: Metrics
     state: ClientState = field(default_factory=ClientState)
     arrays: Arrays = field(default_factory=dict)
+
+
+ClientRoutine = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
 
 
 def client_task(

@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from cmfl_flower.config import AppConfig
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
+from cmfl_flower.workspace import Arrays, ClientRoutine, ClientTask, Metrics, RoundOutput
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: token vectors or weights, per method
 CONFIG_KEY = "config"  # ConfigRecord: ROUND_KEY, RUN_NAME_KEY and what a strategy adds
@@ -47,7 +47,6 @@ METRICS_KEY = "metrics"  # MetricRecord: the client's scalar metrics for the rou
 ROUND_KEY = "server-round"
 RUN_NAME_KEY = "run-name"  # the run directory's name, resolved by the server
 
-ClientRoutine = Callable[[AppConfig, ClientTask, ClientState, Arrays], RoundOutput]
 EvaluateRoutine = Callable[[AppConfig, ClientTask, Arrays], Metrics]
 StrategyFactory = Callable[[AppConfig, Path], Strategy]
 

@@ -66,7 +66,7 @@ class Session:
         self.strategy: Strategy | None = None
         self.first_round = 1
         self.train_exchanges = 0  # train rounds sent so far by this session
-        self.known_partitions: set[int] = set()  # every partition that ever replied
+        self.partition_home: dict[int, int] = {}  # partition id -> the node it last replied from
         self._new_round()
 
     def _new_round(self) -> None:
@@ -213,11 +213,12 @@ class Session:
 
     def _round_figures(self, server_round: int, arrays: ArrayRecord, rows: list[Row]) -> Row:
         extra: Row = {"no-reply": len(self.sent_bytes) - len(rows)}
-        replied = set(self.partition_nodes)
-        if missing := sorted(self.known_partitions - replied):
+        if missing := sorted(set(self.partition_home) - set(self.partition_nodes)):
             log(WARNING, "round %d: no usable reply from partition(s) %s", server_round, missing)
             extra["partitions-missing"] = ",".join(map(str, missing))
-        self.known_partitions |= replied
+        if moved := self._moved_partitions(server_round):
+            extra["partitions-moved"] = moved
+        self.partition_home |= self.partition_nodes
         if not self.method.exchanges_weights:
             assert isinstance(self.strategy, RoundStrategy)
             return extra | self.strategy.round_metrics(server_round)
@@ -228,6 +229,18 @@ class Session:
             run_dir, weights = self.recorder.run_dir, from_record(arrays)
             extra |= self.method.server_evaluate(self.cfg, run_dir, server_round, weights)
         return extra
+
+    def _moved_partitions(self, server_round: int) -> str:
+        """``"<partition>:<old node>-><new node>,..."`` for partitions on a new node this round."""
+        moved = {
+            partition: (self.partition_home[partition], node)
+            for partition, node in sorted(self.partition_nodes.items())
+            if self.partition_home.get(partition, node) != node
+        }
+        for partition, (old, new) in moved.items():
+            log(INFO, "round %d: partition-id %d moved from node %d to node %d (a restarted "
+                "SuperNode)", server_round, partition, old, new)  # fmt: skip
+        return ",".join(f"{p}:{old}->{new}" for p, (old, new) in moved.items())
 
     def _state(self, arrays: ArrayRecord) -> tuple[Arrays, dict[str, Any]]:
         if isinstance(self.strategy, RoundStrategy):
