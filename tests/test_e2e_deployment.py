@@ -1,21 +1,26 @@
 """End to end in a real deployment: one SuperLink and three SuperNodes as separate processes.
 
-Each process has its own ports and `FLWR_HOME`; the app runs `cmfl-relay` on the tiny preset
-for 2 rounds. Success is proven from the run status (`flwr ls`) and the results the ServerApp
-wrote, which must hold the metrics of every SuperNode. Variants: plain HTTP on loopback;
-TLS with SuperNode authentication, where a SuperNode with an unregistered key gets no work;
+Each process has its own ports and `FLWR_HOME`; the app runs a relay on the tiny preset. Success
+is proven from the run status (`flwr ls`) and the results the ServerApp wrote, which must hold
+the metrics of every SuperNode. Variants: plain HTTP on loopback, with an operator's faults (a
+SuperNode killed and restarted, two SuperNodes with one partition id); TLS with SuperNode
+authentication, where a SuperNode with an unregistered key gets no work;
 and (where permitted) every SuperNode in its own network namespace with its own address.
 The Docker files under `docker/` and the commands of its guide are checked statically (no
 Docker engine is needed).
 """
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
+from collections.abc import Sequence
 from contextlib import ExitStack
 from importlib.metadata import version
 from pathlib import Path
@@ -69,27 +74,53 @@ def _node_config(partition: int, partitions: int = NUM_NODES) -> str:
     return f"partition-id={partition} num-partitions={partitions}"
 
 
-def _run(link: SuperLink, tmp_path: Path, rounds: int, timeout: float = 300) -> Path:
-    """`flwr run` the app; wait until its status is completed; return its run directory."""
-    out_root = tmp_path / "runs"
+def _start_run(link: SuperLink, tmp_path: Path, rounds: int, overrides: str = OVERRIDES) -> int:
+    """`flwr run` the app (run name ``e2e`` under ``tmp_path/runs``); return its run id."""
     overrides = (
-        f"{OVERRIDES} federation.rounds={rounds} output.dir='{out_root}' output.run-name='e2e' "
-        f"data.dir='{tmp_path / 'data'}'"
+        f"{overrides} federation.rounds={rounds} output.dir='{tmp_path / 'runs'}' "
+        f"output.run-name='e2e' data.dir='{tmp_path / 'data'}'"
     )
     started = flwr(
         link, "run", str(ROOT), link.connection, "--run-config", overrides, "--format", "json"
     )
     assert started.returncode == 0, started.stdout + started.stderr
-    run_id = int(_json(started.stdout)["run-id"])
+    return int(_json(started.stdout)["run-id"])
+
+
+def _fail_with_logs(link: SuperLink, run_id: int, status: str) -> None:
+    logs = flwr(link, "log", str(run_id), link.connection, "--show").stdout
+    pytest.fail(f"run {run_id} is {status}\n{logs[-4000:]}")
+
+
+def _wait_done(link: SuperLink, run_id: int, timeout: float = 300) -> None:
+    """Wait until run ``run_id`` has finished; fail with its log unless it completed."""
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline and not status.startswith("finished"):
         time.sleep(1)
         status = run_status(link, run_id)
     if status != "finished:completed":
-        logs = flwr(link, "log", str(run_id), link.connection, "--show").stdout
-        pytest.fail(f"run {run_id} is {status}\n{logs[-4000:]}")
-    return out_root / "e2e"
+        _fail_with_logs(link, run_id, status)
+
+
+def _wait_rounds(link: SuperLink, run_id: int, run_dir: Path, count: int) -> None:
+    """Wait until the server has recorded ``count`` rounds in ``run_dir/rounds.json``."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            if len(json.loads((run_dir / "rounds.json").read_text())) >= count:
+                return
+        status = run_status(link, run_id)
+        if status.startswith("finished"):
+            _fail_with_logs(link, run_id, status)
+        time.sleep(1)
+    pytest.fail(f"round {count} was not recorded within 240 s")
+
+
+def _run(link: SuperLink, tmp_path: Path, rounds: int) -> Path:
+    """`flwr run` the app; wait until its status is completed; return its run directory."""
+    _wait_done(link, _start_run(link, tmp_path, rounds))
+    return tmp_path / "runs" / "e2e"
 
 
 def _assert_results(
@@ -128,19 +159,25 @@ def _listed_nodes(link: SuperLink) -> dict[int, str]:
     return {int(node["node-id"]): node["status"] for node in _json(listing.stdout)["nodes"]}
 
 
-def _start_nodes(stack: ExitStack, tmp_path: Path, link: SuperLink, **per_node) -> None:
-    """Start ``NUM_NODES`` SuperNodes, partitions 0.., each on its own free runtime port.
+def _start_nodes(
+    stack: ExitStack,
+    tmp_path: Path,
+    link: SuperLink,
+    partitions: Sequence[int] = range(NUM_NODES),
+    **per_node: Sequence[Any],
+) -> list[SuperNodeProcess]:
+    """Start one SuperNode per entry of ``partitions`` (of ``NUM_NODES``), each on its own port.
 
     ``per_node`` maps a keyword of `supernode()` to one value per node (``private_key``,
     ``netns``, ...). On exit all of them are interrupted at once, then stopped one by one.
     """
     nodes: list[SuperNodeProcess] = []
-    for partition in range(NUM_NODES):
-        options = {key: values[partition] for key, values in per_node.items()}
+    for index, partition in enumerate(partitions):
+        options = {key: values[index] for key, values in per_node.items()}
         options.setdefault("port", free_port())
         node = supernode(
             tmp_path,
-            f"supernode-{partition}",
+            f"supernode-{index}",
             link.address,
             _node_config(partition),
             extra_env=ONE_THREAD,
@@ -148,15 +185,64 @@ def _start_nodes(stack: ExitStack, tmp_path: Path, link: SuperLink, **per_node) 
         )
         nodes.append(stack.enter_context(node))
     stack.callback(interrupt, [node.process for node in nodes])
+    return nodes
+
+
+# the default relay, sized as OVERRIDES; a 4th node claims partition 1 again, all 4 start it
+FAULTS = (
+    "method='cmfl-relay' generation.steps=2 generation.images-per-class=1 tokens.epochs=1 "
+    "federation.min-nodes=4 federation.wait-for-nodes=90"
+)
 
 
 @pytest.mark.e2e
-def test_deployment_three_supernodes_on_loopback(tmp_path):
+def test_deployment_survives_a_lost_node_its_restart_and_a_duplicate_partition(tmp_path):
+    """Partitions 0, 1, 2 and a second SuperNode with partition 1, on one host, 4 rounds.
+
+    Partition 2's SuperNode is killed (SIGKILL, with its ClientApp) once round 1 is recorded
+    and started again, under a new node id, once round 2 is recorded.
+    """
+    rounds, run_dir = 4, tmp_path / "runs" / "e2e"
     with ExitStack() as stack:
         link = stack.enter_context(deployment_superlink(tmp_path))
-        _start_nodes(stack, tmp_path, link)
-        run_dir = _run(link, tmp_path, rounds=2)
-    _assert_results(run_dir, list(range(NUM_NODES)), rounds=2)
+        nodes = _start_nodes(stack, tmp_path, link, partitions=[0, 1, 2, 1])
+        run_id = _start_run(link, tmp_path, rounds, FAULTS)
+        _wait_rounds(link, run_id, run_dir, 1)
+        os.killpg(nodes[2].process.pid, signal.SIGKILL)
+        _wait_rounds(link, run_id, run_dir, 2)
+        restarted = supernode(
+            tmp_path, "supernode-2-restarted", link.address, _node_config(2),
+            port=free_port(), extra_env=ONE_THREAD,
+        )  # fmt: skip
+        stack.enter_context(restarted)
+        _wait_done(link, run_id)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    summary = json.loads((run_dir / "rounds.json").read_text())
+    rows = json.loads((run_dir / "clients.json").read_text())
+    by_round = [[row for row in rows if row["round"] == r] for r in range(1, rounds + 1)]
+    # the duplicate: refused, and named, in every round; its twin's replies are used
+    assert [s["refused-duplicate-partition"] for s in summary] == [1] * rounds
+    for round_rows in by_round:
+        refused = [row for row in round_rows if "refused" in row]
+        assert len(refused) == 1 and "partition-id 1 already replied" in refused[0]["refused"]
+    # the lost node: round 2 names partition 2 missing, and the run goes on without it
+    assert summary[1]["partitions-missing"] == "2" and summary[1]["replies"] == 2
+    used = [sorted(row["partition-id"] for row in r if not _failed(row)) for r in by_round]
+    assert used[0] == used[-1] == [0, 1, 2]
+    # the restarted node: a new node id for partition 2, starting from what round 1 saved
+    back = [row for row in rows if row.get("partition-id") == 2 and row["round"] > 2]
+    first = min(back, key=lambda row: row["round"])
+    lost = next(row["node-id"] for row in by_round[0] if row.get("partition-id") == 2)
+    assert first["state-round"] == 1 and first["node-id"] != lost
+    unavailable = [row for row in by_round[1] if "error" in row]
+    assert [row["node-id"] for row in unavailable] == [lost]  # the SuperLink's error, for it
+    moved = [s.get("partitions-moved", "") for s in summary]
+    assert sum(m.startswith("2:") for m in moved) == 1
+    assert all("global-acc" in row for r in by_round for row in r if not _failed(row))
+
+
+def _failed(row: dict[str, Any]) -> bool:
+    return "error" in row or "refused" in row
 
 
 @pytest.mark.e2e

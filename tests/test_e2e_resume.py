@@ -42,4 +42,5 @@ def test_flwr_run_resumed_equals_uninterrupted(tmp_path):
     assert [r["round"] for r in json.loads((resumed / "rounds.json").read_text())] == [1, 2]
     assert _last_round(resumed) == _last_round(whole)
     state = tmp_path / "cut" / "runs" / "e2e" / "clients" / "partition-0" / "state"
-    assert sorted(p.name for p in state.iterdir()) == ["round-1.safetensors", "round-2.safetensors"]
+    saved = sorted(p.name for p in state.glob("node-*/round-*.safetensors"))
+    assert saved == ["round-1.safetensors", "round-2.safetensors"]

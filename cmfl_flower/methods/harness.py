@@ -97,29 +97,32 @@ class Session:
         return message
 
     # ----- replies in ------------------------------------------------------------------
-    def incoming(self, replies: Iterable[Message]) -> list[Message]:
+    def incoming(self, replies: Iterable[Message], recipients: dict[str, int]) -> list[Message]:
         """Record every reply; return those the strategy may use (and the errors).
 
-        In node order: Flower samples in random order, and the order of a float sum matters
-        (a resumed run must reach the uninterrupted run's weights exactly).
+        ``recipients`` maps a sent message's id to its node: the SuperLink's own error reply
+        for a node that stopped answering comes from the SuperLink, not from that node. In node
+        order: Flower samples in random order, and the order of a float sum matters (a resumed
+        run must reach the uninterrupted run's weights exactly).
         """
         usable = []
-        for message in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        by_node = {recipients.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m
+                   for m in replies}  # fmt: skip
+        for node, message in sorted(by_node.items()):
             if message.metadata.message_type.startswith("evaluate"):
-                self._evaluation(message)
+                self._evaluation(node, message)
                 usable.append(message)
-            elif self._train_reply(message):
+            elif self._train_reply(node, message):
                 usable.append(message)
         return usable
 
-    def _evaluation(self, message: Message) -> None:
-        row = self.rows.setdefault(message.metadata.src_node_id, {})
+    def _evaluation(self, node: int, message: Message) -> None:
+        row = self.rows.setdefault(node, {})
         if not message.has_error() and METRICS_KEY in message.content.metric_records:
             metrics = message.content.metric_records[METRICS_KEY]
             row |= {f"eval-{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    def _train_reply(self, message: Message) -> bool:
-        node = message.metadata.src_node_id
+    def _train_reply(self, node: int, message: Message) -> bool:
         row: Row = {"node-id": node, "bytes-sent": self.sent_bytes.get(node, 0)}
         row["bytes-received"] = message_bytes(message)
         self.rows[node] = row
@@ -327,7 +330,11 @@ class RecordingGrid(Grid):
         if any(m.metadata.message_type.startswith("train") for m in batch):
             self.session.train_exchanges += 1  # one per round: Strategy.start's loop
         sent = [self.session.outgoing(m) for m in batch]
-        return self.session.incoming(self.grid.send_and_receive(sent, timeout=timeout))
+        replies = self.grid.send_and_receive(sent, timeout=timeout)  # gives `sent` their ids
+        recipients = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
+        }
+        return self.session.incoming(replies, recipients)
 
 
 def wait_for_nodes(grid: Grid, cfg: AppConfig) -> int:
