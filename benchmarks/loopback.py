@@ -53,6 +53,7 @@ class LoopbackGrid(Grid):
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self.overrides: dict[int, ClientCall] = {}  # node id -> another ClientApp
+        self.waiting: dict[str, Message] = {}  # message id -> its reply, not pulled yet
         # what a ServerApp process has set before it builds messages
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
@@ -86,18 +87,8 @@ class LoopbackGrid(Grid):
         raise NotImplementedError
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not needed in-process."""
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not needed in-process."""
-        raise NotImplementedError
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Deliver each message to its node's ClientApp; return the replies."""
-        replies = []
+        """Deliver each message to its node's ClientApp at once; keep its reply to pull."""
+        ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(message)
@@ -109,5 +100,16 @@ class LoopbackGrid(Grid):
                 reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = node
             self.replies.append(reply)
-            replies.append(reply)
-        return replies
+            self.waiting[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` that were not pulled yet."""
+        return [self.waiting.pop(mid) for mid in message_ids if mid in self.waiting]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver each message to its node's ClientApp; return the replies."""
+        return self.pull_messages(list(self.push_messages(messages)))

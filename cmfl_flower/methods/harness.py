@@ -53,6 +53,7 @@ from cmfl_flower.workspace import Arrays
 
 SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
 TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received")  # reported as sums
+POLL_SECONDS = 0.5  # how often the server asks the SuperLink for replies
 RESERVED = frozenset({"node-id", "bytes-sent", "bytes-received", "error", "refused"})
 
 
@@ -330,11 +331,21 @@ class RecordingGrid(Grid):
         if any(m.metadata.message_type.startswith("train") for m in batch):
             self.session.train_exchanges += 1  # one per round: Strategy.start's loop
         sent = [self.session.outgoing(m) for m in batch]
-        replies = self.grid.send_and_receive(sent, timeout=timeout)  # gives `sent` their ids
-        recipients = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id
-        }
-        return self.session.incoming(replies, recipients)
+        ids = list(self.grid.push_messages(sent))
+        recipients = {mid: m.metadata.dst_node_id for mid, m in zip(ids, sent, strict=True)}
+        return self.session.incoming(self._pull(set(ids), timeout), recipients)
+
+    def _pull(self, pending: set[str], timeout: float | None) -> list[Message]:
+        """Flower's ``send_and_receive`` loop, polling every :data:`POLL_SECONDS` (not 3 s)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self.grid.pull_messages(pending))
+            replies += pulled
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return replies
 
 
 def wait_for_nodes(grid: Grid, cfg: AppConfig) -> int:
