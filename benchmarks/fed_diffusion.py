@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
+from cmfl_flower.client_round import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
 from cmfl_flower.diffusion import (
@@ -38,7 +39,6 @@ from cmfl_flower.diffusion import (
 )
 from cmfl_flower.diffusion_server import DiffusionPublisher
 from cmfl_flower.methods.harness import run_federation
-from cmfl_flower.workspace import data_dir
 
 CLIENTS = 4
 LOCAL_STEPS = 4

@@ -1,6 +1,7 @@
 """Backbone presets: a CLIP (open_clip) and a diffusion pipeline (diffusers) in one token space.
 
-Both load through the libraries' own loaders.
+Both load through the libraries' own loaders, imported when a model is loaded: resolving a
+preset or a device costs no import of open_clip or diffusers.
 A preset is data (:class:`Preset`); every field can be overridden from the run config with a
 hub id or a local directory. Models are loaded once per process and cached
 (:func:`cmfl_flower.encoder.load_encoder`): the clients one simulation worker serves share them.
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
 
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.zoo import locate
+
+if TYPE_CHECKING:
+    import open_clip
 
 LOGGER = logging.getLogger(__name__)
 
@@ -130,16 +135,39 @@ def _check_local_clip(preset: Preset) -> None:
         )
 
 
+@cache
+def clip_tokenizer(clip: str) -> Any:
+    """open_clip's tokenizer of the CLIP ``clip``, built once per process (it parses its BPE)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(clip)
+
+
+def _skipped_init(skip: bool) -> AbstractContextManager[Any]:
+    """While active (``skip``), modules built skip their random initialisation."""
+    if not skip:
+        return nullcontext()
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
 def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
     """Load the preset's CLIP (eval mode, frozen, on ``device_name``) with open_clip's loader.
 
-    ``seed`` fixes the initialisation of anything the checkpoint does not hold. Callers that
+    The model is built on ``device_name``; when a checkpoint holds every weight (a local
+    directory, which must have weights, or a pretrained tag; open_clip loads strictly), its
+    random initialisation is skipped. ``seed`` fixes the initialisation otherwise. Callers that
     run per message cache the result (see :func:`cmfl_flower.encoder.load_encoder`).
     """
-    if preset.clip.startswith(LOCAL_DIR):
+    import open_clip
+
+    local = preset.clip.startswith(LOCAL_DIR)
+    if local:
         _check_local_clip(preset)
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
+    checkpoint = local or bool(preset.clip_pretrained)
+    with warnings.catch_warnings(), torch.device(device_name), _skipped_init(checkpoint):
         warnings.simplefilter("ignore", UserWarning)
         model = open_clip.create_model(
             preset.clip, pretrained=preset.clip_pretrained or None, device=device_name
@@ -149,7 +177,7 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
     image_size = int(size[0] if isinstance(size, tuple) else size)
     return ClipBundle(
         model=model,
-        tokenizer=open_clip.get_tokenizer(preset.clip),
+        tokenizer=clip_tokenizer(preset.clip),
         image_size=image_size,
         mean=tuple(model.visual.image_mean),
         std=tuple(model.visual.image_std),
@@ -158,7 +186,11 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
 
 
 def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a Stable Diffusion pipeline from a hub id or a local directory (diffusers' loader)."""
+    """Load a Stable Diffusion pipeline from a hub id or a local directory (diffusers' loader).
+
+    Weights are read in ``dtype`` and, on ``cpu`` or ``cuda`` (no index), straight onto the
+    device (diffusers' ``device_map``); elsewhere the pipeline moves there after loading.
+    """
     from diffusers import StableDiffusionPipeline
 
     path = Path(source).expanduser()
@@ -171,8 +203,9 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(path) if path.is_absolute() else source,
         dtype=dtype,
+        device_map=device.type if device.type in ("cpu", "cuda") and device.index is None else None,
         safety_checker=None,
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    return pipeline.to(device)  # no copy where it was loaded in place

@@ -19,18 +19,19 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import numpy as np
-import open_clip
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin
 
-from cmfl_flower.backbones import Preset, load_pipeline, resolve_dtype
+from cmfl_flower.backbones import Preset, clip_tokenizer, load_pipeline, resolve_dtype
 from cmfl_flower.config import GenerationConfig, SchedulerName
 from cmfl_flower.images import to_uint8
 from cmfl_flower.progress import QUIET, Progress
 from cmfl_flower.prompts import PromptTemplate, substituted
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 _SEED_MASK = (1 << 63) - 1
@@ -83,8 +84,11 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
     """The scheduler called ``name`` (``generation.scheduler``), built from ``base_config``.
 
     PNDM skips its Runge-Kutta warm-up (PLMS only, as Stable Diffusion configures it), which
-    also lets it run with fewer steps than its order.
+    also lets it run with fewer steps than its order. The schedulers are imported here, when
+    a client first generates (DPM-Solver imports scipy).
     """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
     if name == "dpm-solver++":
         scheduler = DPMSolverMultistepScheduler.from_config(
             base_config, algorithm_type="dpmsolver++"
@@ -97,7 +101,7 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
         raise ValueError(
             f"generation.scheduler = {name!r} is unknown; allowed: {', '.join(SCHEDULERS)}"
         )
-    return cast(SchedulerMixin, scheduler)
+    return cast("SchedulerMixin", scheduler)
 
 
 def prepare_pipeline(pipeline: Any) -> Any:
@@ -244,6 +248,6 @@ def load_generator(
     """
     device = torch.device(device_name)
     pipeline = load_pipeline(preset.diffusion, device, resolve_dtype(dtype_name, device))
-    tokenizer = open_clip.get_tokenizer(preset.clip)  # the CLIP itself is not needed here
+    tokenizer = clip_tokenizer(preset.clip)  # the CLIP itself is not needed here
     pipeline.set_progress_bar_config(disable=True)
     return Generator(pipeline, PromptTemplate.build(tokenizer, template))

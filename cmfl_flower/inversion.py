@@ -5,17 +5,23 @@ understands, and peers then generate images of the wrong class from them. Here t
 and text encoder stay frozen; a training image's latents are noised at a random timestep and
 the UNet, conditioned on the prompt whose name slots hold the image's class vectors, predicts
 the noise (or velocity). The squared error, weighted by min-SNR-gamma, moves only the vectors.
+
+The latents of a client's images do not change between rounds: :func:`cached_latents` keeps
+them on the node's disk, so a fresh process per message encodes them once per run.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
 
 from cmfl_flower.generation import Generator
 from cmfl_flower.images import resize_uint8
@@ -33,6 +39,31 @@ def encode_latents(generator: Generator, images: np.ndarray, batch_size: int) ->
         x = x.to(generator.device, vae.dtype)  # (B, 3, S, S) in [-1, 1]
         chunks.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
     return torch.cat(chunks)
+
+
+def cached_latents(
+    generator: Generator, images: np.ndarray, batch_size: int, directory: Path | None
+) -> torch.Tensor:
+    """:func:`encode_latents`, kept in ``directory`` for the next message (None: not kept).
+
+    The file is named by a hash of the images and of what the encoding depends on (pipeline,
+    size, dtype, device type, batch size), written to a temporary file and renamed into place.
+    """
+    if directory is None:
+        return encode_latents(generator, images, batch_size)
+    pipeline = generator.pipeline
+    key = hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=16)
+    setting = (pipeline.name_or_path, images.shape, generator.image_size, pipeline.vae.dtype)
+    key.update(repr((*setting, generator.device.type, batch_size)).encode())
+    file = directory / f"latents-{key.hexdigest()}.safetensors"
+    if file.is_file():
+        return load_file(file, device=str(generator.device))["latents"]
+    latents = encode_latents(generator, images, batch_size)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({"latents": latents.cpu().contiguous()}, tmp)
+    tmp.replace(file)
+    return latents
 
 
 def min_snr_weights(
@@ -64,11 +95,19 @@ class DenoisingLoss:
 
     @classmethod
     def build(
-        cls, generator: Generator, images: np.ndarray, snr_gamma: float, batch_size: int
+        cls,
+        generator: Generator,
+        images: np.ndarray,
+        snr_gamma: float,
+        batch_size: int,
+        cache: Path | None = None,
     ) -> DenoisingLoss:
-        """Encode ``images`` (N, H, W, 3) uint8 once; the schedule is the pipeline's own."""
+        """Encode ``images`` (N, H, W, 3) uint8 once; the schedule is the pipeline's own.
+
+        ``cache``: where the latents are kept between messages (:func:`cached_latents`).
+        """
         schedule = DDPMScheduler.from_config(generator.pipeline.scheduler.config)
-        latents = encode_latents(generator, images, batch_size)
+        latents = cached_latents(generator, images, batch_size, cache)
         return cls(generator, latents, schedule, snr_gamma)
 
     def __call__(

@@ -10,6 +10,7 @@ A run directory, ``<output root>/<run name>/``::
     labels.json/png    LABELS_FILE / LABELS_PNG: label counts per client and class
     clients/partition-<i>/    client_dir(): what client i wrote (labels.json, sample grids)
         state/node-<id>/      STATE_DIR: its vision LoRA and class tokens, per SuperNode
+        cache/                CACHE_DIR: what it computes once per run (its images' latents)
     checkpoint/        CHECKPOINT_DIR: the server's state after the latest round
     model/, adapter/, samples/   MODEL_DIR, ADAPTER_DIR, SAMPLES_DIR: the diffusion methods'
     tensorboard/       TENSORBOARD_DIR (``output.tensorboard = true``)
@@ -29,6 +30,7 @@ LABELS_FILE = "labels.json"
 LABELS_PNG = "labels.png"
 CLIENTS_DIR = "clients"
 STATE_DIR = "state"
+CACHE_DIR = "cache"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"

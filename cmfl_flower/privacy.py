@@ -16,6 +16,7 @@ releasing ``k`` vectors at once (all of its classes, which its training couples)
 sensitivity ``2C*sqrt(k)``: noise multiplier ``sigma / (2*sqrt(k))``. Releases in successive
 rounds compose; ``(epsilon, delta)`` comes from Opacus' RDP accountant with sampling rate 1
 (the server knows who was sampled, so sampling amplifies nothing) and one step per round.
+Only the server accounts: Opacus is imported there, not by the clients that :func:`privatise`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
 from cmfl_flower.config import PrivacyConfig
 
@@ -54,6 +54,8 @@ def accountant_multiplier(cfg: PrivacyConfig, vectors: int = 1) -> float:
 
 def epsilon(cfg: PrivacyConfig, releases: int, vectors: int = 1) -> float:
     """Epsilon at ``privacy.delta`` after ``releases`` rounds of ``vectors`` vectors each."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     for _ in range(releases):
         accountant.step(noise_multiplier=accountant_multiplier(cfg, vectors), sample_rate=1.0)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.client_round import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
+from cmfl_flower.paths import CACHE_DIR
 from cmfl_flower.privacy import privatise
 from cmfl_flower.tokens import (
     ClassTokenBank,
@@ -30,17 +32,7 @@ from cmfl_flower.tokens import (
     train_bank,
 )
 from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, reply_arrays
-from cmfl_flower.workspace import (
-    Arrays,
-    ClientState,
-    ClientTask,
-    Metrics,
-    RoundOutput,
-    Workspace,
-    base_metrics,
-    evaluate,
-    open_workspace,
-)
+from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
 
 Source = Literal["relay", "names", "none"]
 
@@ -174,7 +166,11 @@ def _token_objective(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) 
         objective.features = image_features(ws.encoder, train.images, cfg.encoder.eval_batch_size)
     if cfg.tokens.objective != "clip":
         objective.denoising = DenoisingLoss.build(
-            _generator(ws), train.images, cfg.tokens.snr_gamma, cfg.encoder.eval_batch_size
+            _generator(ws),
+            train.images,
+            cfg.tokens.snr_gamma,
+            cfg.encoder.eval_batch_size,
+            cache=ws.artifacts / CACHE_DIR if ws.artifacts else None,  # on the client's node
         )
     return objective
 

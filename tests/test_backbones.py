@@ -11,6 +11,7 @@ from cmfl_flower import zoo
 from cmfl_flower.backbones import (
     LOCAL_DIR,
     PRESETS,
+    clip_tokenizer,
     load_clip,
     load_pipeline,
     resolve_device,
@@ -82,6 +83,18 @@ def test_saved_clip_loads_back_through_open_clip_local_dir(tmp_path):
     with torch.no_grad():
         assert torch.equal(bundle.model.encode_image(pixels), loaded.model.encode_image(pixels))
         assert torch.equal(bundle.model.encode_text(tokens), loaded.model.encode_text(tokens))
+
+
+def test_a_checkpointed_clip_is_not_initialised_at_random(monkeypatch):
+    calls = []
+    for name in ("normal_", "kaiming_uniform_", "xavier_uniform_"):
+        original = getattr(torch.nn.init, name)
+        monkeypatch.setattr(
+            torch.nn.init, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+        )
+    bundle = load_clip(TINY, "cpu", 0)  # every weight is read from disk (compared above)
+    assert calls == []
+    assert bundle.tokenizer is clip_tokenizer(TINY.clip)  # built once, shared with the generator
 
 
 def test_local_clip_without_weights_or_config_is_refused(tmp_path):

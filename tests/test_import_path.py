@@ -1,5 +1,6 @@
 """What the apps import: no training tools, no test harness, no data-preparation libraries;
-and only the method modules import Flower."""
+a ClientApp process no model library before it knows its method, and a method only what it
+needs; and only the method modules import Flower."""
 
 import ast
 import json
@@ -32,8 +33,47 @@ def test_the_apps_import_no_tools():
         [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=300
     )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    found = [m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_AT_RUN_TIME)]
-    assert found == []
+    assert _found(loaded, NOT_AT_RUN_TIME) == []
+
+
+# In a deployment every message starts a fresh ClientApp process (benchmarks/cold_start.py).
+CLIENT_PROBE = """
+import json, sys
+from cmfl_flower.methods import resolve_method
+stages = {}
+import client_app
+stages["client_app"] = sorted(sys.modules)
+for stage, methods in json.loads(sys.argv[1]).items():
+    for name in methods:
+        resolve_method(name)
+    stages[stage] = sorted(sys.modules)
+print(json.dumps(stages))
+"""
+# stage -> the methods resolved by then (cumulative) and what must still not be imported
+MODEL_LIBRARIES = ("open_clip", "diffusers", "peft", "transformers", "torchvision", "timm")
+CLIENT_STAGES = {
+    "client_app": ((), (*MODEL_LIBRARIES, "matplotlib", "opacus", "cmfl_flower.encoder")),
+    "clip methods": (("local-only", "encoder-lora"), ("diffusers", "open_clip")),
+    "weight methods": (("diffusion-unet", "diffusion-lora"), ("open_clip",)),
+    "token methods": (
+        ("cmfl-relay", "local-only-tokens", "names-generation"),
+        # open_clip (and its CoCa) when a CLIP is loaded; the rest is the server's
+        ("open_clip", "matplotlib", "opacus", "torchmetrics", "cmfl_flower.diffusion_server"),
+    ),
+}
+
+
+def _found(loaded: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in loaded if any(m == n or m.startswith(n + ".") for n in names)]
+
+
+def test_a_client_process_imports_only_what_its_method_needs():
+    methods = {stage: list(names) for stage, (names, _) in CLIENT_STAGES.items() if names}
+    command = [sys.executable, "-c", CLIENT_PROBE, json.dumps(methods)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+    stages = json.loads(out.stdout.strip().splitlines()[-1])
+    found = {stage: _found(stages[stage], banned) for stage, (_, banned) in CLIENT_STAGES.items()}
+    assert found == {stage: [] for stage in CLIENT_STAGES}
 
 
 def test_only_the_method_modules_import_flower():

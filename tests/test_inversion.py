@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from cmfl_flower import inversion
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import BackboneConfig, TokensConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.generation import load_generator
-from cmfl_flower.inversion import DenoisingLoss, encode_latents, min_snr_weights
+from cmfl_flower.inversion import DenoisingLoss, cached_latents, encode_latents, min_snr_weights
 from cmfl_flower.prompts import DEFAULT_TEMPLATE
 from cmfl_flower.tokens import ClassTokenBank, TextSide, TokenObjective, train_bank
 
@@ -42,6 +43,22 @@ def test_latents_have_the_vae_shape(generator, digits):
     images, _, _ = digits
     latents = encode_latents(generator, images[:5], batch_size=2)
     assert latents.shape == (5, 4, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_latents_are_kept_on_disk_for_the_next_message(generator, digits, tmp_path, monkeypatch):
+    images, _, _ = digits
+    first = cached_latents(generator, images[:5], 2, tmp_path)
+    assert torch.equal(first, encode_latents(generator, images[:5], batch_size=2))
+    (saved,) = tmp_path.glob("latents-*.safetensors")
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(inversion, "encode_latents", refuse)
+    assert torch.equal(cached_latents(generator, images[:5], 2, tmp_path), first)
+    with pytest.raises(AssertionError, match="encoded again"):  # other images: another file
+        cached_latents(generator, images[1:6], 2, tmp_path)
+    assert list(tmp_path.glob("latents-*.safetensors")) == [saved]
 
 
 def test_denoising_objective_moves_only_the_bank_and_lowers_the_loss(generator, digits):

@@ -103,6 +103,7 @@ def test_run_directory_holds_every_promised_file(relay_run):
         folder = paths.client_dir(run_dir, partition)
         # round 1 receives nothing, so generates nothing: only round 2 has a grid
         assert sorted(p.name for p in folder.iterdir()) == [
+            "cache",
             "labels.json",
             "samples-round-002.png",
             "state",

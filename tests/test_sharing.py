@@ -3,10 +3,11 @@
 import torch
 
 from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.client_round import open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.generation import load_generator
 from cmfl_flower.methods.relay import relay_round
-from cmfl_flower.workspace import ClientState, ClientTask, open_workspace
+from cmfl_flower.workspace import ClientState, ClientTask
 
 
 def make_cfg(tmp_path) -> AppConfig:

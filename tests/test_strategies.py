@@ -290,8 +290,8 @@ def test_baselines_with_tokens_send_nothing(tmp_path, method):
 
 
 def test_classes_with_too_few_images_are_neither_learned_nor_relayed(tmp_path):
+    from cmfl_flower.client_round import data_dir
     from cmfl_flower.data import load_partition
-    from cmfl_flower.workspace import data_dir
 
     extra = {"tokens.min-images": 20}
     grid, rows, rounds = run(tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **extra)

@@ -20,8 +20,6 @@ from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from cmfl_flower.data.partition import PartitionSpec, partition_indices
 from cmfl_flower.data.sources import LabeledImages, load_source, split_indices
@@ -325,6 +323,8 @@ def _train_counts(clients: list[ClientData], num_classes: int) -> npt.NDArray[np
 
 def _plot(clients: list[ClientData], spec: PartitionSpec, file: Path) -> None:
     """Stacked bars: x = client, y = train samples, colour = class."""
+    from matplotlib.figure import Figure  # only where partitions are prepared, not per message
+
     names = clients[0].train.class_names
     counts = _train_counts(clients, len(names))  # (P, C)
     colours = _colours(len(names))  # (C, 4)
@@ -346,6 +346,8 @@ def _plot(clients: list[ClientData], spec: PartitionSpec, file: Path) -> None:
 
 def _colours(num_classes: int) -> npt.NDArray[np.float64]:
     """One RGBA colour per class: tab10 / tab20, else evenly spaced on turbo."""
+    from matplotlib import colormaps
+
     if num_classes <= 20:
         palette = colormaps["tab10" if num_classes <= 10 else "tab20"]
         return np.asarray(palette(np.arange(num_classes)))  # integer inputs pick entries

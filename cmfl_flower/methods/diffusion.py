@@ -19,21 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cmfl_flower.client_round import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
 from cmfl_flower.diffusion import LocalData, captions_for, fedavg_round, fedlora_round, limit_images
-from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind
 from cmfl_flower.methods.base import Method
-from cmfl_flower.workspace import (
-    Arrays,
-    ClientState,
-    ClientTask,
-    Metrics,
-    RoundOutput,
-    client_seed,
-    data_dir,
-)
+from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput, client_seed
+
+if TYPE_CHECKING:  # the server's side, which clients do not import
+    from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind
 
 _PUBLISHERS: dict[tuple[str, ModelKind], DiffusionPublisher] = {}
 
@@ -44,6 +40,8 @@ def _kind(cfg: AppConfig, lora: bool) -> ModelKind:
 
 def publisher(cfg: AppConfig, run_dir: Path, lora: bool) -> DiffusionPublisher:
     """The run's publisher (one per run directory: it caches models and reference features)."""
+    from cmfl_flower.diffusion_server import DiffusionPublisher
+
     key = (str(run_dir), _kind(cfg, lora))
     if key not in _PUBLISHERS:
         _PUBLISHERS[key] = DiffusionPublisher(cfg, run_dir, key[1])

@@ -6,24 +6,18 @@
 * ``names-generation``: learned tokens, and images of the classes a client lacks generated
   from their names: synthetic data at zero communication.
 
-The server side only collects every client's metrics (:class:`CollectMetrics`).
+The server side only collects every client's metrics (:class:`CollectMetrics`). The token
+baselines import :mod:`cmfl_flower.token_round` (and with it diffusers) when they run, so a
+``local-only`` client does not.
 """
 
 from __future__ import annotations
 
+from cmfl_flower.client_round import base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import train_encoder
 from cmfl_flower.methods.base import Method, RoundStrategy
-from cmfl_flower.token_round import token_round
-from cmfl_flower.workspace import (
-    Arrays,
-    ClientState,
-    ClientTask,
-    RoundOutput,
-    base_metrics,
-    evaluate,
-    open_workspace,
-)
+from cmfl_flower.workspace import Arrays, ClientState, ClientTask, RoundOutput
 
 
 class CollectMetrics(RoundStrategy):
@@ -49,6 +43,8 @@ def local_tokens_round(
     cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
 ) -> RoundOutput:
     """Learned tokens and the vision LoRA on local images only; nothing is sent."""
+    from cmfl_flower.token_round import token_round
+
     return token_round(cfg, task, state, received, "none")
 
 
@@ -56,6 +52,8 @@ def names_generation_round(
     cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
 ) -> RoundOutput:
     """Generate the classes the client lacks from their names; nothing is sent."""
+    from cmfl_flower.token_round import token_round
+
     return token_round(cfg, task, state, received, "names")
 
 

@@ -2,7 +2,9 @@
 
 The server renders the run-level views from whatever the run directory holds
 (:func:`write_report`, rewritten after every round) and, optionally, logs the same to
-TensorBoard. Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow.
+TensorBoard. Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow;
+matplotlib is imported when a figure is drawn, not with the package, whose pictures
+(:mod:`.pictures`) every client draws.
 """
 
 from __future__ import annotations
@@ -14,12 +16,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from cmfl_flower.paths import (
@@ -35,6 +34,10 @@ from cmfl_flower.paths import (
     STATUS_JSON,
     TENSORBOARD_DIR,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 Row = dict[str, Any]
 
@@ -147,6 +150,8 @@ def _band(axes: Axes, rows: Sequence[Row], metric: str, color: str, label: str) 
 
 def _round_axes(axes: Axes, ylabel: str, title: str) -> None:
     """Integer rounds on x, a light grid, the label and title."""
+    from matplotlib.ticker import MaxNLocator
+
     axes.set_xlabel("round")
     axes.set_ylabel(ylabel)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -200,6 +205,8 @@ def accuracy_figure(runs: Sequence[RunView]) -> Figure:
     When a run generated images, a second axes to the right shows the share of them the judge
     recognises as their class, per round, against :data:`RECOGNISED_TARGET`.
     """
+    from matplotlib.figure import Figure
+
     generated = any(f"{RECOGNISED}-mean" in row for run in runs for row in run.rounds)
     figure = Figure(figsize=(12.0, 4.0) if generated else (6.4, 4.0))
     columns = 2 if generated else 1
@@ -211,6 +218,8 @@ def accuracy_figure(runs: Sequence[RunView]) -> Figure:
 
 def labels_figure(counts: dict[int, Row]) -> Figure:
     """Heatmap of training images per (partition, class), annotated when small."""
+    from matplotlib.figure import Figure
+
     names = next(iter(counts.values()))["class-names"]
     matrix = np.array([counts[p]["train"] for p in counts])  # (P, C)
     figure = Figure(figsize=(min(2 + 0.55 * len(names), 16), 1.2 + 0.4 * len(counts)))

@@ -1,0 +1,197 @@
+"""What a client round works with: its data, the process-wide encoder and the text side.
+
+:func:`open_workspace` loads them (the encoder once per process, see
+:func:`cmfl_flower.encoder.load_encoder`) and activates the client's adapter; :func:`evaluate`
+scores a round. The types a routine receives and returns are :mod:`cmfl_flower.workspace`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cmfl_flower.backbones import resolve_device, resolve_preset
+from cmfl_flower.config import AppConfig, DataConfig
+from cmfl_flower.data import (
+    ClientData,
+    LabeledImages,
+    PartitionSpec,
+    default_data_root,
+    ensure_partitions,
+    holdout,
+    load_global_test,
+    load_partition,
+    opaque_names,
+)
+from cmfl_flower.encoder import (
+    ClipEncoder,
+    LoraSpec,
+    LoraState,
+    TrainingSet,
+    accuracy,
+    load_encoder,
+)
+from cmfl_flower.paths import client_dir
+from cmfl_flower.progress import Progress
+from cmfl_flower.report import write_label_counts, write_sample_grid
+from cmfl_flower.results import output_root
+from cmfl_flower.tokens import TextSide
+from cmfl_flower.workspace import ClientTask, Metrics, client_seed
+
+if TYPE_CHECKING:
+    from cmfl_flower.generation import GeneratedImages
+
+
+def data_dir(cfg: DataConfig, num_partitions: int) -> Path:
+    """The prepared partition directory (prepared on first use for the offline default)."""
+    root = Path(cfg.dir).expanduser() if cfg.dir else default_data_root()
+    return ensure_partitions(PartitionSpec.from_settings(cfg, num_partitions), root)
+
+
+@cache
+def _global_test(directory: Path) -> LabeledImages:
+    """The global test set, read once per process (it is the same for every client)."""
+    return load_global_test(directory)
+
+
+@dataclass
+class Workspace:
+    """Everything a round works with: data, the shared encoder, the text side."""
+
+    cfg: AppConfig
+    task: ClientTask
+    data: ClientData
+    global_test: LabeledImages
+    encoder: ClipEncoder
+    text: TextSide
+    validation: LabeledImages | None = None  # held out of the training images
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names the client knows the classes by, index = label id (``data.class-names``)."""
+        real = self.global_test.class_names
+        return opaque_names(len(real)) if self.cfg.data.class_names == "opaque" else real
+
+    @property
+    def seed(self) -> int:
+        """The client's seed for the round."""
+        return client_seed(self.cfg, self.task)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; reported as ``seconds-<name>``."""
+        start = time.perf_counter()
+        yield
+        self.timings[f"seconds-{name}"] = time.perf_counter() - start
+
+    @torch.no_grad()
+    def name_features(self, names: tuple[str, ...] | None = None) -> torch.Tensor:
+        """(C, E) text features of every class with the pretrained tokens of its name.
+
+        ``names``: the names to use; default the ones the client knows (``class_names``).
+        """
+        names = self.class_names if names is None else names
+        return self.text.encode([self.text.name_vectors(n) for n in names])
+
+    @property
+    def progress(self) -> Progress:
+        """Progress bars labelled with the client and round (``output.progress``)."""
+        label = f"client {self.task.partition_id} round {self.task.server_round}"
+        return Progress(self.cfg.output.progress, label)
+
+    @property
+    def artifacts(self) -> Path | None:
+        """The client's folder of the run directory, on this machine (None: no run name)."""
+        run_name = self.cfg.output.run_name  # the server sends the resolved name
+        if not run_name:
+            return None
+        return client_dir(output_root(self.cfg.output) / run_name, self.task.partition_id)
+
+    def save_artifacts(self, generated: GeneratedImages | None = None) -> None:
+        """Write the partition's label counts and the round's sample grid, if any.
+
+        The pictures are for people: a folder this machine cannot write is logged, not fatal.
+        """
+        directory = self.artifacts
+        if directory is None:
+            return
+        try:
+            self._write_artifacts(directory, generated)
+        except OSError as err:
+            logging.getLogger(__name__).warning("client artifacts not written: %s", err)
+
+    def _write_artifacts(self, directory: Path, generated: GeneratedImages | None) -> None:
+        train, test = self.data.train.labels, self.data.test.labels
+        write_label_counts(directory, self.task.partition_id, self.class_names, train, test)
+        if generated is not None and len(generated.labels):
+            task = self.task
+            write_sample_grid(
+                directory,
+                task.partition_id,
+                task.server_round,
+                generated.images,
+                generated.labels,
+                self.class_names,
+            )
+
+    def local_set(self) -> TrainingSet:
+        """The local training images at the CLIP's size, weight 1."""
+        train = self.data.train
+        return TrainingSet.mix(self.encoder.bundle.image_size, (train.images, train.labels, 1.0))
+
+
+def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> Workspace:
+    """Load the client's data and activate its adapter on the process-wide encoder."""
+    directory = data_dir(cfg.data, task.num_partitions)
+    device = resolve_device(cfg.backbone.device)
+    spec = LoraSpec.from_config(cfg.encoder)
+    encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
+    encoder.load_lora_state(lora if lora is not None else encoder.init_state)
+    data = load_partition(directory, task.partition_id)
+    validation = None
+    if cfg.data.validation_fraction > 0:
+        seed = cfg.data.seed * 1_000_003 + task.partition_id
+        train, validation = holdout(data.train, cfg.data.validation_fraction, seed)
+        data = replace(data, train=train)
+    return Workspace(
+        cfg=cfg,
+        task=task,
+        data=data,
+        global_test=_global_test(directory),
+        encoder=encoder,
+        text=TextSide.build(encoder.bundle, cfg.tokens.template),
+        validation=validation,
+    )
+
+
+def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
+    """Accuracy on the client's own test split and on the global test set."""
+    batch = ws.cfg.encoder.eval_batch_size
+    test, glob = ws.data.test, ws.global_test
+    with ws.phase("eval"):
+        metrics = {
+            "local-acc": accuracy(ws.encoder, test.images, test.labels, text_features, batch),
+            "global-acc": accuracy(ws.encoder, glob.images, glob.labels, text_features, batch),
+        }
+        if ws.validation is not None and len(ws.validation):
+            val = ws.validation
+            metrics["val-acc"] = accuracy(ws.encoder, val.images, val.labels, text_features, batch)
+        return metrics
+
+
+def base_metrics(ws: Workspace) -> Metrics:
+    """Who replied and how much data it holds."""
+    return {
+        "partition-id": ws.task.partition_id,
+        "num-train": len(ws.data.train),
+        "num-test": len(ws.data.test),
+    }
