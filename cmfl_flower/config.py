@@ -185,6 +185,23 @@ class TokensConfig(_Section):
         return value
 
 
+class RelayConfig(_Section):
+    """What the ``cmfl-relay`` server sends each client: a bounded choice of senders."""
+
+    max_senders_per_class: int = Field(
+        2,
+        ge=0,
+        description="Most senders whose vectors of one class a client receives per round (0 = "
+        "every sender); the most recently updated first, rotating over rounds among equals. "
+        "Unlabelled relay: at most this many times one sender's vector count per message.",
+    )
+    combine: Literal["select", "mean"] = Field(
+        "select",
+        description="`select`: the chosen senders' vectors as they are; `mean`: one vector per "
+        "class, the mean of the chosen senders' (labelled relay only).",
+    )
+
+
 class GenerationConfig(_Section):
     """Synthetic images from received class tokens (BK-SDM / the tiny pipeline)."""
 
@@ -402,6 +419,7 @@ class AppConfig(_Section):
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     tokens: TokensConfig = TokensConfig()
+    relay: RelayConfig = RelayConfig()
     generation: GenerationConfig = GenerationConfig()
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()
@@ -415,6 +433,15 @@ class AppConfig(_Section):
         if not _NAME_PATTERN.match(value):
             raise ValueError(f"must be a short name or 'package.module:Name', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_relay(self) -> AppConfig:
+        if self.relay.combine == "mean" and self.tokens.relay == "unlabelled":
+            raise ValueError(
+                "relay.combine = 'mean' needs class ids: set tokens.relay = 'labelled' "
+                "or relay.combine = 'select'"
+            )
+        return self
 
     @classmethod
     def from_run_config(cls, flat: Mapping[str, Any]) -> AppConfig:
@@ -484,10 +511,12 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
-        key = ".".join([loc[0], *(_to_key(part) for part in loc[1:])]) if loc else "<config>"
-        value = problem.get("input")
         message = str(problem["msg"]).removeprefix("Value error, ")
-        lines.append(f"run config key {key!r} = {value!r}: {message}")
+        if not loc:  # a rule across keys: its message names them
+            lines.append(message)
+            continue
+        key = ".".join([loc[0], *(_to_key(part) for part in loc[1:])])
+        lines.append(f"run config key {key!r} = {problem.get('input')!r}: {message}")
     return "Invalid run config:\n  " + "\n  ".join(lines)
 
 

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
@@ -39,6 +41,7 @@ class CmflRelay(RoundStrategy):
     def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
         super().__init__(cfg, run_dir)
         self.latest: dict[int, list[TokenEntry]] = {}  # sender partition id -> its vectors
+        self.updated: dict[int, int] = {}  # sender partition id -> round of its latest vectors
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self._max_vectors = 0  # most class vectors in one accepted reply this round
         self._checked: dict[int, list[TokenEntry]] = {}  # partition -> its vectors, parsed once
@@ -51,12 +54,16 @@ class CmflRelay(RoundStrategy):
         )
 
     def arrays_for(self, server_round: int, node_id: int) -> Arrays:
-        """The latest vectors of every sender except the node itself."""
+        """Other senders' latest vectors: at most ``relay.max-senders-per-class`` per class."""
         own = self.partitions.get(node_id)
         entries = [
             entry for sender, sent in sorted(self.latest.items()) if sender != own for entry in sent
         ]
-        return relay_arrays(entries)
+        relay = self.cfg.relay
+        chosen = cap_senders(
+            entries, self.updated, server_round, relay.max_senders_per_class, self.cfg.seed
+        )
+        return relay_arrays(class_means(chosen) if relay.combine == "mean" else chosen)
 
     def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
         """A reply must name its partition and carry vectors within the wire limits."""
@@ -77,6 +84,7 @@ class CmflRelay(RoundStrategy):
         partition = int(metrics["partition-id"])
         self.partitions[node_id] = partition
         self.latest[partition] = self._checked.pop(partition)
+        self.updated[partition] = server_round
         self._max_vectors = max(self._max_vectors, len(self.latest[partition]))
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
@@ -102,6 +110,67 @@ class CmflRelay(RoundStrategy):
         every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
         for entry in parse_relay(arrays, every_sender):
             self.latest.setdefault(entry.sender, []).append(entry)
+
+
+def cap_senders(
+    entries: list[TokenEntry], updated: dict[int, int], server_round: int, cap: int, seed: int
+) -> list[TokenEntry]:
+    """At most ``cap`` senders' vectors per class (``cap`` 0: all of them).
+
+    The senders updated most recently come first; among equals a seeded order rotates by
+    ``cap`` places every round, so every sender's vectors travel within ``ceil(n / cap)``
+    rounds. Unlabelled entries (no class id) form one group capped at ``cap`` times the most
+    vectors one sender sent. The result keeps the entries' order.
+    """
+    if cap == 0:
+        return entries
+    groups: dict[int | None, list[int]] = {}  # class id -> indices into entries
+    for index, entry in enumerate(entries):
+        groups.setdefault(entry.class_id, []).append(index)
+    keep: set[int] = set()
+    for class_id, indices in groups.items():
+        senders = sorted({entries[i].sender for i in indices}, key=lambda s: _mix(s, seed))
+        turn = {sender: (place - server_round * cap) % len(senders)
+                for place, sender in enumerate(senders)}  # fmt: skip
+        ranked = sorted(indices, key=lambda i: (-updated.get(entries[i].sender, 0),
+                                                turn[entries[i].sender], i))  # fmt: skip
+        keep.update(ranked[: cap * _vectors_per_sender(entries, indices, class_id)])
+    return [entry for index, entry in enumerate(entries) if index in keep]
+
+
+def _mix(sender: int, seed: int) -> int:
+    """A seeded, process-independent order of sender ids (Knuth's multiplicative hash)."""
+    return ((sender + 1) * 2654435761 + seed * 40503) % 2**32
+
+
+def _vectors_per_sender(entries: list[TokenEntry], indices: list[int], class_id: int | None) -> int:
+    """1 for a class; for the unlabelled group, the most entries one sender has in it."""
+    if class_id is not None:
+        return 1
+    counts: dict[int, int] = {}
+    for i in indices:
+        counts[entries[i].sender] = counts.get(entries[i].sender, 0) + 1
+    return max(counts.values())
+
+
+def class_means(entries: list[TokenEntry]) -> list[TokenEntry]:
+    """One entry per class: the mean of its senders' vectors, under the lowest sender id.
+
+    Vectors of one class share their shape (the tokens of the class name); a class whose
+    senders disagree on it keeps its entries as they are.
+    """
+    groups: dict[int | None, list[TokenEntry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.class_id, []).append(entry)
+    out = []
+    for class_id, group in groups.items():
+        shapes = {entry.vectors.shape for entry in group}
+        if class_id is None or len(group) == 1 or len(shapes) > 1:
+            out += group
+            continue
+        mean = np.mean([entry.vectors for entry in group], axis=0).astype(np.float32)
+        out.append(TokenEntry(min(entry.sender for entry in group), class_id, mean))
+    return out
 
 
 def relay_round(
