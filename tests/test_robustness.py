@@ -255,6 +255,14 @@ def test_a_second_node_claiming_a_partition_is_refused(tmp_path):
     assert sent <= {0, 1}
 
 
+def test_partitions_not_sampled_are_not_missing(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 4, **{"federation.fraction": 0.5})
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, 4), cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r["sampled"] for r in rounds] == [2, 2, 2, 2]
+    assert not any("partitions-missing" in r for r in rounds)
+
+
 def test_a_lost_node_does_not_end_a_run_of_flowers_strategy(tmp_path):
     cfg = make_cfg(tmp_path, "encoder-lora", 3, **{"federation.min-nodes": 3})
     grid = LoopbackGrid(client_app, cfg, 3)

@@ -68,6 +68,7 @@ class Session:
         self.first_round = 1
         self.train_exchanges = 0  # train rounds sent so far by this session
         self.partition_home: dict[int, int] = {}  # partition id -> the node it last replied from
+        self.connected: set[int] = set()  # node ids the grid listed when the round sampled
         self._new_round()
 
     def _new_round(self) -> None:
@@ -217,7 +218,7 @@ class Session:
 
     def _round_figures(self, server_round: int, arrays: ArrayRecord, rows: list[Row]) -> Row:
         extra: Row = {"no-reply": len(self.sent_bytes) - len(rows)}
-        if missing := sorted(set(self.partition_home) - set(self.partition_nodes)):
+        if missing := self._missing_partitions():
             log(WARNING, "round %d: no usable reply from partition(s) %s", server_round, missing)
             extra["partitions-missing"] = ",".join(map(str, missing))
         if moved := self._moved_partitions(server_round):
@@ -233,6 +234,18 @@ class Session:
             run_dir, weights = self.recorder.run_dir, from_record(arrays)
             extra |= self.method.server_evaluate(self.cfg, run_dir, server_round, weights)
         return extra
+
+    def _missing_partitions(self) -> list[int]:
+        """Known partitions without a usable reply whose node was asked or is gone.
+
+        A partition whose node is connected but was not sampled this round is not missing.
+        """
+        return sorted(
+            partition
+            for partition, node in self.partition_home.items()
+            if partition not in self.partition_nodes
+            and (node in self.sent_bytes or node not in self.connected)
+        )
 
     def _moved_partitions(self, server_round: int) -> str:
         """``"<partition>:<old node>-><new node>,..."`` for partitions on a new node this round."""
@@ -310,8 +323,10 @@ class RecordingGrid(Grid):
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        """Flower's."""
-        return self.grid.get_node_ids()
+        """Flower's; the session remembers who was connected."""
+        nodes = list(self.grid.get_node_ids())
+        self.session.connected = set(nodes)
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Not used by ``Strategy.start``: refused, so no message escapes the recording."""

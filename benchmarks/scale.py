@@ -1,0 +1,221 @@
+"""How a round's time, bytes and memory grow with the number of clients N.
+
+``python -m benchmarks.scale`` runs the relay (``cmfl-relay``, its cap at the default) and
+``fedavg-encoder`` (``encoder-lora`` + FedAvg) for N = 10, 30 and 100 clients on the ``tiny``
+preset, through the real strategy and ClientApp code on an in-process grid (one process
+serves the sampled clients one after another). A fixed fraction of the clients is sampled
+every round. Each client holds 3 digit classes (pathological partition); with ~13 training
+images a client, ``tokens.min-images`` is 2 so that every client learns and relays its classes.
+
+Per run it reports the means over rounds 2.. (round 1 relays nothing yet): the round's wall
+time, each phase's mean seconds per client, images generated per sampled client, bytes sent
+and received per sampled client (``bytes-to-client`` is what the server sent it), and the
+server's peak memory above its set-up (see :class:`MemoryGrid`), traced with ``tracemalloc``
+while the server works, between client calls. It prints a Markdown table and the growth from
+the smallest N to the largest, writes ``benchmarks/results/scale.json`` and draws
+``docs/scale.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from flwr.app import Context, Message
+
+from benchmarks.loopback import LoopbackGrid
+from client_app import app as client_app
+from cmfl_flower.config import AppConfig
+from cmfl_flower.methods.harness import run_federation
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "cmfl-relay": {"method": "cmfl-relay"},
+    "fedavg-encoder": {"method": "encoder-lora", "strategy": "fedavg"},
+}
+PHASES = ("tokens", "generation", "encoder", "eval")
+FIGURES = ("wall-s", "num-generated", "bytes-to-client", "bytes-from-client", "server-peak-bytes")
+# the harness's row names are the server's view: it sent `bytes-sent` to the client
+CLIENT_VIEW = {"bytes-sent": "bytes-to-client", "bytes-received": "bytes-from-client"}
+
+
+class MemoryGrid(LoopbackGrid):
+    """A loopback grid that traces the server's memory apart from the clients'.
+
+    What is traced when the first client is called (imports, data, the strategy's setup, the
+    first round's messages) is the server's set-up. After that, the traced peak between two
+    client calls, less the set-up and what the clients hold, is the server's; what a client
+    call adds to the traced memory (models, caches, its reply) is counted as the clients'.
+    """
+
+    def __init__(self, cfg: AppConfig, num_nodes: int) -> None:
+        super().__init__(self._client, cfg, num_nodes)
+        self.setup: int | None = None
+        self.client_held = 0
+        self.server_peak = 0
+
+    def server_interval(self) -> int:
+        """Traced memory now; the peak since the last client call goes to the server."""
+        current, peak = tracemalloc.get_traced_memory()
+        if self.setup is None:
+            self.setup = current
+        self.server_peak = max(self.server_peak, peak - self.client_held - self.setup)
+        return current
+
+    def _client(self, message: Message, context: Context) -> Message:
+        before = self.server_interval()
+        try:
+            return client_app(message, context)
+        finally:
+            self.client_held += tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.reset_peak()
+
+
+def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """One run of ``arm`` with ``clients`` clients; the means over rounds 2.. ."""
+    cfg = AppConfig.from_run_config(
+        ARMS[arm]
+        | {
+            "federation.rounds": args.rounds,
+            "federation.fraction": args.fraction,
+            "federation.min-nodes": clients,
+            "data.partitioner": "pathological",
+            "data.classes-per-client": 3,
+            "data.min-partition-size": 10,
+            "tokens.min-images": 2,
+            "relay.max-senders-per-class": args.cap,
+            "data.dir": str(root / "data"),
+            "output.dir": str(root / "runs"),
+            "output.run-name": f"{arm}-{clients}",
+            "output.progress": False,
+        }
+    )
+    grid = MemoryGrid(cfg, clients)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        run_dir = run_federation(grid, cfg)
+        grid.server_interval()  # the last round's aggregation, records and report
+    finally:
+        tracemalloc.stop()
+    rounds = json.loads((run_dir / "rounds.json").read_text())[1:]
+    rows = [r for r in json.loads((run_dir / "clients.json").read_text()) if r["round"] > 1]
+    return {
+        "arm": arm,
+        "clients": clients,
+        "sampled": sum(r["sampled"] for r in rounds) / len(rounds),
+        "wall-s": sum(r["round-seconds"] for r in rounds) / len(rounds),
+        "run-s": time.perf_counter() - start,
+        "server-setup-bytes": grid.setup,
+        "server-peak-bytes": grid.server_peak,
+        "global-acc": rounds[-1].get("global-acc-mean", rounds[-1].get("server-global-acc")),
+    } | {CLIENT_VIEW.get(key, key): _mean(rows, key) for key in _client_keys()}
+
+
+def _client_keys() -> list[str]:
+    return ["num-generated", *CLIENT_VIEW, *(f"seconds-{p}" for p in PHASES)]
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if key in row]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table, one row per (arm, N)."""
+    keys = ["sampled", "wall-s", *(f"seconds-{p}" for p in PHASES), "num-generated",
+            "bytes-to-client", "bytes-from-client", "server-peak-bytes", "global-acc"]  # fmt: skip
+    lines = [
+        "| arm | N | " + " | ".join(keys) + " |",
+        "| --- | --- |" + " --- |" * len(keys),
+    ]
+    for row in results:
+        cells = " | ".join(_cell(row.get(key)) for key in keys)
+        lines.append(f"| {row['arm']} | {row['clients']} | {cells} |")
+    return "\n".join(lines)
+
+
+def growth(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per arm and figure: the value at the largest N over the value at the smallest."""
+    out: dict[str, dict[str, float | None]] = {}
+    for arm in ARMS:
+        own = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["clients"])
+        if len(own) < 2:
+            continue
+        small, large = own[0], own[-1]
+        out[arm] = {key: (large[key] / small[key]) if small.get(key) else None for key in FIGURES}
+    return out
+
+
+def draw(results: list[dict[str, Any]], path: Path) -> None:
+    """One panel per figure against N, one line per arm."""
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.4))
+    for ax, key in zip(axes, FIGURES, strict=True):
+        for arm in ARMS:
+            own = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["clients"])
+            ax.plot([r["clients"] for r in own], [r[key] or 0 for r in own], "o-", label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("clients N")
+        ax.set_title(key.replace("-", " "))
+    axes[0].legend()
+    fig.suptitle("per sampled client and round (rounds 2..), tiny preset, 2-core CPU")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every arm at every N; print the table and the growth; save JSON and curves."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100])
+    parser.add_argument("--fraction", type=float, default=0.2, help="share sampled per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cap", type=int, default=2, help="relay.max-senders-per-class")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(
+        f"N={args.clients} fraction={args.fraction} rounds={args.rounds} cap={args.cap} "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cmfl-scale-") as tmp:
+        for clients in args.clients:
+            for arm in args.arms:
+                results.append(run_arm(arm, clients, args, Path(tmp)))
+                print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(table(results))
+    ratios = growth(results)
+    for arm, figures in ratios.items():
+        text = ", ".join(f"{k} {v:.2f}x" if v else f"{k} -" for k, v in figures.items())
+        print(f"{arm}, N={max(args.clients)} over N={min(args.clients)}: {text}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {"settings": settings, "results": results, "growth": ratios}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    draw(results, args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
