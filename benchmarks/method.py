@@ -12,7 +12,8 @@ accuracy leaves room below the centralised one), three protocols:
 Every protocol runs 10 rounds with every client every round, for each seed (the split and the
 training), and these arms, side by side: ``zero-shot``, ``centralised`` (pooled client data),
 ``local-only``, ``local-only-tokens``, ``names-generation``, ``fedavg-encoder``,
-``fedprox-encoder``, ``cmfl-relay`` and ``cmfl-relay-no-generation``. Federated arms go through
+``fedprox-encoder``, ``cmfl-relay``, ``cmfl-relay-no-generation`` and ``cmfl-relay-no-cap``
+(every sender's vectors relayed, ``relay.max-senders-per-class = 0``). Federated arms go through
 the real ServerApp strategies and ClientApp code, in process.
 
 Tuning: every trained arm gets the same budget: each setting of :data:`TUNING_GRID` (encoder
@@ -82,6 +83,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
     },
     "cmfl-relay": {"method": "cmfl-relay"},
     "cmfl-relay-no-generation": {"method": "cmfl-relay", "generation.images-per-class": 0},
+    "cmfl-relay-no-cap": {"method": "cmfl-relay", "relay.max-senders-per-class": 0},
 }
 ARMS = ("zero-shot", "centralised", *FEDERATED)
 TUNING_GRID: tuple[dict[str, Any], ...] = (

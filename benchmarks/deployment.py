@@ -1,0 +1,106 @@
+"""A deployment round's wall time against the work its clients report.
+
+``python -m benchmarks.deployment`` starts a SuperLink and ``--nodes`` SuperNodes as processes on
+loopback (as ``docker/README.md``'s bare-metal section does; the process helpers of the
+end-to-end tests), runs the default ``cmfl-relay`` for ``--rounds`` rounds and prints, per round,
+the round's wall time (the server's ``round-seconds``), the clients' mean summed phase seconds
+(``seconds-tokens + -generation + -encoder + -eval``) and their ratio. In a deployment every
+message starts a fresh ClientApp process, so the ratio shows what start-up, polling and the
+shared CPUs add to the work itself. Each SuperNode gets ``num-cpus`` in its node config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from tests.flower_procs import (
+    SuperLink,
+    deployment_superlink,
+    flwr,
+    free_port,
+    interrupt,
+    run_status,
+    supernode,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("tokens", "generation", "encoder", "eval")
+
+
+def run(link: SuperLink, root: Path, rounds: int, nodes: int, extra: str) -> Path:
+    """`flwr run` the default relay; wait for it to finish; return its run directory."""
+    overrides = (
+        f"federation.rounds={rounds} federation.min-nodes={nodes} output.dir='{root / 'runs'}' "
+        f"output.run-name='deployment' data.dir='{root / 'data'}' {extra}"
+    )
+    started = flwr(
+        link, "run", str(ROOT), link.connection, "--run-config", overrides, "--format", "json"
+    )
+    payload = re.search(r"\{.*\}", started.stdout, re.S)
+    if started.returncode != 0 or payload is None:
+        raise RuntimeError(f"flwr run failed: {started.stdout}{started.stderr}")
+    run_id = int(json.loads(payload.group(0))["run-id"])
+    status = ""
+    while not status.startswith("finished"):
+        time.sleep(2)
+        status = run_status(link, run_id)
+    if status != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended {status}")
+    return root / "runs" / "deployment"
+
+
+def per_round(run_dir: Path) -> list[dict[str, Any]]:
+    """Round wall time, the clients' mean summed phase seconds, and the ratio."""
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    clients = json.loads((run_dir / "clients.json").read_text())
+    out = []
+    for summary in rounds:
+        rows = [r for r in clients if r["round"] == summary["round"] and "error" not in r]
+        work = sum(sum(r.get(f"seconds-{p}", 0.0) for p in PHASES) for r in rows) / len(rows)
+        wall = summary["round-seconds"]
+        out.append(
+            {"round": summary["round"], "wall-s": wall, "work-s": work, "ratio": wall / work}
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the deployment, run the relay, print the per-round table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-cpus", type=int, default=1, help="node config num-cpus")
+    parser.add_argument("--run-config", default="", help="extra run config overrides")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cmfl-deploy-") as tmp, ExitStack() as stack:
+        root = Path(tmp)
+        link = stack.enter_context(deployment_superlink(root))
+        processes = []
+        for partition in range(args.nodes):
+            config = (
+                f"partition-id={partition} num-partitions={args.nodes} num-cpus={args.num_cpus}"
+            )
+            node = supernode(root, f"node-{partition}", link.address, config, port=free_port())
+            processes.append(stack.enter_context(node).process)
+        stack.callback(interrupt, processes)
+        rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
+    print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay")
+    print("| round | wall s | clients' mean summed phase s | wall / work |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(
+            f"| {row['round']} | {row['wall-s']:.1f} | {row['work-s']:.1f} | {row['ratio']:.2f} |"
+        )
+    mean = sum(r["ratio"] for r in rows) / len(rows)
+    print(f"mean wall / work: {mean:.2f}")
+
+
+if __name__ == "__main__":
+    main()
