@@ -145,11 +145,11 @@ def clip_tokenizer(clip: str) -> Any:
 
 def _skipped_init(skip: bool) -> AbstractContextManager[Any]:
     """While active (``skip``), modules built skip their random initialisation."""
-    if not skip:
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:  # older transformers: initialised, then overwritten
         return nullcontext()
-    from transformers.initialization import no_init_weights
-
-    return no_init_weights()
+    return no_init_weights() if skip else nullcontext()
 
 
 def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
@@ -188,10 +188,12 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
 def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
     """Load a Stable Diffusion pipeline from a hub id or a local directory (diffusers' loader).
 
-    Weights are read in ``dtype`` and, on ``cpu`` or ``cuda`` (no index), straight onto the
-    device (diffusers' ``device_map``); elsewhere the pipeline moves there after loading.
+    Weights are read in ``dtype`` and straight onto the device where diffusers can (its
+    ``device_map``: ``cpu`` and the accelerator, no index, in recent versions); elsewhere the
+    pipeline moves there after loading.
     """
     from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
 
     path = Path(source).expanduser()
     if path.is_absolute() and not (path / "model_index.json").is_file():
@@ -200,10 +202,11 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.
             f"diffusion directory {path} {state}: set backbone.diffusion to a diffusers "
             "pipeline directory or a hub id"
         )
+    direct = device.type in SUPPORTED_DEVICE_MAP and device.index is None
     pipeline = StableDiffusionPipeline.from_pretrained(
         str(path) if path.is_absolute() else source,
         dtype=dtype,
-        device_map=device.type if device.type in ("cpu", "cuda") and device.index is None else None,
+        device_map=device.type if direct else None,
         safety_checker=None,
         requires_safety_checker=False,
     )
