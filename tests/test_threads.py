@@ -1,6 +1,7 @@
 """A client's torch threads: the CPUs it was given (node, simulation, mask), capped by idle."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,8 @@ def _fake_stat(tmp_path: Path, monkeypatch, snapshots: list[str]) -> None:
     stat = tmp_path / "stat"
     stat.write_text(snapshots[0])
     monkeypatch.setattr(threads, "_PROC_STAT", stat)
-    monkeypatch.setattr(threads.time, "sleep", lambda _: stat.write_text(snapshots[1]))
-    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _: {0, 1})
+    monkeypatch.setattr(time, "sleep", lambda _: stat.write_text(snapshots[1]))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
 
 
 # user nice system idle iowait irq softirq steal: cpu0 busy for all 20 ticks, cpu1 idle
@@ -63,7 +64,7 @@ def test_backbone_threads_is_taken_as_is(tmp_path, monkeypatch):
 
 def test_without_proc_stat_the_given_cpus_are_used(tmp_path, monkeypatch):
     monkeypatch.setattr(threads, "_PROC_STAT", tmp_path / "missing")
-    monkeypatch.setattr(threads.time, "sleep", lambda _: None)
+    monkeypatch.setattr(time, "sleep", lambda _: None)
     assert client_threads(0, {**NODE, "num-cpus": 3}) == 3
 
 
