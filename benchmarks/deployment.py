@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,11 @@ from typing import Any
 from tests.flower_procs import (
     SuperLink,
     deployment_superlink,
-    flwr,
     free_port,
     interrupt,
-    run_status,
+    start_run,
     supernode,
+    wait_finished,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +38,8 @@ def run(link: SuperLink, root: Path, rounds: int, nodes: int, extra: str) -> Pat
         f"federation.rounds={rounds} federation.min-nodes={nodes} output.dir='{root / 'runs'}' "
         f"output.run-name='deployment' data.dir='{root / 'data'}' {extra}"
     )
-    started = flwr(
-        link, "run", str(ROOT), link.connection, "--run-config", overrides, "--format", "json"
-    )
-    payload = re.search(r"\{.*\}", started.stdout, re.S)
-    if started.returncode != 0 or payload is None:
-        raise RuntimeError(f"flwr run failed: {started.stdout}{started.stderr}")
-    run_id = int(json.loads(payload.group(0))["run-id"])
-    status = ""
-    while not status.startswith("finished"):
-        time.sleep(2)
-        status = run_status(link, run_id)
+    run_id = start_run(link, ROOT, overrides)
+    status = wait_finished(link, run_id, timeout=3600)
     if status != "finished:completed":
         raise RuntimeError(f"run {run_id} ended {status}")
     return root / "runs" / "deployment"

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -152,6 +153,27 @@ def run_status(link: SuperLink, run_id: int) -> str:
     if not runs:
         raise AssertionError(f"run {run_id} not listed: {listing.stdout} {listing.stderr}")
     return str(runs[0]["status"])
+
+
+def start_run(link: SuperLink, app: Path, overrides: str) -> int:
+    """`flwr run` ``app`` on ``link`` with the run config ``overrides``; return its run id."""
+    started = flwr(
+        link, "run", str(app), link.connection, "--run-config", overrides, "--format", "json"
+    )
+    payload = re.search(r"\{.*\}", started.stdout, re.S)
+    if started.returncode != 0 or payload is None:
+        raise RuntimeError(f"flwr run failed: {started.stdout}{started.stderr}")
+    return int(json.loads(payload.group(0))["run-id"])
+
+
+def wait_finished(link: SuperLink, run_id: int, timeout: float) -> str:
+    """Poll the run's status until it has finished or ``timeout`` s passed; return the status."""
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline and not status.startswith("finished"):
+        time.sleep(1)
+        status = run_status(link, run_id)
+    return status
 
 
 # --- deployment: SuperLink and SuperNodes as separate processes (TLS, node auth, netns) ---

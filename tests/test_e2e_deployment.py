@@ -47,7 +47,9 @@ from tests.flower_procs import (
     netns_lan,
     netns_unavailable,
     run_status,
+    start_run,
     supernode,
+    wait_finished,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +82,7 @@ def _start_run(link: SuperLink, tmp_path: Path, rounds: int, overrides: str = OV
         f"{overrides} federation.rounds={rounds} output.dir='{tmp_path / 'runs'}' "
         f"output.run-name='e2e' data.dir='{tmp_path / 'data'}'"
     )
-    started = flwr(
-        link, "run", str(ROOT), link.connection, "--run-config", overrides, "--format", "json"
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    return int(_json(started.stdout)["run-id"])
+    return start_run(link, ROOT, overrides)
 
 
 def _fail_with_logs(link: SuperLink, run_id: int, status: str) -> None:
@@ -94,11 +92,7 @@ def _fail_with_logs(link: SuperLink, run_id: int, status: str) -> None:
 
 def _wait_done(link: SuperLink, run_id: int, timeout: float = 300) -> None:
     """Wait until run ``run_id`` has finished; fail with its log unless it completed."""
-    deadline = time.monotonic() + timeout
-    status = "unknown"
-    while time.monotonic() < deadline and not status.startswith("finished"):
-        time.sleep(1)
-        status = run_status(link, run_id)
+    status = wait_finished(link, run_id, timeout)
     if status != "finished:completed":
         _fail_with_logs(link, run_id, status)
 
