@@ -1,119 +1,398 @@
-"""Centralised vs FedAvg training of the pixel DDPM on the offline digits, equal sample-steps.
+"""Federated diffusion against the paper: convergence, the C and E sweeps, a LoRA that adapts.
 
-``python -m benchmarks.fed_diffusion`` trains the tiny pixel DDPM two ways from the same seeded
-initialisation:
+``python -m benchmarks.fed_diffusion`` runs three parts on the offline digits, every federated
+run through the real strategy and ClientApp code (in process, :class:`LoopbackGrid`), two jobs
+at a time in worker processes pinned to one torch thread each:
 
-* **FedAvg** (C = 4, E = 4): ``diffusion-unet`` (FedAvg), via the real strategy and ClientApp
-  (in process), 4 clients on an iid split of the digits training pool, all sampled every
-  round, 4 local steps of batch 16 each; ``rounds x 4 x 4 x 16`` training samples in all.
-* **Centralised**: one model trained on the pooled images of the same 4 clients for
-  ``rounds x 4 x 4`` steps of batch 16 (the same number of sample-steps), one optimiser.
+* **convergence**: the tiny pixel DDPM trained by FedAvg (``diffusion-unet``; C = 4 clients on
+  an iid split, all sampled every round, E = 4 local AdamW steps of batch 16, each client's
+  optimiser state kept from round to round, cosine learning rate over the rounds) and trained
+  centrally on the pooled images of the same 4 clients, from the same seeded initialisation,
+  with C x E steps per round-equivalent at the same learning rate, so both have seen the same
+  number of training samples at every checkpoint. Both are rendered with the same seeds
+  (DDIM) and measured by the same Fréchet distance in the tiny CLIP's image features to the
+  digits test split every ``--eval-every`` rounds.
+* **sweep**: the paper's Figures 2 and 3 as a table: the ``conf/fedavg-diffusion-*.toml``
+  experiments as they are (8 clients, C in {2, 4, 8} sampled per round at E = 2, E in
+  {1, 2, 4} at C = 4), with ``--sweep-rounds`` rounds and the benchmark's learning rate; FD
+  after the last round and bytes on the wire per round.
+* **lora**: clients whose images the tiny text-to-image pipeline never saw (the digits with
+  their intensities inverted: dark strokes on white), ``diffusion-lora`` over 4 clients. FD to
+  the clients' (inverted) test images of the base pipeline and of the federated LoRA.
 
-Both final models render ``--eval-samples`` images with the same seeds (DDIM) and are measured
-by the same Fréchet distance in the tiny CLIP's image features to the digits test split. It
-prints both distances and their ratio (FedAvg / centralised; 1 = no loss from federation).
+It prints the tables and writes ``benchmarks/results/fed_diffusion.json``,
+``docs/fed-diffusion.png`` (FD against samples seen, both arms) and the LoRA's sample grids
+before and after (``docs/fed-lora-base.png``, ``docs/fed-lora-tuned.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shutil
 import tempfile
 import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client_round import data_dir
 from cmfl_flower.config import AppConfig
-from cmfl_flower.data import load_partition
+from cmfl_flower.data import PartitionSpec, load_partition, load_source
+from cmfl_flower.data.store import prepare_partitions
 from cmfl_flower.diffusion import (
     LocalData,
     build_ddpm_unet,
     ddpm_unet_name,
     module_arrays,
+    round_lr,
     train_steps,
 )
 from cmfl_flower.diffusion_server import DiffusionPublisher
 from cmfl_flower.methods.harness import run_federation
 
-CLIENTS = 4
-LOCAL_STEPS = 4
-BATCH = 16
+ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
+BATCH = 16
+CONVERGENCE_C, CONVERGENCE_E = 4, 4
+# The paper's sweeps as the conf/ experiments run them: C of 8 clients sampled per round at
+# E = 2, and E at C = 4 (fedavg-diffusion-e2 is the same setup as -c4, so it is run once).
+SWEEP = [f"fedavg-diffusion-{s}" for s in ("c2", "c4", "c8", "e1", "e4")]
+SWEEP_NODES = 8
+LORA_CLIENTS = 4
 
 
-def config(root: Path, args: argparse.Namespace) -> AppConfig:
-    """The fixed benchmark settings."""
+@dataclass(frozen=True)
+class Job:
+    """One training run of the benchmark: ``settings`` are its run-config entries."""
+
+    kind: str  # "fedavg", "centralised" or "lora"
+    name: str
+    nodes: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def ddpm_config(job: Job, root: Path) -> AppConfig:
+    """The run config of a pixel-DDPM job (the centralised arm reads the same one)."""
     return AppConfig.from_run_config(
         {
             "method": "diffusion-unet",
             "seed": SEED,
             "data.partitioner": "iid",
             "data.dir": str(root / "data"),
-            "federation.rounds": args.rounds,
-            "federation.min-nodes": CLIENTS,
-            "diffusion.local-steps": LOCAL_STEPS,
+            "federation.min-nodes": job.nodes,
             "diffusion.batch-size": BATCH,
-            "diffusion.lr": args.lr,
-            "diffusion.eval-samples": args.eval_samples,
-            "diffusion.sample-steps": args.sample_steps,
+            "diffusion.lr-schedule": "cosine",
             "output.dir": str(root / "runs"),
-            "output.run-name": "fedavg",
+            "output.run-name": job.name,
         }
+        | job.settings
     )
 
 
-def fedavg(cfg: AppConfig) -> tuple[float, int]:
-    """Run FedAvg; return the final Fréchet distance and the bytes on the wire."""
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, CLIENTS), cfg)
+def per_round(cfg: AppConfig, nodes: int) -> tuple[int, int]:
+    """(clients sampled per round C, training samples seen per round C x E x batch)."""
+    sampled = max(1, round(cfg.federation.fraction * nodes))
+    return sampled, sampled * cfg.diffusion.local_steps * cfg.diffusion.batch_size
+
+
+def _curve(rounds: list[dict[str, Any]], samples_per_round: int) -> list[list[float]]:
+    """[samples seen, FD] of every measured round."""
+    return [[r["round"] * samples_per_round, float(r["fd-clip"])] for r in rounds if "fd-clip" in r]
+
+
+def fedavg(job: Job, root: Path) -> dict[str, Any]:
+    """A FedAvg run: its FD curve and the bytes on the wire per round."""
+    cfg = ddpm_config(job, root)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    wire = sum(int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds)
-    return float(rounds[-1]["fd-clip"]), wire
+    wire = [int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds]
+    sampled, samples = per_round(cfg, job.nodes)
+    return {
+        "C": sampled,
+        "E": cfg.diffusion.local_steps,
+        "rounds": cfg.federation.rounds,
+        "curve": _curve(rounds, samples),
+        "bytes_per_round": float(np.mean(wire)),
+        "model_bytes": int(rounds[-1]["model-bytes"]),
+    }
 
 
-def centralised(cfg: AppConfig, root: Path) -> float:
-    """Train on the pooled client images for the same sample-steps; return its distance."""
-    directory = data_dir(cfg.data, CLIENTS)
-    pool = np.concatenate([load_partition(directory, i).train.images for i in range(CLIENTS)])
+def centralised(job: Job, root: Path) -> dict[str, Any]:
+    """One model on the pooled client images, C x E steps per round-equivalent, one optimiser."""
+    cfg = ddpm_config(job, root)
+    directory = data_dir(cfg.data, job.nodes)
+    pool = np.concatenate([load_partition(directory, i).train.images for i in range(job.nodes)])
     unet = build_ddpm_unet(ddpm_unet_name(cfg.diffusion, cfg.backbone.preset), cfg.seed)
-    steps = cfg.federation.rounds * CLIENTS * LOCAL_STEPS
-    settings = cfg.diffusion.model_copy(update={"local_steps": steps})
-    train_steps(unet, list(unet.parameters()), LocalData(pool, None), settings, cfg.seed)
-    publisher = DiffusionPublisher(cfg, root, "ddpm")
-    return publisher.publish_unet(cfg.federation.rounds, module_arrays(unet))["fd-clip"]
+    sampled, samples = per_round(cfg, job.nodes)
+    d = cfg.diffusion.model_copy(update={"local_steps": sampled * cfg.diffusion.local_steps})
+    publisher = DiffusionPublisher(cfg, root / "runs" / job.name, "ddpm")
+    params, state, rounds, total = list(unet.parameters()), None, [], cfg.federation.rounds
+    for server_round in range(1, total + 1):
+        lr = round_lr(d, server_round, total)
+        seed = cfg.seed * 1_000_003 + server_round
+        data = LocalData(pool, None)
+        _, state = train_steps(unet, params, data, d, seed, lr=lr, state=state)
+        measure = server_round % d.eval_every == 0 or server_round == total
+        scores = publisher.publish_unet(server_round, module_arrays(unet), measure)
+        rounds.append({"round": server_round} | scores)
+    return {"curve": _curve(rounds, samples)}
+
+
+def inverted_digits(root: Path) -> Path:
+    """The digits as an image folder (``train/``, ``test/``), intensities inverted."""
+    folder = root / "inverted-digits"
+    if folder.is_dir():
+        return folder
+    tmp = root / ".inverted-digits.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split in ("train", "test"):
+        data = load_source("digits", split)
+        for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            target = tmp / split / data.class_names[int(label)] / f"{index:04d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - image).save(target)
+    tmp.rename(folder)
+    return folder
+
+
+def lora(job: Job, root: Path) -> dict[str, Any]:
+    """The base pipeline's FD on the inverted digits, then federated LoRA's; both grids."""
+    cfg = AppConfig.from_run_config(
+        {
+            "method": "diffusion-lora",
+            "seed": SEED,
+            "data.dataset": "folder",
+            "data.path": str(inverted_digits(root)),
+            "data.partitioner": "iid",
+            "data.dir": str(root / "data-inverted"),
+            "federation.min-nodes": job.nodes,
+            "diffusion.batch-size": BATCH,
+            "output.dir": str(root / "runs"),
+            "output.run-name": job.name,
+        }
+        | job.settings
+    )
+    spec = PartitionSpec.from_settings(cfg.data, job.nodes)
+    prepare_partitions(spec, Path(cfg.data.dir) / spec.slug())
+    base_dir = root / "runs" / "lora-base"
+    base = DiffusionPublisher(cfg, base_dir, "lora")
+    base_fd = base.publish_adapter(0, base.initial_arrays())["fd-clip"]
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    wire = [int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds]
+    return {
+        "base_fd": base_fd,
+        "curve": _curve(rounds, per_round(cfg, job.nodes)[1]),
+        "bytes_per_round": float(np.mean(wire)),
+        "model_bytes": int(rounds[-1]["model-bytes"]),
+        "grids": [str(base_dir / "samples" / "round-0.png"), str(_last_grid(run_dir))],
+    }
+
+
+def _last_grid(run_dir: Path) -> Path:
+    return max((run_dir / "samples").glob("round-*.png"), key=lambda p: int(p.stem[6:]))
+
+
+def run_job(job: Job, root: Path) -> dict[str, Any]:
+    """Run ``job`` and time it."""
+    start = time.perf_counter()
+    result = {"fedavg": fedavg, "centralised": centralised, "lora": lora}[job.kind](job, root)
+    return result | {"seconds": time.perf_counter() - start}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dict[str, Any]]:
+    """Run ``jobs`` in ``workers`` processes pinned to ``threads`` torch threads each."""
+    for job in jobs:  # prepare each partitioning once, before workers race for it
+        if job.kind != "lora":
+            data_dir(ddpm_config(job, root).data, job.nodes)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+        return list(pool.map(run_job, jobs, [root] * len(jobs)))
+
+
+def draw(fed: list[list[float]], central: list[list[float]], path: Path, title: str) -> None:
+    """FD against training samples seen, both arms on one chart."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for curve, label in ((central, "centralised"), (fed, "FedAvg C=4 E=4")):
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", label=label, markersize=3)
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("Fréchet distance (tiny CLIP features)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """The C/E table in markdown."""
+    lines = [
+        "| experiment | C (clients per round) | E (local steps) | rounds | samples seen | FD "
+        "| bytes / round |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `conf/{r['conf']}.toml` | {r['C']} | {r['E']} | {r['rounds']} | "
+            f"{r['samples']:,} | {r['fd']:.2f} | {r['bytes_per_round'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=120, help="convergence: rounds")
+    parser.add_argument("--eval-every", type=int, default=10, help="convergence: FD interval")
+    parser.add_argument("--sweep-rounds", type=int, default=40)
+    parser.add_argument("--lora-rounds", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=2e-3, help="DDPM AdamW learning rate")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-steps", type=int, default=4, help="LoRA: local steps (E)")
+    parser.add_argument("--eval-samples", type=int, default=200)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fed_diffusion.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    return parser.parse_args(argv)
+
+
+def sweep_settings(name: str) -> dict[str, Any]:
+    """A ``conf/`` experiment's run-config entries."""
+    return dict(tomllib.loads((ROOT / "conf" / f"{name}.toml").read_text()))
+
+
+def jobs_for(args: argparse.Namespace) -> list[Job]:
+    """Every job, the longest first."""
+    shared = {
+        "diffusion.lr": args.lr,
+        "diffusion.lr-schedule": "cosine",
+        "diffusion.eval-samples": args.eval_samples,
+        "diffusion.sample-steps": args.sample_steps,
+    }
+    convergence = shared | {
+        "federation.rounds": args.rounds,
+        "diffusion.local-steps": CONVERGENCE_E,
+        "diffusion.eval-every": args.eval_every,
+    }
+    sweep_rounds = {
+        "federation.rounds": args.sweep_rounds,
+        "diffusion.eval-every": args.sweep_rounds,
+    }
+    lora_settings = {
+        "federation.rounds": args.lora_rounds,
+        "diffusion.lr": args.lora_lr,
+        "diffusion.local-steps": args.lora_steps,
+        "diffusion.eval-every": args.lora_rounds,
+        "diffusion.eval-samples": args.eval_samples,
+        "diffusion.sample-steps": args.sample_steps,
+    }
+    return [
+        Job("fedavg", "fedavg-c4-e4", CONVERGENCE_C, convergence),
+        Job("centralised", "centralised", CONVERGENCE_C, convergence),
+        Job("lora", "lora", LORA_CLIENTS, lora_settings),
+        *(
+            Job("fedavg", name, SWEEP_NODES, sweep_settings(name) | shared | sweep_rounds)
+            for name in SWEEP
+        ),
+    ]
+
+
+def report(
+    jobs: list[Job], results: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Print the figures; return the results file's content."""
+    fed, central, lora_result, *sweep = results
+    fed_fd, central_fd = fed["curve"][-1][1], central["curve"][-1][1]
+    rows = [
+        {
+            "conf": job.name,
+            "C": r["C"],
+            "E": r["E"],
+            "rounds": r["rounds"],
+            "samples": int(r["curve"][-1][0]),
+            "fd": r["curve"][-1][1],
+            "bytes_per_round": r["bytes_per_round"],
+        }
+        for job, r in zip(jobs[3:], sweep, strict=True)
+    ]
+    samples = fed["curve"][-1][0]
+    print(f"convergence: tiny pixel DDPM, {samples:,} training samples each way, lr {args.lr:g}")
+    for label, arm in (("centralised", central), ("FedAvg C=4 E=4", fed)):
+        best = min(c[1] for c in arm["curve"])
+        print(f"  {label:15s} FD {arm['curve'][-1][1]:8.2f}  (best {best:.2f})")
+    print(f"  ratio FedAvg / centralised = {fed_fd / central_fd:.3f}")
+    print("\nsweep:\n" + sweep_table(rows))
+    base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
+    print(
+        f"\nlora on inverted digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
+        f"({100 * (1 - tuned / base):.0f} % lower)"
+    )
+    return {
+        "fedavg_fd": fed_fd,
+        "centralised_fd": central_fd,
+        "fedavg_centralised_ratio": fed_fd / central_fd,
+        "curves": {"fedavg": fed["curve"], "centralised": central["curve"]},
+        "sweep": rows,
+        "lora_fd_base": base,
+        "lora_fd_tuned": tuned,
+        "lora_curve": lora_result["curve"],
+        "bytes": {
+            "fedavg_per_round": fed["bytes_per_round"],
+            "ddpm_model": fed["model_bytes"],
+            "lora_per_round": lora_result["bytes_per_round"],
+            "lora_full_unet": lora_result["model_bytes"],
+        },
+        "seconds": {job.name: r["seconds"] for job, r in zip(jobs, results, strict=True)},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run both trainings and print the distances and their ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-samples", type=int, default=200)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    """Run every part; print the tables; save the JSON, the chart and the grids."""
+    args = parse(argv)
+    jobs = jobs_for(args)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        cfg = config(root, args)
-        start = time.perf_counter()
-        fed, wire = fedavg(cfg)
-        fed_s = time.perf_counter() - start
-        start = time.perf_counter()
-        central = centralised(cfg, root / "central")
-        central_s = time.perf_counter() - start
-    samples = cfg.federation.rounds * CLIENTS * LOCAL_STEPS * BATCH
+        results = run_all(jobs, Path(tmp), args.workers, args.threads)
+        out = report(jobs, results, args)
+        for source, name in zip(results[2]["grids"], ("base", "tuned"), strict=True):
+            shutil.copy(source, args.docs / f"fed-lora-{name}.png")
+    out["wall_seconds"] = time.perf_counter() - start
     print(
-        f"tiny pixel DDPM, digits iid over {CLIENTS} clients, {samples} training samples each "
-        f"way, lr {args.lr:g}, FD on {args.eval_samples} DDIM-{args.sample_steps} samples"
+        f"\nwall time {out['wall_seconds'] / 60:.1f} min "
+        f"({args.workers} workers x {args.threads} torch thread)"
     )
-    print(f"centralised   FD(CLIP) = {central:8.3f}   ({central_s:.0f} s)")
-    print(f"FedAvg C=4 E=4 FD(CLIP) = {fed:8.3f}   ({fed_s:.0f} s, {wire:,} bytes on the wire)")
-    print(f"ratio FedAvg / centralised = {fed / central:.3f}")
+    title = (
+        f"tiny pixel DDPM on digits, iid, same seeds; lr {args.lr:g} cosine; "
+        f"FD on {args.eval_samples} DDIM-{args.sample_steps} samples"
+    )
+    curves = out["curves"]
+    draw(curves["fedavg"], curves["centralised"], args.docs / "fed-diffusion.png", title)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

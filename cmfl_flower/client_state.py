@@ -8,10 +8,11 @@ run directory on its own node (where its pictures go, :func:`cmfl_flower.paths.c
 
 ``<output root>`` is the node's ``output.dir`` (as for run directories) and ``<run name>`` the
 resolved ``output.run-name`` the server sends with every message. Each file holds the state
-*after* round ``r`` (``lora/<key>`` and ``tokens/<key>`` tensors), written to a temporary file
-and renamed into place. Every node writes only its own ``node-<id>`` folder, so two
-SuperNodes on one host started with the same partition id never overwrite each other's state
-(the server refuses the second one's replies). Round ``r`` starts from the newest file of a
+*after* round ``r`` (``lora/<key>``, ``tokens/<key>`` and ``optimizer/<key>`` tensors, the
+last a diffusion client's AdamW state), written to a temporary file and renamed into place.
+Every node writes only its own ``node-<id>`` folder, so two SuperNodes on one host started
+with the same partition id never overwrite each other's state (the server refuses the second
+one's replies). Round ``r`` starts from the newest file of a
 round before ``r`` in any of the partition's folders, the node's own on a tie: a node restarted
 under a new node id rejoins from what it saved, and a round repeated after a resume starts
 where it first started. The two newest rounds of a folder are kept, and saving round ``r``
@@ -31,7 +32,7 @@ from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.results import output_root
 from cmfl_flower.workspace import Arrays, ClientRoutine, ClientState, ClientTask, RoundOutput
 
-FIELDS = ("lora", "tokens")
+FIELDS = ("lora", "tokens", "optimizer")
 NODE_PREFIX = "node-"
 KEEP_ROUNDS = 2
 _FILE = re.compile(r"^round-(\d+)\.safetensors$")

@@ -353,6 +353,19 @@ class DiffusionConfig(_Section):
     )
     local_steps: int = Field(2, ge=1, description="Local optimiser steps per round (E).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of local training.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Local learning rate over the rounds: `constant`, or `cosine` from "
+        "`diffusion.lr` in round 1 to `diffusion.lr` x `diffusion.lr-final` in the last.",
+    )
+    lr_final: float = Field(
+        0.1, gt=0, le=1, description="`cosine`: the last round's rate over `diffusion.lr`."
+    )
+    keep_optimizer: bool = Field(
+        True,
+        description="Keep each client's AdamW state from round to round on its node's disk; "
+        "`false` restarts the optimiser every round.",
+    )
     batch_size: int = Field(16, ge=1, description="Local training batch size.")
     beta_start: float = Field(1e-4, gt=0, lt=1, description="First beta of the DDPM schedule.")
     beta_end: float = Field(0.02, gt=0, lt=1, description="Last beta of the DDPM schedule.")
@@ -372,6 +385,12 @@ class DiffusionConfig(_Section):
         0, ge=0, description="Use at most this many training images per client; 0 = all."
     )
     eval_samples: int = Field(100, ge=2, description="Images rendered per round for the FD.")
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="Render and measure the global model every this many rounds and after "
+        "the last (it is saved every round).",
+    )
     sample_steps: int = Field(50, ge=1, description="DDIM steps when rendering samples.")
     fid: Literal["clip", "inception"] = Field(
         "clip",

@@ -10,7 +10,10 @@ The client side of ``fedavg-diffusion`` and ``fedlora-diffusion`` (free of Flowe
   pipeline's own noise schedule (a pretrained UNet keeps the schedule it was trained with).
 * :func:`attach_lora` puts a peft LoRA on the UNet's attention projections
   (:data:`LORA_TARGETS`); only those weights are trained and sent.
-* :func:`train_steps` runs E optimiser steps of the epsilon-prediction loss.
+* :func:`train_steps` runs E AdamW steps of the epsilon-prediction loss, at the round's
+  learning rate (:func:`round_lr`), from the optimiser state the client kept from its last
+  round (:func:`optimizer_state`, :func:`load_optimizer_state`; kept on the node's disk by
+  :mod:`cmfl_flower.client_state`).
 
 Weights travel as float32 numpy arrays named by the module's ``state_dict`` (or peft) keys.
 """
@@ -18,6 +21,7 @@ Weights travel as float32 numpy arrays named by the module's ``state_dict`` (or 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,6 +38,7 @@ from cmfl_flower.images import to_uint8, to_unit_range
 from cmfl_flower.weights import weights_problem
 
 Arrays = dict[str, np.ndarray]
+OptimizerState = dict[str, torch.Tensor]  # "<parameter index>.<AdamW buffer>" -> tensor
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # Pixel-space DDPM UNets as data. `ddpm-cifar10` is the 35.7 M-parameter CIFAR-10 model of
@@ -238,6 +243,53 @@ def _batch_indices(n: int, batch: int, steps: int, generator: torch.Generator) -
         position += batch
 
 
+def round_lr(cfg: DiffusionConfig, server_round: int, rounds: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) of ``rounds``.
+
+    ``constant``: ``cfg.lr``. ``cosine``: from ``cfg.lr`` in round 1 down to
+    ``cfg.lr * cfg.lr_final`` in the last round (and after it, should a run go on).
+    """
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return cfg.lr
+    progress = min(1.0, (server_round - 1) / (rounds - 1))
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> OptimizerState:
+    """The optimiser's per-parameter buffers as flat tensors (``"3.exp_avg"``, ``"3.step"``)."""
+    state = optimizer.state_dict()["state"]
+    return {
+        f"{index}.{name}": torch.as_tensor(value).detach().cpu().clone()
+        for index, buffers in state.items()
+        for name, value in buffers.items()
+    }
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], flat: OptimizerState
+) -> None:
+    """Restore :func:`optimizer_state`'s buffers; refuse buffers that do not fit ``params``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        position, _, name = key.partition(".")
+        state.setdefault(int(position), {})[name] = tensor
+    if set(state) != set(range(len(params))):
+        raise ValueError(
+            f"saved optimiser state covers {len(state)} parameters, the model has {len(params)}: "
+            "the state was saved by another model (change output.run-name to start afresh)"
+        )
+    for number, buffers in state.items():
+        for buffer, tensor in buffers.items():
+            if tensor.dim() and tensor.shape != params[number].shape:
+                raise ValueError(
+                    f"saved optimiser state {number}.{buffer} has shape {tuple(tensor.shape)}, "
+                    f"its parameter {tuple(params[number].shape)}: saved by another model"
+                )
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)
+
+
 def train_steps(
     unet: torch.nn.Module,
     params: list[torch.nn.Parameter],
@@ -245,17 +297,26 @@ def train_steps(
     cfg: DiffusionConfig,
     seed: int,
     latent: LatentModel | None = None,
-) -> float:
-    """``cfg.local_steps`` AdamW steps of the epsilon-prediction MSE; returns the mean loss.
+    *,
+    lr: float | None = None,
+    state: OptimizerState | None = None,
+) -> tuple[float, OptimizerState]:
+    """``cfg.local_steps`` AdamW steps of the epsilon-prediction MSE.
 
     Pixel DDPM when ``latent`` is None (images in [-1, 1] at the UNet's size), otherwise the
-    latent UNet conditioned on the captions through ``latent``'s VAE and text encoder.
+    latent UNet conditioned on the captions through ``latent``'s VAE and text encoder. The
+    optimiser runs at ``lr`` (default ``cfg.lr``) and starts from ``state`` (default: fresh).
+    Returns the mean loss and the optimiser's state after the last step.
     """
     if len(data.images) == 0:
         raise ValueError("cannot train a diffusion model on an empty training set")
     generator = torch.Generator().manual_seed(seed)
     scheduler = latent.scheduler() if latent is not None else ddpm_scheduler(cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr)
+    if state:
+        load_optimizer_state(optimizer, params, state)
+        for group in optimizer.param_groups:  # the saved state carries the old rate
+            group["lr"] = cfg.lr if lr is None else lr
     device = next(unet.parameters()).device
     losses = []
     for p in params:
@@ -269,7 +330,7 @@ def train_steps(
             optimizer.step()
             losses.append(float(loss.detach()))
     unet.eval()
-    return float(np.mean(losses))
+    return float(np.mean(losses)), optimizer_state(optimizer)
 
 
 def _loss(
@@ -339,6 +400,14 @@ def render_prompts(
 
 
 # ----- one client round -------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalStep:
+    """How a client trains this round: its learning rate and the optimiser state it kept."""
+
+    lr: float
+    state: OptimizerState | None  # None: a fresh optimiser
+
+
 @functools.cache
 def ddpm_unet(name: str, device_name: str) -> torch.nn.Module:
     """The process-wide pixel DDPM module clients load the global weights into."""
@@ -346,9 +415,12 @@ def ddpm_unet(name: str, device_name: str) -> torch.nn.Module:
 
 
 def fedavg_round(
-    cfg: AppConfig, data: LocalData, received: Arrays, seed: int
-) -> tuple[Arrays, float]:
-    """Load the global UNet, train it for E steps on ``data``; return it and the mean loss."""
+    cfg: AppConfig, data: LocalData, received: Arrays, seed: int, step: LocalStep
+) -> tuple[Arrays, float, OptimizerState]:
+    """Load the global UNet, train it for E steps on ``data``.
+
+    Returns the trained UNet, the mean loss and the optimiser state to keep.
+    """
     if not received:
         raise ValueError("fedavg-diffusion: the server sent no global UNet")
     preset = resolve_preset(cfg.backbone)
@@ -360,18 +432,23 @@ def fedavg_round(
     else:
         unet = ddpm_unet(ddpm_unet_name(cfg.diffusion, preset.name), device)
     load_module_arrays(unet, received)
-    loss = train_steps(unet, list(unet.parameters()), data, cfg.diffusion, seed, latent)
-    return module_arrays(unet), loss
+    params = list(unet.parameters())
+    loss, state = train_steps(
+        unet, params, data, cfg.diffusion, seed, latent, lr=step.lr, state=step.state
+    )
+    return module_arrays(unet), loss, state
 
 
 def fedlora_round(
-    cfg: AppConfig, data: LocalData, received: Arrays, seed: int
-) -> tuple[Arrays, float]:
-    """Activate the global LoRA (round 1: the seeded one), train it; return it and the loss."""
+    cfg: AppConfig, data: LocalData, received: Arrays, seed: int, step: LocalStep
+) -> tuple[Arrays, float, OptimizerState]:
+    """Activate the global LoRA (round 1: the seeded one) and train it, as :func:`fedavg_round`."""
     d = cfg.diffusion
     preset = resolve_preset(cfg.backbone)
     device = str(resolve_device(cfg.backbone.device))
     lora = attach_lora(preset, device, d.lora_rank, d.lora_alpha, cfg.seed)
     lora.load(received or lora.init_state)
-    loss = train_steps(lora.model.unet, lora.parameters(), data, d, seed, lora.model)
-    return lora.state(), loss
+    loss, state = train_steps(
+        lora.model.unet, lora.parameters(), data, d, seed, lora.model, lr=step.lr, state=step.state
+    )
+    return lora.state(), loss, state

@@ -6,7 +6,8 @@ After every round :class:`DiffusionPublisher` takes the new global weights and
   ``model/unet`` for the preset's UNet) or ``adapter/pytorch_lora_weights.safetensors``
   (``pipe.load_lora_weights(adapter_dir)``);
 * renders ``diffusion.eval-samples`` images (the prompts cycled; unconditional for the DDPM)
-  with the same seeds every round, saves them as ``samples/round-<k>.png``;
+  with the same seeds every ``diffusion.eval-every`` rounds, saves them as
+  ``samples/round-<k>.png``;
 * measures their Fréchet distance to the dataset's test split (:mod:`cmfl_flower.fid`).
 
 Models, the reference features and the server's pipeline are loaded lazily, once.
@@ -143,32 +144,39 @@ class DiffusionPublisher:
         ]
         return [prompts[i % len(prompts)] for i in range(cfg.eval_samples)]
 
-    def publish_unet(self, server_round: int, arrays: Arrays) -> dict[str, float]:
-        """Save and evaluate the averaged UNet."""
+    def publish_unet(
+        self, server_round: int, arrays: Arrays, measure: bool = True
+    ) -> dict[str, float]:
+        """Save the averaged UNet; render and measure it when ``measure``."""
         cfg = self.cfg.diffusion
         tmp = self.run_dir / f".{MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if self.kind == "conditional":
             load_module_arrays(self.latent.unet, arrays)
             self.latent.pipeline.unet.save_pretrained(tmp / "unet")
-            images = self._render_prompts()
         else:
             from diffusers import DDPMPipeline
 
             load_module_arrays(self.ddpm, arrays)
             pipeline: Any = DDPMPipeline(unet=self.ddpm, scheduler=ddpm_scheduler(cfg))
             pipeline.save_pretrained(tmp)
-            with torch.no_grad():
-                images = sample_ddpm(
-                    self.ddpm, cfg, cfg.eval_samples, self.cfg.seed, cfg.batch_size
-                )
         _replace_dir(tmp, self.run_dir / MODEL_DIR)
+        if not measure:
+            return {}
+        if self.kind == "conditional":
+            return self._evaluate(server_round, self._render_prompts())
+        with torch.no_grad():
+            images = sample_ddpm(self.ddpm, cfg, cfg.eval_samples, self.cfg.seed, cfg.batch_size)
         return self._evaluate(server_round, images)
 
-    def publish_adapter(self, server_round: int, arrays: Arrays) -> dict[str, float]:
-        """Save the averaged LoRA for diffusers, load it back into the pipeline, evaluate."""
+    def publish_adapter(
+        self, server_round: int, arrays: Arrays, measure: bool = True
+    ) -> dict[str, float]:
+        """Save the averaged LoRA for diffusers; when ``measure``, load it back and evaluate."""
         cfg = self.cfg.diffusion
         directory = save_adapter(arrays, cfg.lora_rank, cfg.lora_alpha, self.run_dir / ADAPTER_DIR)
+        if not measure:
+            return {}
         pipeline = self.latent.pipeline
         pipeline.unload_lora_weights()
         pipeline.load_lora_weights(str(directory))  # the saved file is what gets rendered

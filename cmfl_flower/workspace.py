@@ -18,6 +18,8 @@ import numpy as np
 from cmfl_flower.config import AppConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from cmfl_flower.encoder import LoraState
     from cmfl_flower.tokens import TokenState
 
@@ -38,10 +40,11 @@ class ClientTask:
 
 @dataclass
 class ClientState:
-    """What a client keeps between rounds (small; the backbone is shared)."""
+    """What a client keeps between rounds (the backbone is shared, and nothing of it is kept)."""
 
     lora: LoraState | None = None
     tokens: TokenState | None = None
+    optimizer: dict[str, torch.Tensor] | None = None  # flat optimiser state, see diffusion.py
 
 
 @dataclass

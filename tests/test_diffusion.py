@@ -1,5 +1,6 @@
 """diffusion-unet and diffusion-lora on the tiny preset, through an in-process grid."""
 
+import copy
 import json
 import re
 
@@ -11,8 +12,10 @@ from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.backbones import load_pipeline, resolve_preset
+from cmfl_flower.client_state import read_state
 from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
 from cmfl_flower.data import load_source
+from cmfl_flower.diffusion import load_optimizer_state, optimizer_state, round_lr
 from cmfl_flower.fid import FrechetDistance, build_fd_metric
 from cmfl_flower.methods.base import METRICS_KEY, from_record
 from cmfl_flower.methods.harness import run_federation
@@ -137,6 +140,99 @@ def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkey
     assert expected.round == got.round == 2 and set(got.arrays) == set(expected.arrays)
     for key, value in expected.arrays.items():
         np.testing.assert_array_equal(got.arrays[key], value)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_client_keeps_its_optimiser_state_from_round_to_round(tmp_path, keep):
+    extra = {"diffusion.images-per-client": 8, "diffusion.keep-optimizer": keep}
+    extra["federation.min-nodes"] = 1
+    grid, run_dir, _ = run(tmp_path, "diffusion-unet", nodes=1, rounds=2, **extra)
+    assert [r.content[METRICS_KEY]["state-round"] for r in grid.replies] == [0, 1]
+    (saved,) = run_dir.glob("clients/partition-0/state/node-*/round-2.safetensors")
+    optimizer = read_state(saved).optimizer
+    if not keep:
+        assert optimizer is None
+        return
+    assert optimizer is not None
+    steps = {float(v) for k, v in optimizer.items() if k.endswith(".step")}
+    assert steps == {4.0}  # 2 rounds x 2 local steps: round 2 went on from round 1's state
+    assert any(k.endswith(".exp_avg_sq") and v.abs().sum() > 0 for k, v in optimizer.items())
+
+
+def test_a_server_optimiser_fedavgm_carries_momentum_into_the_global_unet(tmp_path):
+    extra = {"strategy": "fedavgm", "strategy-args": "server_momentum=0.9"}
+    extra |= {"diffusion.images-per-client": 8, "diffusion.eval-every": 3}
+    grid, _, rounds = run(tmp_path, "diffusion-unet", nodes=2, rounds=3, **extra)
+    assert [r["averaged"] for r in rounds] == [2, 2, 2]
+    key = "conv_in.weight"
+
+    def mean_reply(server_round):
+        replies = [
+            from_record(r.content["arrays"])[key] for r in of_round(grid.replies, server_round, 2)
+        ]
+        return np.mean(replies, axis=0)  # equal num-examples: 8 images each
+
+    def global_sent(server_round):
+        return from_record(of_round(grid.sent, server_round, 2)[0].content["arrays"])[key]
+
+    np.testing.assert_allclose(global_sent(2), mean_reply(1), atol=1e-6)  # first step: the mean
+    assert not np.allclose(global_sent(3), mean_reply(2), atol=1e-6)  # then momentum adds to it
+
+
+def test_the_global_model_is_measured_every_eval_every_rounds_and_after_the_last(tmp_path):
+    extra = {"diffusion.images-per-client": 8, "diffusion.eval-every": 2}
+    extra["federation.min-nodes"] = 1
+    _, run_dir, rounds = run(tmp_path, "diffusion-unet", nodes=1, rounds=3, **extra)
+    assert ["fd-clip" in row for row in rounds] == [False, True, True]
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["round-2.png", "round-3.png"]
+    assert (run_dir / "model" / "unet").is_dir()  # saved every round
+
+
+def _linear_steps(model, optimizer, count):
+    x = torch.linspace(-1, 1, 12).reshape(4, 3)
+    for _ in range(count):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+
+
+def test_a_restored_optimiser_continues_exactly_where_the_saved_one_stopped():
+    torch.manual_seed(0)
+    whole, cut = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    cut.load_state_dict(whole.state_dict())
+    _linear_steps(whole, torch.optim.AdamW(whole.parameters(), lr=0.1), 3)
+    first = torch.optim.AdamW(cut.parameters(), lr=0.1)
+    _linear_steps(cut, first, 2)
+    flat = optimizer_state(first)
+    fresh = copy.deepcopy(cut)
+    _linear_steps(fresh, torch.optim.AdamW(fresh.parameters(), lr=0.1), 1)
+    restored = torch.optim.AdamW(cut.parameters(), lr=0.1)
+    load_optimizer_state(restored, list(cut.parameters()), flat)
+    _linear_steps(cut, restored, 1)
+    assert torch.equal(cut.weight, whole.weight)
+    assert not torch.allclose(fresh.weight, whole.weight)  # a fresh AdamW would not
+
+
+def test_optimiser_state_saved_by_another_model_is_refused():
+    small, large = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(small.parameters())
+    _linear_steps(small, optimizer, 1)
+    flat = optimizer_state(optimizer)
+    target = torch.optim.AdamW(large.parameters())
+    with pytest.raises(ValueError, match=r"0\.exp_avg has shape \(2, 3\), its parameter \(2, 4\)"):
+        load_optimizer_state(target, list(large.parameters()), flat)
+    with pytest.raises(ValueError, match="covers 2 parameters, the model has 1"):
+        load_optimizer_state(target, [large.weight], flat)
+
+
+def test_the_cosine_schedule_runs_from_the_rate_to_its_final_share():
+    cosine = DiffusionConfig(lr=1e-3, lr_schedule="cosine", lr_final=0.1)
+    assert round_lr(cosine, 1, 5) == pytest.approx(1e-3)
+    assert round_lr(cosine, 3, 5) == pytest.approx(5.5e-4)
+    assert round_lr(cosine, 5, 5) == pytest.approx(1e-4)
+    assert round_lr(cosine, 8, 5) == pytest.approx(1e-4)  # a run that goes on stays at the end
+    assert round_lr(DiffusionConfig(lr=1e-3), 4, 5) == 1e-3
 
 
 def test_missing_inception_weights_file_is_a_clear_error(tmp_path):

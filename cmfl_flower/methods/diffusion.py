@@ -5,11 +5,17 @@ weights are the whole UNet (a pixel DDPM, or the preset's text-conditional UNet 
 ``diffusion.model = "conditional"``); each client trains them for ``diffusion.local-steps``
 steps on its images and replies with them and ``num-examples``.
 
+Both keep each client's AdamW state between rounds on its node's disk (the client state, so it
+survives restarts; ``diffusion.keep-optimizer``) and train at the round's learning rate
+(``diffusion.lr-schedule``). A server-side optimiser is the ``strategy`` key's (``fedadam``,
+``fedavgm``).
+
 ``diffusion-lora`` (federated LoRA fine-tuning): only a LoRA on the attention projections of the
 preset's UNet travels; round 1 sends the seeded adapter (its B matrices are zero).
 
 The ``strategy`` key (FedAvg by default) combines the replies. After each round the server
-saves the global model for diffusers, renders a sample grid and measures its Fréchet distance
+saves the global model for diffusers and, every ``diffusion.eval-every`` rounds and after the
+last, renders a sample grid and measures its Fréchet distance
 (:class:`~cmfl_flower.diffusion_server.DiffusionPublisher`); ``model-bytes`` is the full UNet's
 size beside the bytes on the wire.
 """
@@ -24,7 +30,15 @@ from typing import TYPE_CHECKING
 from cmfl_flower.client_round import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
-from cmfl_flower.diffusion import LocalData, captions_for, fedavg_round, fedlora_round, limit_images
+from cmfl_flower.diffusion import (
+    LocalData,
+    LocalStep,
+    captions_for,
+    fedavg_round,
+    fedlora_round,
+    limit_images,
+    round_lr,
+)
 from cmfl_flower.methods.base import Method
 from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput, client_seed
 
@@ -60,13 +74,20 @@ def _diffusion_data(cfg: AppConfig, task: ClientTask) -> LocalData:
     )
 
 
-def _round(cfg: AppConfig, task: ClientTask, received: Arrays, lora: bool) -> RoundOutput:
+def _round(
+    cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays, lora: bool
+) -> RoundOutput:
     if not received:
         raise ValueError(f"{cfg.method}: the server sent no global weights")
     data = _diffusion_data(cfg, task)
     start = time.perf_counter()
+    d = cfg.diffusion
+    step = LocalStep(
+        round_lr(d, task.server_round, cfg.federation.rounds),
+        state.optimizer if d.keep_optimizer else None,
+    )
     train = fedlora_round if lora else fedavg_round
-    arrays, loss = train(cfg, data, received, client_seed(cfg, task))
+    arrays, loss, optimizer = train(cfg, data, received, client_seed(cfg, task), step)
     metrics: Metrics = {
         "partition-id": task.partition_id,
         "num-train": len(data.images),
@@ -74,21 +95,22 @@ def _round(cfg: AppConfig, task: ClientTask, received: Arrays, lora: bool) -> Ro
         "train-loss": loss,
         "seconds-diffusion": time.perf_counter() - start,
     }
-    return RoundOutput(metrics, ClientState(), arrays)
+    kept = ClientState(optimizer=optimizer if d.keep_optimizer else None)
+    return RoundOutput(metrics, kept, arrays)
 
 
 def unet_round(
     cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
 ) -> RoundOutput:
     """Train the global diffusion UNet for E local steps on local images; send it back."""
-    return _round(cfg, task, received, lora=False)
+    return _round(cfg, task, state, received, lora=False)
 
 
 def lora_round(
     cfg: AppConfig, task: ClientTask, state: ClientState, received: Arrays
 ) -> RoundOutput:
     """Fine-tune the global UNet LoRA on local image-caption pairs; send the LoRA back."""
-    return _round(cfg, task, received, lora=True)
+    return _round(cfg, task, state, received, lora=True)
 
 
 def _initial(lora: bool) -> Callable[[AppConfig, Path], Arrays]:
@@ -103,12 +125,17 @@ def _initial(lora: bool) -> Callable[[AppConfig, Path], Arrays]:
 
 def _publish(lora: bool) -> Callable[[AppConfig, Path, int, Arrays], Metrics]:
     def publish(cfg: AppConfig, run_dir: Path, server_round: int, arrays: Arrays) -> Metrics:
-        """Save, render and measure the global model; ``model-bytes``: the full UNet's size."""
+        """Save the global model; render and measure it every ``diffusion.eval-every`` rounds.
+
+        ``model-bytes``: the full UNet's size.
+        """
         pub = publisher(cfg, run_dir, lora)
+        every = cfg.diffusion.eval_every
+        measure = server_round % every == 0 or server_round >= cfg.federation.rounds
         if lora:
-            scores = pub.publish_adapter(server_round, arrays)
+            scores = pub.publish_adapter(server_round, arrays, measure)
         else:
-            scores = pub.publish_unet(server_round, arrays)
+            scores = pub.publish_unet(server_round, arrays, measure)
         return scores | {"model-bytes": pub.model_bytes()}
 
     return publish
