@@ -16,9 +16,10 @@ at a time in worker processes pinned to one torch thread each:
   experiments as they are (8 clients, C in {2, 4, 8} sampled per round at E = 2, E in
   {1, 2, 4} at C = 4), with ``--sweep-rounds`` rounds and the benchmark's learning rate; FD
   after the last round and bytes on the wire per round.
-* **lora**: clients whose images the tiny text-to-image pipeline never saw (the digits with
-  their intensities inverted: dark strokes on white), ``diffusion-lora`` over 4 clients. FD to
-  the clients' (inverted) test images of the base pipeline and of the federated LoRA.
+* **lora**: clients whose images the tiny text-to-image pipeline never saw (``--style``: the
+  digits turned a quarter turn, or with their intensities inverted), ``diffusion-lora`` over 4
+  clients. FD to the clients' (styled) test images of the base pipeline and of the federated
+  LoRA.
 
 It prints the tables and writes ``benchmarks/results/fed_diffusion.json``,
 ``docs/fed-diffusion.png`` (FD against samples seen, both arms) and the LoRA's sample grids
@@ -83,6 +84,7 @@ class Job:
     name: str
     nodes: int
     settings: dict[str, Any] = field(default_factory=dict)
+    style: str = ""  # lora: the clients' style (a key of STYLES)
 
 
 def ddpm_config(job: Job, root: Path) -> AppConfig:
@@ -96,6 +98,7 @@ def ddpm_config(job: Job, root: Path) -> AppConfig:
             "federation.min-nodes": job.nodes,
             "diffusion.batch-size": BATCH,
             "diffusion.lr-schedule": "cosine",
+            "backbone.threads": torch.get_num_threads(),  # the worker's, not re-measured
             "output.dir": str(root / "runs"),
             "output.run-name": job.name,
         }
@@ -152,33 +155,40 @@ def centralised(job: Job, root: Path) -> dict[str, Any]:
     return {"curve": _curve(rounds, samples)}
 
 
-def inverted_digits(root: Path) -> Path:
-    """The digits as an image folder (``train/``, ``test/``), intensities inverted."""
-    folder = root / "inverted-digits"
+STYLES = {
+    "inverted": lambda image: 255 - image,  # dark strokes on white
+    "rotated": lambda image: np.ascontiguousarray(np.rot90(image)),  # a quarter turn left
+}
+
+
+def styled_digits(root: Path, style: str) -> Path:
+    """The digits as an image folder (``train/``, ``test/``) in ``style``."""
+    folder = root / f"{style}-digits"
     if folder.is_dir():
         return folder
-    tmp = root / ".inverted-digits.tmp"
+    tmp = root / f".{style}-digits.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for split in ("train", "test"):
         data = load_source("digits", split)
         for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
             target = tmp / split / data.class_names[int(label)] / f"{index:04d}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(255 - image).save(target)
+            Image.fromarray(STYLES[style](image)).save(target)
     tmp.rename(folder)
     return folder
 
 
 def lora(job: Job, root: Path) -> dict[str, Any]:
-    """The base pipeline's FD on the inverted digits, then federated LoRA's; both grids."""
+    """The base pipeline's FD on the styled digits, then federated LoRA's; both grids."""
     cfg = AppConfig.from_run_config(
         {
             "method": "diffusion-lora",
             "seed": SEED,
             "data.dataset": "folder",
-            "data.path": str(inverted_digits(root)),
+            "data.path": str(styled_digits(root, job.style)),
             "data.partitioner": "iid",
-            "data.dir": str(root / "data-inverted"),
+            "data.dir": str(root / f"data-{job.style}"),
+            "backbone.threads": torch.get_num_threads(),
             "federation.min-nodes": job.nodes,
             "diffusion.batch-size": BATCH,
             "output.dir": str(root / "runs"),
@@ -263,13 +273,14 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=120, help="convergence: rounds")
-    parser.add_argument("--eval-every", type=int, default=10, help="convergence: FD interval")
-    parser.add_argument("--sweep-rounds", type=int, default=40)
-    parser.add_argument("--lora-rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=300, help="convergence: rounds")
+    parser.add_argument("--eval-every", type=int, default=25, help="convergence: FD interval")
+    parser.add_argument("--sweep-rounds", type=int, default=150)
+    parser.add_argument("--lora-rounds", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-3, help="DDPM AdamW learning rate")
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--lora-steps", type=int, default=4, help="LoRA: local steps (E)")
+    parser.add_argument("--style", choices=sorted(STYLES), default="rotated", help="LoRA")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--workers", type=int, default=2)
@@ -312,7 +323,7 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
     return [
         Job("fedavg", "fedavg-c4-e4", CONVERGENCE_C, convergence),
         Job("centralised", "centralised", CONVERGENCE_C, convergence),
-        Job("lora", "lora", LORA_CLIENTS, lora_settings),
+        Job("lora", "lora", LORA_CLIENTS, lora_settings, args.style),
         *(
             Job("fedavg", name, SWEEP_NODES, sweep_settings(name) | shared | sweep_rounds)
             for name in SWEEP
@@ -347,7 +358,7 @@ def report(
     print("\nsweep:\n" + sweep_table(rows))
     base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
     print(
-        f"\nlora on inverted digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
+        f"\nlora on {args.style} digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
         f"({100 * (1 - tuned / base):.0f} % lower)"
     )
     return {
@@ -356,6 +367,7 @@ def report(
         "fedavg_centralised_ratio": fed_fd / central_fd,
         "curves": {"fedavg": fed["curve"], "centralised": central["curve"]},
         "sweep": rows,
+        "lora_style": args.style,
         "lora_fd_base": base,
         "lora_fd_tuned": tuned,
         "lora_curve": lora_result["curve"],

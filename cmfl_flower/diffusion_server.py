@@ -15,8 +15,10 @@ Models, the reference features and the server's pipeline are loaded lazily, once
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +55,19 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Only diffusers' errors while inside."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def save_adapter(arrays: Arrays, rank: int, alpha: float, directory: Path) -> Path:
@@ -179,7 +194,8 @@ class DiffusionPublisher:
             return {}
         pipeline = self.latent.pipeline
         pipeline.unload_lora_weights()
-        pipeline.load_lora_weights(str(directory))  # the saved file is what gets rendered
+        with _quiet_diffusers():  # it warns on every load that a UNet LoRA has no text part
+            pipeline.load_lora_weights(str(directory))  # the saved file is what gets rendered
         return self._evaluate(server_round, self._render_prompts())
 
     # ----- helpers -------------------------------------------------------------------------

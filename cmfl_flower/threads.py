@@ -10,7 +10,7 @@ The CPUs a client is *given*, first match wins:
 4. the CPUs this process may run on (its affinity mask).
 
 Of those, a client uses no more than are idle when its message starts (measured from
-``/proc/stat`` over :data:`SAMPLE_SECONDS`, Linux only). Torch's intra-op threads wait for each
+``/proc/stat`` over :data:`SAMPLE_SECONDS`, Linux only; not measured for a client given one). Torch's intra-op threads wait for each
 other at every operator; one of them descheduled by a busy neighbour process stalls them all,
 which made tiny convolutions about 4x slower on the shared 2-core machine (``benchmarks/``).
 """
@@ -74,6 +74,8 @@ def client_threads(configured: int, node_config: Mapping[str, Any]) -> int:
     if configured:
         return configured
     given = given_cpus(node_config)
+    if given == 1:  # nothing to cap: spare the message the sampling
+        return 1
     idle = idle_cpus(set(os.sched_getaffinity(0)))
     if idle is None:
         return given

@@ -57,6 +57,11 @@ def test_a_quiet_machine_gives_every_cpu_given_and_no_more(tmp_path, monkeypatch
     assert client_threads(0, {**NODE, "num-cpus": 1}) == 1
 
 
+def test_a_client_given_one_cpu_does_not_wait_to_sample_the_idle_ones(monkeypatch):
+    monkeypatch.setattr(threads, "idle_cpus", lambda *_: pytest.fail("sampled"))
+    assert client_threads(0, {**NODE, "num-cpus": 1}) == 1
+
+
 def test_backbone_threads_is_taken_as_is(tmp_path, monkeypatch):
     _fake_stat(tmp_path, monkeypatch, [BEFORE, ONE_BUSY])
     assert client_threads(4, NODE) == 4
