@@ -10,9 +10,10 @@ The CPUs a client is *given*, first match wins:
 4. the CPUs this process may run on (its affinity mask).
 
 Of those, a client uses no more than are idle when its message starts (measured from
-``/proc/stat`` over :data:`SAMPLE_SECONDS`, Linux only; not measured for a client given one). Torch's intra-op threads wait for each
-other at every operator; one of them descheduled by a busy neighbour process stalls them all,
-which made tiny convolutions about 4x slower on the shared 2-core machine (``benchmarks/``).
+``/proc/stat`` over :data:`SAMPLE_SECONDS`, Linux only; not measured for a client given one).
+Torch's intra-op threads wait for each other at every operator; one of them descheduled by a
+busy neighbour process stalls them all, which made tiny convolutions about 4x slower on the
+shared 2-core machine (``benchmarks/``).
 """
 
 import os

@@ -16,6 +16,7 @@ from cmfl_flower import paths, report
 from cmfl_flower.config import AppConfig, TokensConfig
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.methods.local import local_only_round
+from cmfl_flower.report import page as page_module
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.workspace import ClientState, ClientTask
 
@@ -395,6 +396,22 @@ def test_cmfl_report_table_has_the_recognised_share(tmp_path, capsys):
     cells = {_cells(row)[0]: _cells(row) for row in rows}
     assert cells["gen"][column] == "0.933"
     assert cells["plain"][column] == ""
+
+
+def test_a_diffusion_report_draws_the_frechet_distance_and_the_latest_global_samples(tmp_path):
+    rounds = [{"round": 1}, {"round": 2, "fd-clip": 90.5}, {"round": 3, "fd-clip": 40.25}]
+    run_dir = _written_run(tmp_path, "diffusion", rounds, method="diffusion-unet")
+    (run_dir / "samples").mkdir()
+    for k in (2, 3, 10):  # round 10 sorts before 3 as text
+        Image.new("RGB", (4, 4)).save(run_dir / "samples" / f"round-{k}.png")
+    page = report.write_report(run_dir).read_text()
+    assert "Fréchet distance per round" in page and "Accuracy per round" not in page
+    assert 'src="samples/round-10.png"' in page and "after round 10" in page
+    view = report.load_run(run_dir)
+    (line,) = page_module.fd_figure(view, "fd-clip").axes[0].lines
+    assert list(line.get_xdata()) == [2, 3] and list(line.get_ydata()) == [90.5, 40.25]
+    relay = _written_run(tmp_path, "relay", [_acc(1, 0.5) | {"fd-clip": 3.0}])
+    assert "Accuracy per round" in report.write_report(relay).read_text()
 
 
 def test_accuracy_chart_draws_the_global_model_of_a_weight_method(tmp_path):

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from cmfl_flower.paths import (
     LABELS_PNG,
     REPORT_HTML,
     ROUNDS,
+    SAMPLES_DIR,
     STATUS_JSON,
     TENSORBOARD_DIR,
 )
@@ -45,6 +47,8 @@ Row = dict[str, Any]
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
 SERVER_ACC = "server-global-acc"  # weight methods: the global weights scored by the server
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
+FD_METRICS = ("fd-clip", "fid-inception")  # the diffusion methods' scores of the global model
+_SERVER_GRID = re.compile(r"^round-(\d+)\.png$")  # the diffusion methods' samples/round-<k>.png
 
 
 # ----- reading a run directory ------------------------------------------------------------
@@ -126,6 +130,21 @@ def latest_grids(run_dir: Path) -> dict[int, tuple[int, Path]]:
             if match and int(match.group(1)) >= latest.get(partition, (0, path))[0]:
                 latest[partition] = (int(match.group(1)), path)
     return dict(sorted(latest.items()))
+
+
+def latest_server_samples(run_dir: Path) -> tuple[int, Path] | None:
+    """The diffusion methods' latest grid of the global model: (round, path)."""
+    found = [
+        (int(match.group(1)), path)
+        for path in (run_dir / SAMPLES_DIR).glob("round-*.png")
+        if (match := _SERVER_GRID.match(path.name))
+    ]
+    return max(found) if found else None
+
+
+def fd_metric(run: RunView) -> str | None:
+    """The Fréchet distance a diffusion run measured, if any."""
+    return next((k for k in FD_METRICS if any(k in row for row in run.rounds)), None)
 
 
 # ----- figures ----------------------------------------------------------------------------
@@ -213,6 +232,19 @@ def accuracy_figure(runs: Sequence[RunView]) -> Figure:
     _plot_accuracy(figure.add_subplot(1, columns, 1), runs)
     if generated:
         _plot_recognised(figure.add_subplot(1, columns, 2), runs)
+    return figure
+
+
+def fd_figure(run: RunView, metric: str) -> Figure:
+    """The global model's Fréchet distance to the test split, per measured round."""
+    from matplotlib.figure import Figure
+
+    rows = [row for row in run.rounds if metric in row]
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    axes.plot([row["round"] for row in rows], [row[metric] for row in rows], "o-")
+    title = f"{run.method} — {run.name}\n(the global model's samples against the test split)"
+    _round_axes(axes, f"{metric} (lower is better)", title)
     return figure
 
 
@@ -348,6 +380,25 @@ def write_labels(run_dir: Path) -> dict[int, Row]:
     return counts
 
 
+def _round_sections(run: RunView, accuracy: bytes) -> list[str]:
+    """The per-round chart: accuracy, or a diffusion run's Fréchet distance and samples."""
+    metric = fd_metric(run)
+    if metric is None or any("global-acc-mean" in row for row in run.rounds):
+        return ["<h2>Accuracy per round</h2>", f'<img alt="accuracy" src="{data_uri(accuracy)}">']
+    chart = png_bytes(fd_figure(run, metric))
+    sections = [
+        "<h2>Fréchet distance per round</h2>",
+        f'<img alt="{metric}" src="{data_uri(chart)}">',
+    ]
+    if (latest := latest_server_samples(run.run_dir)) is not None:
+        k, path = latest
+        sections.append(
+            f'<figure><img alt="samples of round {k}" src="{path.relative_to(run.run_dir)}">'
+            f"<figcaption>the global model's samples after round {k}</figcaption></figure>"
+        )
+    return sections
+
+
 def write_report(run_dir: Path) -> Path:
     """(Re)write ``accuracy.png``, the label files and ``report.html`` of a run directory."""
     run = load_run(run_dir)
@@ -360,8 +411,7 @@ def write_report(run_dir: Path) -> Path:
         f"Directory: <code>{html.escape(str(run.run_dir))}</code></p>",
         "<h2>Final figures</h2>",
         html_table([run.final()], list(run.final())),
-        "<h2>Accuracy per round</h2>",
-        f'<img alt="accuracy per round" src="{data_uri(accuracy)}">',
+        *_round_sections(run, accuracy),
         html_table(run.rounds, [c for c in ROUND_COLUMNS if any(c in r for r in run.rounds)]),
     ]
     if write_labels(run.run_dir):
