@@ -62,7 +62,7 @@ from cmfl_flower.diffusion import (
     round_lr,
     train_steps,
 )
-from cmfl_flower.diffusion_server import DiffusionPublisher
+from cmfl_flower.diffusion_server import DiffusionPublisher, measured
 from cmfl_flower.methods.harness import run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def centralised(job: Job, root: Path) -> dict[str, Any]:
         seed = cfg.seed * 1_000_003 + server_round
         data = LocalData(pool, None)
         _, state = train_steps(unet, params, data, d, seed, lr=lr, state=state)
-        measure = server_round % d.eval_every == 0 or server_round == total
+        measure = measured(cfg, server_round)
         scores = publisher.publish_unet(server_round, module_arrays(unet), measure)
         rounds.append({"round": server_round} | scores)
     return {"curve": _curve(rounds, samples)}

@@ -272,7 +272,7 @@ def load_optimizer_state(
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         position, _, name = key.partition(".")
-        state.setdefault(int(position), {})[name] = tensor
+        state.setdefault(int(position), {})[name] = tensor.clone()  # the optimiser updates in place
     if set(state) != set(range(len(params))):
         raise ValueError(
             f"saved optimiser state covers {len(state)} parameters, the model has {len(params)}: "
@@ -314,9 +314,7 @@ def train_steps(
     scheduler = latent.scheduler() if latent is not None else ddpm_scheduler(cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr)
     if state:
-        load_optimizer_state(optimizer, params, state)
-        for group in optimizer.param_groups:  # the saved state carries the old rate
-            group["lr"] = cfg.lr if lr is None else lr
+        load_optimizer_state(optimizer, params, state)  # the buffers; the rate stays this one
     device = next(unet.parameters()).device
     losses = []
     for p in params:

@@ -88,6 +88,11 @@ def save_adapter(arrays: Arrays, rank: int, alpha: float, directory: Path) -> Pa
     return directory
 
 
+def measured(cfg: AppConfig, server_round: int) -> bool:
+    """Whether round ``server_round``'s global model is rendered and measured."""
+    return server_round % cfg.diffusion.eval_every == 0 or server_round >= cfg.federation.rounds
+
+
 class DiffusionPublisher:
     """Saves, renders and measures the global diffusion model after each round."""
 

@@ -212,6 +212,9 @@ def test_a_restored_optimiser_continues_exactly_where_the_saved_one_stopped():
     _linear_steps(cut, restored, 1)
     assert torch.equal(cut.weight, whole.weight)
     assert not torch.allclose(fresh.weight, whole.weight)  # a fresh AdamW would not
+    later = torch.optim.AdamW(cut.parameters(), lr=0.02)  # the schedule's next rate
+    load_optimizer_state(later, list(cut.parameters()), flat)
+    assert later.param_groups[0]["lr"] == 0.02 and later.state[cut.weight]["step"] == 2
 
 
 def test_optimiser_state_saved_by_another_model_is_refused():

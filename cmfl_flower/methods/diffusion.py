@@ -129,9 +129,10 @@ def _publish(lora: bool) -> Callable[[AppConfig, Path, int, Arrays], Metrics]:
 
         ``model-bytes``: the full UNet's size.
         """
+        from cmfl_flower.diffusion_server import measured
+
         pub = publisher(cfg, run_dir, lora)
-        every = cfg.diffusion.eval_every
-        measure = server_round % every == 0 or server_round >= cfg.federation.rounds
+        measure = measured(cfg, server_round)
         if lora:
             scores = pub.publish_adapter(server_round, arrays, measure)
         else:
