@@ -64,6 +64,7 @@ from cmfl_flower.diffusion import (
 )
 from cmfl_flower.diffusion_server import DiffusionPublisher, measured
 from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.report.page import latest_server_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -122,14 +123,13 @@ def fedavg(job: Job, root: Path) -> dict[str, Any]:
     cfg = ddpm_config(job, root)
     run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    wire = [int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds]
     sampled, samples = per_round(cfg, job.nodes)
     return {
         "C": sampled,
         "E": cfg.diffusion.local_steps,
         "rounds": cfg.federation.rounds,
         "curve": _curve(rounds, samples),
-        "bytes_per_round": float(np.mean(wire)),
+        "bytes_per_round": _wire(rounds),
         "model_bytes": int(rounds[-1]["model-bytes"]),
     }
 
@@ -203,18 +203,25 @@ def lora(job: Job, root: Path) -> dict[str, Any]:
     base_fd = base.publish_adapter(0, base.initial_arrays())["fd-clip"]
     run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    wire = [int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds]
     return {
         "base_fd": base_fd,
         "curve": _curve(rounds, per_round(cfg, job.nodes)[1]),
-        "bytes_per_round": float(np.mean(wire)),
+        "bytes_per_round": _wire(rounds),
         "model_bytes": int(rounds[-1]["model-bytes"]),
-        "grids": [str(base_dir / "samples" / "round-0.png"), str(_last_grid(run_dir))],
+        "grids": [str(base_dir / "samples" / "round-0.png"), str(_latest_grid(run_dir))],
     }
 
 
-def _last_grid(run_dir: Path) -> Path:
-    return max((run_dir / "samples").glob("round-*.png"), key=lambda p: int(p.stem[6:]))
+def _latest_grid(run_dir: Path) -> Path:
+    latest = latest_server_samples(run_dir)
+    if latest is None:
+        raise RuntimeError(f"{run_dir} holds no sample grid")
+    return latest[1]
+
+
+def _wire(rounds: list[dict[str, Any]]) -> float:
+    """Mean bytes on the wire per round, both directions."""
+    return float(np.mean([int(r["bytes-sent"]) + int(r["bytes-received"]) for r in rounds]))
 
 
 def run_job(job: Job, root: Path) -> dict[str, Any]:
