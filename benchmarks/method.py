@@ -432,10 +432,16 @@ def main(argv: list[str] | None = None) -> None:
         for line in checks(protocol, rows):
             print(f"- {line}")
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "method.json").write_text(json.dumps(results, indent=2))
-    strict = json.dumps(details, indent=2, default=str).replace("NaN", "null")  # strict JSON
-    (args.results / "method-details.json").write_text(strict)
+    write_merged(args.results / "method.json", results)
+    write_merged(args.results / "method-details.json", details)
     print(f"wrote {args.results / 'method.json'}")
+
+
+def write_merged(path: Path, by_protocol: dict[str, Any]) -> None:
+    """Write ``by_protocol`` into the JSON file ``path``, keeping the protocols not run now."""
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(by_protocol)
+    path.write_text(json.dumps(merged, indent=2, default=str).replace("NaN", "null"))  # strict
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ NUM_NODES = 3
 # plain deployment runs 2 rounds (round 2 relays); TLS and namespaces, about connections, 1.
 OVERRIDES = (
     "method='tests.example_plugin:BEST_PEER' generation.steps=2 "
-    "generation.images-per-class=1 tokens.epochs=1 "
+    "generation.images-per-class=1 tokens.epochs=1 tokens.objective='clip' "
     f"federation.min-nodes={NUM_NODES} federation.wait-for-nodes=90"
 )
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # three SuperNodes share two cores
@@ -185,7 +185,7 @@ def _start_nodes(
 # the default relay, sized as OVERRIDES; a 4th node claims partition 1 again, all 4 start it
 FAULTS = (
     "method='cmfl-relay' generation.steps=2 generation.images-per-class=1 tokens.epochs=1 "
-    "federation.min-nodes=4 federation.wait-for-nodes=90"
+    "tokens.objective='clip' federation.min-nodes=4 federation.wait-for-nodes=90"
 )
 
 

@@ -1,6 +1,6 @@
 """End to end: a real `flwr run` of the app on its own SuperLink (simulation, 2 clients).
 
-The relay's own end-to-end run is the uninterrupted reference of ``test_e2e_resume.py``.
+The relay's own end-to-end runs are those of ``test_e2e_resume.py``.
 
 `flwr run` exits 0 even when the ServerApp fails, so success is proven from the run status
 that `flwr ls --format json` reports and from the results the run wrote.
@@ -64,7 +64,7 @@ def test_flwr_run_two_clients_one_round_completes(tmp_path):
     overrides = (
         "method='tests.example_plugin:BEST_PEER' federation.rounds=1 backbone.device='auto' "
     )
-    overrides += "backbone.dtype='auto' generation.batch-size=4"
+    overrides += "backbone.dtype='auto' generation.batch-size=4 tokens.objective='clip'"
     run_dir = flwr_run(tmp_path, 2, overrides, federation=resources)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     clients = json.loads((run_dir / "clients.json").read_text())

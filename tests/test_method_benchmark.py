@@ -1,5 +1,6 @@
 """The method benchmark's bookkeeping: targets, tuning choice, DP noise for a target epsilon."""
 
+import json
 import math
 
 import pytest
@@ -37,3 +38,14 @@ def test_best_setting_is_chosen_on_validation_accuracy():
     jobs = method.tuning_jobs("local-only", "P1")
     assert len(jobs) == len(method.TUNING_GRID) and method.tuning_jobs("zero-shot", "P1") == []
     assert all(dict(j.extra)["data.validation-fraction"] > 0 and j.seed == 0 for j in jobs)
+
+
+def test_results_of_one_protocol_keep_the_others_on_disk(tmp_path):
+    path = tmp_path / "method.json"
+    method.write_merged(path, {"P1": {"local-only": {"mean": 0.4}}})
+    method.write_merged(path, {"P3": {"local-only": {"mean": float("nan")}}})
+    assert path.read_text().count("null") == 1  # strict JSON: NaN is written as null
+    assert json.loads(path.read_text()) == {
+        "P1": {"local-only": {"mean": 0.4}},
+        "P3": {"local-only": {"mean": None}},
+    }

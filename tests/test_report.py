@@ -20,12 +20,16 @@ from cmfl_flower.report import page as page_module
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.workspace import ClientState, ClientTask
 
+# session-scoped runs on one xdist worker: each federation below runs once per test session
+# (a module-scoped fixture is torn down whenever the worker turns to another module)
+pytestmark = pytest.mark.xdist_group("report-runs")
+
 IMAGES_PER_CLASS = 2
 NODES = 3
 MIN_IMAGES = TokensConfig().min_images
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One prepared copy of the offline data for every run of this module."""
     return tmp_path_factory.mktemp("data")
@@ -41,12 +45,13 @@ def _cfg(root, data, method, rounds, **extra):
         "generation.images-per-class": IMAGES_PER_CLASS,
         "generation.steps": 2,
         "tokens.epochs": 1,
+        "tokens.objective": "clip",  # the cheaper objective; what is drawn does not depend on it
         "output.progress": False,
     }
     return AppConfig.from_run_config(flat | extra)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def relay_run(tmp_path_factory, data_dir):
     """A 2-round cmfl-relay run of 3 clients, with TensorBoard on; its grid and run dir."""
     root = tmp_path_factory.mktemp("relay")
@@ -73,7 +78,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_run(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("local")
     cfg = _cfg(root, data_dir, "local-only", 1)
@@ -102,9 +107,9 @@ def test_run_directory_holds_every_promised_file(relay_run):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     for partition in range(NODES):
         folder = paths.client_dir(run_dir, partition)
-        # round 1 receives nothing, so generates nothing: only round 2 has a grid
+        # round 1 receives nothing, so generates nothing: only round 2 has a grid (no latent
+        # cache: the tokens train on CLIP's loss here; tests/test_strategies.py checks it)
         assert sorted(p.name for p in folder.iterdir()) == [
-            "cache",
             "labels.json",
             "samples-round-002.png",
             "state",

@@ -10,7 +10,7 @@ from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.harness import run_federation
-from tests.test_strategies import make_cfg
+from tests.test_strategies import BOTH, make_cfg
 
 
 def _rows(run_dir, name):
@@ -18,43 +18,44 @@ def _rows(run_dir, name):
 
 
 def _final_accuracies(run_dir):
-    rows = [r for r in _rows(run_dir, "clients") if r["round"] == 3]
+    rows = [r for r in _rows(run_dir, "clients") if r["round"] == 2]
     return {r["partition-id"]: (r["local-acc"], r["global-acc"]) for r in rows}
 
 
 @pytest.mark.parametrize("method", ["cmfl-relay", "encoder-lora"])
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method):
-    first = make_cfg(tmp_path, method, 3, **{"output.run-name": "a"})
-    whole = run_federation(LoopbackGrid(client_app, first, 3), first)
+    settings = BOTH if method == "cmfl-relay" else {}  # the relay at its default token objective
+    first = make_cfg(tmp_path, method, 2, **settings, **{"output.run-name": "a"})
+    whole = run_federation(LoopbackGrid(client_app, first, 2), first)
 
-    # crash right after round 3 was recorded, before its checkpoint was written
+    # crash right after round 2 was recorded, before its checkpoint was written
     save = checkpoint.save_checkpoint
 
-    def crash_in_round_3(run_dir, state):
-        if state.round == 3:
+    def crash_in_round_2(run_dir, state):
+        if state.round == 2:
             raise KeyboardInterrupt
         return save(run_dir, state)
 
-    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", crash_in_round_3)
-    cfg = make_cfg(tmp_path, method, 3, **{"output.run-name": "b"})
-    grid = LoopbackGrid(client_app, cfg, 3)
+    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", crash_in_round_2)
+    cfg = make_cfg(tmp_path, method, 2, **settings, **{"output.run-name": "b"})
+    grid = LoopbackGrid(client_app, cfg, 2)
     with pytest.raises(KeyboardInterrupt):
         run_federation(grid, cfg)
     cut = tmp_path / "runs" / "b"
     assert json.loads((cut / "status.json").read_text())["status"] == "failed"
-    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]
-    assert json.loads((cut / "checkpoint" / "latest.json").read_text())["round"] == 2
+    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2]
+    assert json.loads((cut / "checkpoint" / "latest.json").read_text())["round"] == 1
 
     monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
     # a restarted run is a new Flower run: fresh contexts (client state comes from disk) and
     # new node ids (the server must not rely on its old node -> partition map)
-    assert run_federation(LoopbackGrid(client_app, resumed, 3, first_node_id=5000), resumed) == cut
+    assert run_federation(LoopbackGrid(client_app, resumed, 2, first_node_id=5000), resumed) == cut
 
-    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2, 3]  # round 3 redone once
+    assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2]  # round 2 redone once
     assert _final_accuracies(cut) == _final_accuracies(whole)
     expected, got = checkpoint.load_checkpoint(whole), checkpoint.load_checkpoint(cut)
-    assert expected is not None and got is not None and got.round == 3
+    assert expected is not None and got is not None and got.round == 2
     assert expected.arrays and set(got.arrays) == set(expected.arrays)
     for key, value in expected.arrays.items():
         np.testing.assert_array_equal(got.arrays[key], value)

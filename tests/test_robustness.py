@@ -213,11 +213,11 @@ ROBUST_NODES = 5  # 4 honest clients and 1 attacker: Krum needs n > 2f + 2
 
 
 def robust_accuracy(tmp_path, strategy: str, attacked: bool = True) -> float:
-    """``server-global-acc`` after 2 rounds of encoder-lora beside one sign-flipping client."""
+    """``server-global-acc`` after 1 round of encoder-lora beside one sign-flipping client."""
     cfg = make_cfg(
         tmp_path,
         "encoder-lora",
-        2,
+        1,
         **{
             "strategy": strategy,
             "strategy-args": "num_malicious_nodes=1" if "krum" in strategy else "",

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from benchmarks.loopback import LoopbackGrid
@@ -24,14 +25,22 @@ def make_cfg(tmp_path, method, rounds=2, **extra):
         "method": method,
         "federation.rounds": rounds,
         "federation.min-nodes": 2,
-        "data.dir": str(tmp_path / "data"),
+        # one prepared-data root per test session and worker (the base temp dir): preparing
+        # the digits partitions takes about 3 s, and the tests use a handful of specs
+        "data.dir": str(tmp_path.parent / "data"),
         "output.dir": str(tmp_path / "runs"),
         "output.run-name": method.replace(":", "-"),
         "generation.images-per-class": 2,
         "generation.steps": 2,
         "tokens.epochs": 1,
+        # CLIP's loss alone: the default (`both`) also runs the UNet per token batch, which
+        # would make most of these federations' time; one relay test keeps the default
+        "tokens.objective": "clip",
     }
     return AppConfig.from_run_config(flat | extra)
+
+
+BOTH = {"tokens.objective": "both"}  # the app's default token objective
 
 
 def run(tmp_path, method, num_nodes=4, rounds=2, overrides=None, **extra):
@@ -44,9 +53,22 @@ def run(tmp_path, method, num_nodes=4, rounds=2, overrides=None, **extra):
     return grid, rows, rounds_
 
 
-def test_relay_messages_carry_only_token_vectors_and_scalars(tmp_path):
-    grid, rows, rounds = run(tmp_path, "cmfl-relay", num_nodes=4, rounds=3)
-    assert [r["replies"] for r in rounds] == [4, 4, 4]
+# the tests marked RELAY_RUN share one 2-round relay federation of 3 clients at the app's
+# default token objective: one xdist worker runs them, and the fixture is session-scoped
+# (a module-scoped one is torn down whenever the worker turns to another module)
+RELAY_RUN = pytest.mark.xdist_group("relay-run")
+
+
+@pytest.fixture(scope="session")
+def relay_federation(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("relay-run")
+    return (tmp_path, *run(tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **BOTH))
+
+
+@RELAY_RUN
+def test_relay_messages_carry_only_token_vectors_and_scalars(relay_federation):
+    _, grid, rows, rounds = relay_federation
+    assert [r["replies"] for r in rounds] == [3, 3]
     for reply in grid.replies:
         content = reply.content
         assert set(content.metric_records) == {METRICS_KEY}
@@ -66,8 +88,8 @@ def test_relay_messages_carry_only_token_vectors_and_scalars(tmp_path):
     for row in rows:
         by_round.setdefault(row["round"], []).append(row)
     assert all(row["num-generated"] == 0 for row in by_round[1])
-    for server_round in (2, 3):
-        assert all(row["num-generated"] > 0 for row in by_round[server_round])
+    assert all(row["num-generated"] > 0 for row in by_round[2])
+    assert all(row["token-loss"] > 0 for row in rows)
     for row in rows:
         assert row["bytes-sent"] > 0 and row["bytes-received"] > 0
         for phase in ("tokens", "generation", "encoder", "eval"):
@@ -75,8 +97,9 @@ def test_relay_messages_carry_only_token_vectors_and_scalars(tmp_path):
     assert rounds[1]["num-generated"] == sum(r["num-generated"] for r in by_round[2])
 
 
-def test_relay_never_returns_a_client_its_own_vectors(tmp_path):
-    grid, _, _ = run(tmp_path, "cmfl-relay", num_nodes=3, rounds=2)
+@RELAY_RUN
+def test_relay_never_returns_a_client_its_own_vectors(relay_federation):
+    _, grid, _, _ = relay_federation
     partition = {node: ctx.node_config["partition-id"] for node, ctx in grid.contexts.items()}
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     assert len(later) == 3
@@ -87,13 +110,16 @@ def test_relay_never_returns_a_client_its_own_vectors(tmp_path):
         assert senders == set(partition.values()) - {own}
 
 
-def test_client_state_persists_between_rounds(tmp_path):
-    run(tmp_path, "cmfl-relay", num_nodes=2, rounds=1)
-    for pid in range(2):
-        state = load_state(
-            tmp_path / "runs" / "cmfl-relay" / "clients" / f"partition-{pid}" / "state", 2
-        )
-        assert state.lora and state.tokens
+@RELAY_RUN
+def test_client_state_persists_between_rounds(relay_federation):
+    tmp_path = relay_federation[0]
+    for pid in range(3):
+        directory = tmp_path / "runs" / "cmfl-relay" / "clients" / f"partition-{pid}" / "state"
+        first, second = load_state(directory, 2), load_state(directory, 3)
+        assert first.lora and first.tokens and second.lora and second.tokens
+        assert any(not torch.equal(first.tokens[k], second.tokens[k]) for k in first.tokens)
+        # the denoising objective's latents, computed once per run on the client's node
+        assert any((directory.parent / "cache").iterdir())
 
 
 def test_unlabelled_relay_sends_no_class_ids_and_still_generates(tmp_path):
@@ -159,8 +185,9 @@ def test_flowers_fedavg_sends_the_example_weighted_mean_back(tmp_path, strategy,
 def test_every_flower_strategy_runs_encoder_lora(tmp_path, name):
     args = {"bulyan": "num_malicious_nodes=0", "fedtrimmedavg": "beta=0.2"}.get(name, "")
     extra = {"strategy": name, "strategy-args": args, "encoder.epochs": 1}
-    grid, _, rounds = run(tmp_path, "encoder-lora", num_nodes=4, rounds=2, **extra)
-    assert [(r["replies"], r["refused"], r["errors"]) for r in rounds] == [(4, 0, 0)] * 2
+    # 3 nodes: the fewest Krum (n > 2f + 2) and Bulyan (n >= 4f + 3) accept with f = 0
+    grid, _, rounds = run(tmp_path, "encoder-lora", num_nodes=3, rounds=2, **extra)
+    assert [(r["replies"], r["refused"], r["errors"]) for r in rounds] == [(3, 0, 0)] * 2
     assert all(0.0 <= r["server-global-acc"] <= 1.0 for r in rounds)
     sent = [from_record(m.content["arrays"]) for m in grid.sent]
     moved = [not np.allclose(sent[0][k], sent[-1][k]) for k in sent[0]]

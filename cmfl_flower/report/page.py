@@ -369,14 +369,20 @@ STYLE = (
 
 
 def write_labels(run_dir: Path) -> dict[int, Row]:
-    """Combine the clients' label counts into ``labels.json`` and ``labels.png``."""
+    """Combine the clients' label counts into ``labels.json`` and ``labels.png``.
+
+    The chart is redrawn only when the counts changed (a partition seen for the first time):
+    the report is rewritten every round, and the labels stay put.
+    """
     counts = client_label_counts(run_dir)
     if counts:
         names = next(iter(counts.values()))["class-names"]
         partitions = {p: {"train": c["train"], "test": c["test"]} for p, c in counts.items()}
-        payload = {"class-names": names, "partitions": partitions}
-        (run_dir / LABELS_FILE).write_text(json.dumps(payload, indent=1))
-        _png(labels_figure(counts), run_dir / LABELS_PNG)
+        text = json.dumps({"class-names": names, "partitions": partitions}, indent=1)
+        labels, chart = run_dir / LABELS_FILE, run_dir / LABELS_PNG
+        if not chart.is_file() or not labels.is_file() or labels.read_text() != text:
+            _png(labels_figure(counts), chart)  # first: the JSON says the chart is current
+            labels.write_text(text)
     return counts
 
 
