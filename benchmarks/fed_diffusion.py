@@ -385,8 +385,15 @@ def report(
             "lora_full_unet": lora_result["model_bytes"],
         },
         "seconds": {job.name: r["seconds"] for job, r in zip(jobs, results, strict=True)},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: _portable(v) for k, v in vars(args).items()},
     }
+
+
+def _portable(value: Any) -> Any:
+    """A setting as the results file keeps it: paths inside the repository made relative."""
+    if not isinstance(value, Path):
+        return value
+    return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
 
 
 def main(argv: list[str] | None = None) -> None:
