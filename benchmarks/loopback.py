@@ -36,8 +36,10 @@ class LoopbackGrid(Grid):
         run_config: AppConfig | Mapping[str, Any],
         num_nodes: int,
         first_node_id: int = 1000,
+        keep_messages: bool = True,
     ) -> None:
         self.client_app = client_app
+        self.keep_messages = keep_messages  # into sent and replies (tests read them)
         if isinstance(run_config, AppConfig):
             run_config = run_config.to_run_config()
         self.contexts = {
@@ -91,7 +93,8 @@ class LoopbackGrid(Grid):
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(message)
+            if self.keep_messages:
+                self.sent.append(message)
             node = message.metadata.dst_node_id
             app = self.overrides.get(node, self.client_app)
             try:
@@ -99,7 +102,8 @@ class LoopbackGrid(Grid):
             except Exception as err:
                 reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = node
-            self.replies.append(reply)
+            if self.keep_messages:
+                self.replies.append(reply)
             self.waiting[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
         return ids

@@ -428,3 +428,17 @@ def test_accuracy_chart_draws_the_global_model_of_a_weight_method(tmp_path):
     view = report.RunView(tmp_path, {"method": "encoder-lora"}, rounds, [], "completed")
     lines = {line.get_label(): line for line in report.accuracy_figure([view]).axes[0].lines}
     assert list(lines["global model, global test"].get_ydata()) == [0.85, 0.9]
+
+
+def _counts(partitions):
+    names = [f"c{i}" for i in range(10)]
+    return {p: {"class-names": names, "train": [p % 7] * 10, "test": [1] * 10} for p in partitions}
+
+
+def test_label_chart_stops_growing_with_the_clients():
+    # a chart a row per client tall would grow the server's memory with the federation
+    small, large = (page_module.labels_figure(_counts(range(n))) for n in (30, 100))
+    assert tuple(large.get_size_inches()) == tuple(small.get_size_inches())
+    ticks = [t.get_text() for t in large.axes[0].get_yticklabels()]
+    assert ticks[:2] == ["client 0 (0)", "client 4 (40)"] and len(ticks) == 25
+    assert large.axes[0].images[0].get_array().shape == (100, 10)  # every client still drawn

@@ -248,19 +248,26 @@ def fd_figure(run: RunView, metric: str) -> Figure:
     return figure
 
 
+LABELLED_ROWS = 30  # the label chart's height stops growing here
+
+
 def labels_figure(counts: dict[int, Row]) -> Figure:
     """Heatmap of training images per (partition, class), annotated when small."""
     from matplotlib.figure import Figure
 
     names = next(iter(counts.values()))["class-names"]
     matrix = np.array([counts[p]["train"] for p in counts])  # (P, C)
-    figure = Figure(figsize=(min(2 + 0.55 * len(names), 16), 1.2 + 0.4 * len(counts)))
+    # one labelled row per client up to LABELLED_ROWS; beyond, the same height and every k-th
+    # client named (a figure that grows with the clients grows the server's memory with them)
+    shown = min(len(counts), LABELLED_ROWS)
+    step = -(-len(counts) // LABELLED_ROWS)
+    figure = Figure(figsize=(min(2 + 0.55 * len(names), 16), 1.2 + 0.4 * shown))
     axes = figure.add_subplot()
     image = axes.imshow(matrix, cmap="Blues", aspect="auto")
     axes.set_xticks(range(len(names)), names, rotation=45 if len(names) > 10 else 0, ha="right")
-    axes.set_yticks(
-        range(len(counts)), [f"client {p} ({matrix[i].sum()})" for i, p in enumerate(counts)]
-    )
+    rows = range(0, len(counts), step)
+    partitions = list(counts)
+    axes.set_yticks(rows, [f"client {partitions[i]} ({matrix[i].sum()})" for i in rows])
     if matrix.size <= 400:
         for (i, j), value in np.ndenumerate(matrix):
             dark = value > matrix.max() / 2
