@@ -8,7 +8,9 @@ every round. Each client holds 3 digit classes (pathological partition; at least
 client, as the digits' split for 100 clients cannot give each 10); with so few images
 ``tokens.min-images`` is 2, so that clients learn and relay their classes.
 
-Per run it reports the means over rounds 2.. (round 1 relays nothing yet): the round's wall
+Per run it reports the means over the rounds after ``--skip-rounds`` (default 1: round 1
+relays nothing yet; with few clients sampled per round the server also knows fewer than the
+cap's senders per class for a few more rounds, so a steady state needs more): the round's wall
 time, each phase's mean seconds per client, images generated per sampled client, bytes sent
 and received per sampled client (``bytes-to-client`` is what the server sent it), and the
 server's peak memory above its set-up (see :class:`MemoryGrid`), traced with ``tracemalloc``
@@ -84,7 +86,7 @@ class MemoryGrid(LoopbackGrid):
 
 
 def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """One run of ``arm`` with ``clients`` clients; the means over rounds 2.. ."""
+    """One run of ``arm`` with ``clients`` clients; the means over the rounds measured."""
     cfg = AppConfig.from_run_config(
         ARMS[arm]
         | {
@@ -110,8 +112,12 @@ def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dic
         grid.server_interval()  # the last round's aggregation, records and report
     finally:
         tracemalloc.stop()
-    rounds = json.loads((run_dir / "rounds.json").read_text())[1:]
-    rows = [r for r in json.loads((run_dir / "clients.json").read_text()) if r["round"] > 1]
+    rounds = json.loads((run_dir / "rounds.json").read_text())[args.skip_rounds :]
+    rows = [
+        r
+        for r in json.loads((run_dir / "clients.json").read_text())
+        if r["round"] > args.skip_rounds
+    ]
     return {
         "arm": arm,
         "clients": clients,
@@ -165,7 +171,7 @@ def growth(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def draw(results: list[dict[str, Any]], path: Path) -> None:
+def draw(results: list[dict[str, Any]], path: Path, first_round: int) -> None:
     """One panel per figure against N, one line per arm."""
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.4))
     for ax, key in zip(axes, FIGURES, strict=True):
@@ -177,7 +183,7 @@ def draw(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(key.replace("-", " "))
     axes[0].legend()
     fig.suptitle(
-        "means over rounds 2..: wall per round; images and bytes per sampled client; "
+        f"means over rounds {first_round}..: wall per round; images and bytes per sampled client; "
         "server peak per run (tiny preset, 2-core CPU)"
     )
     fig.tight_layout()
@@ -192,15 +198,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--fraction", type=float, default=0.2, help="share sampled per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--skip-rounds", type=int, default=1, help="first rounds left out of the means"
+    )
     parser.add_argument("--cap", type=int, default=2, help="relay.max-senders-per-class")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
     args = parser.parse_args(argv)
+    if not 0 <= args.skip_rounds < args.rounds:
+        parser.error(
+            f"--skip-rounds must be in [0, --rounds = {args.rounds}), got {args.skip_rounds}"
+        )
     torch.set_num_threads(args.threads)
     print(
-        f"N={args.clients} fraction={args.fraction} rounds={args.rounds} cap={args.cap} "
+        f"N={args.clients} fraction={args.fraction} rounds={args.rounds} "
+        f"measured from round {args.skip_rounds + 1} cap={args.cap} "
         f"torch threads={torch.get_num_threads()}"
     )
     results = []
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"settings": settings, "results": results, "growth": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    draw(results, args.plot)
+    draw(results, args.plot, args.skip_rounds + 1)
     print(f"wrote {args.out} and {args.plot}")
 
 
