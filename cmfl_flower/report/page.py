@@ -167,6 +167,14 @@ def _band(axes: Axes, rows: Sequence[Row], metric: str, color: str, label: str) 
     axes.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
 
 
+def _legend(axes: Axes, runs: Sequence[RunView]) -> None:
+    """Inside the axes for one run; below them when comparing runs (it would hide the curves)."""
+    if len(runs) == 1:
+        axes.legend(fontsize=8)
+    else:  # the saved PNG grows to hold it (bbox_inches="tight")
+        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+
+
 def _round_axes(axes: Axes, ylabel: str, title: str) -> None:
     """Integer rounds on x, a light grid, the label and title."""
     from matplotlib.ticker import MaxNLocator
@@ -197,7 +205,7 @@ def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
     title = runs[0].method + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
     _round_axes(axes, "mean client accuracy", title + "\n(band: min–max over clients, global test)")
     if axes.has_data():
-        axes.legend(fontsize=8)
+        _legend(axes, runs)
     else:
         finished = any(run.rounds for run in runs)
         note = "no client accuracy in these rounds" if finished else "no round finished yet"
@@ -215,7 +223,7 @@ def _plot_recognised(axes: Axes, runs: Sequence[RunView]) -> None:
     axes.set_ylim(0, 1.05)
     title = "generated images the judge recognises\n(band: min–max over clients)"
     _round_axes(axes, "share recognised as their class", title)
-    axes.legend(fontsize=8)
+    _legend(axes, runs)
 
 
 def accuracy_figure(runs: Sequence[RunView]) -> Figure:
