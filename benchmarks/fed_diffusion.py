@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks import settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client_round import data_dir
@@ -385,15 +386,8 @@ def report(
             "lora_full_unet": lora_result["model_bytes"],
         },
         "seconds": {job.name: r["seconds"] for job, r in zip(jobs, results, strict=True)},
-        "settings": {k: _portable(v) for k, v in vars(args).items()},
+        "settings": settings_record(args),
     }
-
-
-def _portable(value: Any) -> Any:
-    """A setting as the results file keeps it: paths inside the repository made relative."""
-    if not isinstance(value, Path):
-        return value
-    return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
 
 
 def main(argv: list[str] | None = None) -> None:

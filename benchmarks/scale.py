@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import torch
 from flwr.app import Context, Message
 
+from benchmarks import settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     for arm, figures in ratios.items():
         text = ", ".join(f"{k} {v:.2f}x" if v else f"{k} -" for k, v in figures.items())
         print(f"{arm}, N={max(args.clients)} over N={min(args.clients)}: {text}")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = settings_record(args)
     payload = {"settings": settings, "results": results, "growth": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
