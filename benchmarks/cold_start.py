@@ -40,6 +40,7 @@ import torch
 from flwr.app import Context, Message
 from open_clip.transform import PreprocessCfg
 
+from benchmarks import ROOT
 from benchmarks.cold_start_child import LOADERS, dumps
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.archs import build_clip, build_pipeline, clip_config
@@ -50,7 +51,6 @@ from cmfl_flower.methods.base import CONFIG_KEY, ROUND_KEY
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.zoo.builders import save_clip
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("cold_start_child.py")
 RESULTS = Path(__file__).with_name("results") / "cold_start.json"
 STEPS = ("import", "method-imports", "loads", "work")

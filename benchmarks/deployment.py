@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from benchmarks import ROOT
 from tests.flower_procs import (
     SuperLink,
     deployment_superlink,
@@ -28,7 +29,6 @@ from tests.flower_procs import (
     wait_finished,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("tokens", "generation", "encoder", "eval")
 
 

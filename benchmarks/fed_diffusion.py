@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks import settings_record
+from benchmarks import ROOT, settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client_round import data_dir
@@ -67,7 +67,6 @@ from cmfl_flower.diffusion_server import DiffusionPublisher, measured
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.report.page import latest_server_samples
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 BATCH = 16
 CONVERGENCE_C, CONVERGENCE_E = 4, 4

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks import ROOT
 from tests.flower_procs import BIN, flower_env, stop
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def spin() -> None:

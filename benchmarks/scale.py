@@ -36,13 +36,12 @@ import matplotlib.pyplot as plt
 import torch
 from flwr.app import Context, Message
 
-from benchmarks import settings_record
+from benchmarks import ROOT, settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.harness import run_federation
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
     "cmfl-relay": {"method": "cmfl-relay"},
     "fedavg-encoder": {"method": "encoder-lora", "strategy": "fedavg"},

@@ -4,8 +4,8 @@ and a message answered in a fresh process comes back with its four timings."""
 import subprocess
 import sys
 
-from benchmarks import cold_start
-from benchmarks.cold_start import ROOT, STEPS, measure_method, table
+from benchmarks import ROOT, cold_start
+from benchmarks.cold_start import STEPS, measure_method, table
 
 PROBE = "import sys, benchmarks.cold_start_child; print(sorted(sys.modules))"
 
