@@ -438,9 +438,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_merged(path: Path, by_protocol: dict[str, Any]) -> None:
-    """Write ``by_protocol`` into the JSON file ``path``, keeping the protocols not run now."""
+    """Write ``by_protocol`` into the JSON file ``path``, keeping what was not run now.
+
+    Protocols and arms not in ``by_protocol`` stay as they were (``--arms`` re-runs a few).
+    """
     merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(by_protocol)
+    for protocol, arms in by_protocol.items():
+        merged.setdefault(protocol, {}).update(arms)
     path.write_text(json.dumps(merged, indent=2, default=str).replace("NaN", "null"))  # strict
 
 

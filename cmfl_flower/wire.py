@@ -1,37 +1,50 @@
-"""The relay's wire format: class-token vectors as named float arrays, validated on receipt.
+"""The relay's wire format: class-token vectors packed into two arrays, validated on receipt.
 
-Schema (one ArrayRecord per message; this module works on ``{key: ndarray}``):
+Schema (one ArrayRecord per message; this module works on ``{key: ndarray}``). A message
+with no vectors is empty; otherwise it holds exactly two arrays:
 
-* client -> server, record ``tokens``: key ``c<class id>`` (labelled relay) or ``v<k>``
-  (unlabelled relay: no class id travels), value ``(n_tokens, D)`` float32 or float16;
-* server -> client, record ``peer-tokens``: key ``s<sender>.c<class id>`` or ``s<sender>.v<k>``,
-  same values; ``sender`` is the partition id of the client the vectors came from.
+* ``vectors``: ``(R, D)`` float32 or float16, every entry's token vectors stacked in entry
+  order (``R`` the total number of tokens);
+* ``index``: int32 (int64 accepted), one row per entry, saying whose vectors the next rows of
+  ``vectors`` are:
+
+  * client -> server: ``(E, 2)`` rows ``[class id, n_tokens]``;
+  * server -> client: ``(E, 3)`` rows ``[sender, class id, n_tokens]``, ``sender`` the
+    partition id of the client the vectors came from.
+
+  The class id is ``-1`` in the unlabelled relay (``tokens.relay = "unlabelled"``): no class
+  id travels.
 
 ``n_tokens`` is the number of tokens of the class name (a few), ``D`` the backbone's token
-width (64 tiny, 768 BK-SDM, 1024 BK-SDM-v2): a class costs ``n_tokens * D * 4`` bytes.
-Every received array is checked: key format, dtype, 2-D shape, ``D``, ``1 <= n_tokens <=
-max_tokens``, finite values, known class id, and the message's total size.
+width (64 tiny, 768 BK-SDM, 1024 BK-SDM-v2): a class costs ``n_tokens * D * 4`` bytes plus a
+row of ``index``. Packing matters: Flower frames every array of a message as its own object
+(about 460 bytes), more than half the size of a tiny class's vectors.
+
+Every received message is checked: its keys, dtypes, 2-D shapes, ``D``, ``1 <= n_tokens <=
+max_tokens``, rows that add up, finite values, known and unrepeated class ids, and its total
+size.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+VECTORS_KEY = "vectors"
+INDEX_KEY = "index"
+NO_CLASS = -1  # class id column of the unlabelled relay
 ALLOWED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_REPLY_KEY = re.compile(r"^(?:c(?P<cls>\d+)|v(?P<idx>\d+))$")
-_RELAY_KEY = re.compile(r"^s(?P<sender>\d+)\.(?:c(?P<cls>\d+)|v(?P<idx>\d+))$")
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 class WireError(ValueError):
-    """A received array that breaks the schema; the message says which and why.
+    """A received message that breaks the schema; the message says which rule and why.
 
-    ``kind`` names the rule broken (``dtype``, ``shape``, ``dim``, ``tokens``, ``non-finite``,
-    ``size``, ``key``, ``class-id``); the text reads ``"<kind>: <detail>"`` so that the server
-    can count refusals per kind.
+    ``kind`` names the rule broken (``key``, ``dtype``, ``shape``, ``dim``, ``tokens``,
+    ``index``, ``non-finite``, ``size``, ``class-id``); the text reads ``"<kind>: <detail>"``
+    so that the server can count refusals per kind.
     """
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -59,99 +72,141 @@ class TokenEntry:
 
 
 def reply_arrays(bank: Mapping[int, np.ndarray], labelled: bool) -> dict[str, np.ndarray]:
-    """A client's vectors as wire arrays: ``c<id>`` keys, or ``v<k>`` without class ids."""
-    order = sorted(bank)
-    if labelled:
-        return {f"c{c}": _as_float32(bank[c]) for c in order}
-    return {f"v{k}": _as_float32(bank[c]) for k, c in enumerate(order)}
+    """A client's vectors (class id -> ``(n_tokens, D)``) as a reply, in class order."""
+    entries = [TokenEntry(-1, c if labelled else None, bank[c]) for c in sorted(bank)]
+    return _pack(entries, with_sender=False)
 
 
 def relay_arrays(entries: list[TokenEntry]) -> dict[str, np.ndarray]:
-    """Vectors of several senders as wire arrays for one receiver."""
-    out: dict[str, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    for entry in entries:
-        if entry.class_id is None:
-            index = counts.get(entry.sender, 0)
-            counts[entry.sender] = index + 1
-            out[f"s{entry.sender}.v{index}"] = entry.vectors
-        else:
-            out[f"s{entry.sender}.c{entry.class_id}"] = entry.vectors
-    return out
-
-
-def _as_float32(vectors: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def _check_array(key: str, value: np.ndarray, limits: WireLimits) -> np.ndarray:
-    if not isinstance(value, np.ndarray) or value.dtype not in ALLOWED_DTYPES:
-        kind = getattr(value, "dtype", type(value).__name__)
-        raise WireError("dtype", f"array {key!r}: dtype {kind} not allowed (float32, float16)")
-    if value.ndim != 2:
-        raise WireError("shape", f"array {key!r}: shape {value.shape} is not (n_tokens, D)")
-    n_tokens, dim = value.shape
-    if dim != limits.token_dim:
-        raise WireError(
-            "dim", f"array {key!r}: embedding dim {dim}, backbone expects {limits.token_dim}"
-        )
-    if not 1 <= n_tokens <= limits.max_tokens:
-        raise WireError(
-            "tokens",
-            f"array {key!r}: {n_tokens} tokens, allowed 1..{limits.max_tokens} (tokens.max-tokens)",
-        )
-    if not np.isfinite(value).all():
-        raise WireError("non-finite", f"array {key!r}: holds NaN or Inf")
-    return _as_float32(value)
-
-
-def _check_total(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> None:
-    total = sum(int(getattr(v, "nbytes", 0)) for v in arrays.values())
-    if total > limits.max_bytes:
-        raise WireError(
-            "size", f"{total} bytes of vectors exceed tokens.max-bytes = {limits.max_bytes}"
-        )
-
-
-def _class_id(key: str, match: re.Match[str], limits: WireLimits) -> int | None:
-    if match.group("cls") is None:
-        return None
-    class_id = int(match.group("cls"))
-    if class_id >= limits.num_classes:
-        raise WireError(
-            "class-id", f"array {key!r}: class id {class_id} unknown ({limits.num_classes} classes)"
-        )
-    return class_id
+    """Vectors of several senders as one message for one receiver, in the entries' order."""
+    return _pack(entries, with_sender=True)
 
 
 def parse_reply(
     arrays: Mapping[str, np.ndarray], limits: WireLimits, labelled: bool
-) -> dict[str, TokenEntry]:
-    """Validate a client's reply; entries keyed by wire key, ``sender`` left as -1."""
-    _check_total(arrays, limits)
-    entries: dict[str, TokenEntry] = {}
-    for key, value in arrays.items():
-        match = _REPLY_KEY.match(key)
-        if match is None or (match.group("cls") is not None) != labelled:
-            expected = "c<class id>" if labelled else "v<index>"
-            raise WireError("key", f"array key {key!r} does not match {expected!r}")
-        vectors = _check_array(key, value, limits)
-        entries[key] = TokenEntry(-1, _class_id(key, match, limits), vectors)
+) -> list[TokenEntry]:
+    """Validate a client's reply; its entries with ``sender`` left as -1."""
+    entries = _unpack(arrays, limits, with_sender=False)
+    for entry in entries:
+        if (entry.class_id is not None) != labelled:
+            rule = "every entry names its class" if labelled else "no class id travels"
+            raise WireError("class-id", f"index: in the {_relay_kind(labelled)} relay {rule}")
+    _refuse_repeats(entries)
     return entries
 
 
 def parse_relay(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> list[TokenEntry]:
-    """Validate what the server relayed to this client, in sorted key order."""
-    _check_total(arrays, limits)
-    entries = []
-    for key in sorted(arrays):
-        match = _RELAY_KEY.match(key)
-        if match is None:
-            raise WireError(
-                "key", f"array key {key!r} does not match 's<sender>.c<id>' or 's<sender>.v<k>'"
-            )
-        vectors = _check_array(key, arrays[key], limits)
-        entries.append(
-            TokenEntry(int(match.group("sender")), _class_id(key, match, limits), vectors)
+    """Validate what the server relayed to this client, ordered by sender, then class id."""
+    entries = _unpack(arrays, limits, with_sender=True)
+    if any(entry.sender < 0 for entry in entries):
+        raise WireError("index", "index: a sender id is negative")
+    _refuse_repeats(entries)
+    return sorted(entries, key=lambda e: (e.sender, NO_CLASS if e.class_id is None else e.class_id))
+
+
+def _relay_kind(labelled: bool) -> str:
+    return "labelled" if labelled else "unlabelled"
+
+
+def _pack(entries: list[TokenEntry], with_sender: bool) -> dict[str, np.ndarray]:
+    if not entries:
+        return {}
+    rows = [
+        [*([e.sender] if with_sender else []), _class_column(e), len(e.vectors)] for e in entries
+    ]
+    vectors = np.concatenate([np.asarray(e.vectors, dtype=np.float32) for e in entries])  # (R, D)
+    return {VECTORS_KEY: vectors, INDEX_KEY: np.asarray(rows, dtype=np.int32)}  # index (E, 2|3)
+
+
+def _class_column(entry: TokenEntry) -> int:
+    return NO_CLASS if entry.class_id is None else entry.class_id
+
+
+def _unpack(
+    arrays: Mapping[str, np.ndarray], limits: WireLimits, with_sender: bool
+) -> list[TokenEntry]:
+    if not arrays:
+        return []
+    if set(arrays) != {VECTORS_KEY, INDEX_KEY}:
+        raise WireError(
+            "key", f"arrays {sorted(arrays)}: expected exactly {[INDEX_KEY, VECTORS_KEY]}"
         )
-    return entries
+    total = sum(int(getattr(value, "nbytes", 0)) for value in arrays.values())
+    if total > limits.max_bytes:
+        raise WireError(
+            "size", f"{total} bytes of arrays exceed tokens.max-bytes = {limits.max_bytes}"
+        )
+    vectors = _check_vectors(arrays[VECTORS_KEY], limits)
+    index = _check_index(arrays[INDEX_KEY], 3 if with_sender else 2)
+    counts = _token_counts(index, len(vectors), limits)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return [
+        TokenEntry(
+            int(row[0]) if with_sender else -1,
+            _class_id(int(row[-2]), limits),
+            vectors[start : start + count],
+        )
+        for row, start, count in zip(index, starts, counts, strict=True)
+    ]
+
+
+def _token_counts(index: np.ndarray, rows: int, limits: WireLimits) -> np.ndarray:
+    """The index's n_tokens column, each within the limit and summing to ``rows``."""
+    counts = index[:, -1]  # (E,)
+    outside = (counts < 1) | (counts > limits.max_tokens)
+    if outside.any():
+        raise WireError(
+            "tokens",
+            f"index: {int(counts[outside][0])} tokens, allowed 1..{limits.max_tokens}"
+            " (tokens.max-tokens)",
+        )
+    if int(counts.sum()) != rows:
+        raise WireError("index", f"index: {int(counts.sum())} rows named, vectors has {rows}")
+    return counts
+
+
+def _check_vectors(value: np.ndarray, limits: WireLimits) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype not in ALLOWED_DTYPES:
+        kind = getattr(value, "dtype", type(value).__name__)
+        raise WireError("dtype", f"vectors: dtype {kind} not allowed (float32, float16)")
+    if value.ndim != 2:
+        raise WireError("shape", f"vectors: shape {value.shape} is not (n_tokens, D)")
+    if value.shape[1] != limits.token_dim:
+        raise WireError(
+            "dim", f"vectors: embedding dim {value.shape[1]}, backbone expects {limits.token_dim}"
+        )
+    if not np.isfinite(value).all():
+        raise WireError("non-finite", "vectors: hold NaN or Inf")
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+def _check_index(value: np.ndarray, columns: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype not in INDEX_DTYPES:
+        kind = getattr(value, "dtype", type(value).__name__)
+        raise WireError("dtype", f"index: dtype {kind} not allowed (int32, int64)")
+    if value.ndim != 2 or value.shape[1] != columns or not len(value):
+        raise WireError("shape", f"index: shape {value.shape} is not (entries >= 1, {columns})")
+    return value.astype(np.int64)
+
+
+def _class_id(value: int, limits: WireLimits) -> int | None:
+    if value == NO_CLASS:
+        return None
+    if not 0 <= value < limits.num_classes:
+        raise WireError(
+            "class-id", f"index: class id {value} unknown ({limits.num_classes} classes)"
+        )
+    return value
+
+
+def _refuse_repeats(entries: list[TokenEntry]) -> None:
+    """A labelled (sender, class) pair appears once in a message."""
+    seen: set[tuple[int, int]] = set()
+    for entry in entries:
+        if entry.class_id is None:
+            continue
+        pair = (entry.sender, entry.class_id)
+        if pair in seen:
+            who = "" if entry.sender < 0 else f" of sender {entry.sender}"
+            raise WireError("class-id", f"index: class id {entry.class_id}{who} twice")
+        seen.add(pair)

@@ -37,13 +37,15 @@ def _marked(names: set[str], cell: str) -> set[str]:
 
 
 def _key_pattern(cell: str) -> re.Pattern[str] | None:
-    names = _names(cell)
+    names = _names(cell.split(":", 1)[0])  # the keys come before the colon
     if not names:
         return None
-    pattern = re.escape(names[0])
-    pattern = re.sub(r"<\w+>", r"\\d+", pattern)
-    pattern = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(" + m[1].replace(",", "|") + ")", pattern)
-    return re.compile(pattern)
+    return re.compile("|".join(_key_regex(name) for name in names))
+
+
+def _key_regex(name: str) -> str:
+    pattern = re.sub(r"<\w+>", r"\\d+", re.escape(name))
+    return re.sub(r"\\\{([^}]*)\\\}", lambda m: "(" + m[1].replace(",", "|") + ")", pattern)
 
 
 def _table() -> dict[tuple[str, str], Row]:
@@ -75,21 +77,30 @@ def _table() -> dict[tuple[str, str], Row]:
 
 def _check_arrays(row: Row, arrays: dict[str, np.ndarray]) -> None:
     assert row.keys is not None
-    for key, value in arrays.items():
+    for key in arrays:
         assert row.keys.fullmatch(key), key
-        assert value.dtype == np.float32
-    if "n_tokens" in row.shapes:  # (n_tokens, D): 4 bytes per coordinate
-        dim = int(re.search(r"n_tokens, (\d+)", row.shapes)[1])  # type: ignore[index]
-        per_token = int(row.size.split()[0])
-        for value in arrays.values():
-            assert value.ndim == 2 and value.shape[1] == dim
-            assert value.nbytes == per_token * value.shape[0]
+    if "n_tokens" in row.shapes and arrays:  # round 1 relays nothing
+        _check_packed_tokens(row, arrays)
     elif arrays:
+        assert all(value.dtype == np.float32 for value in arrays.values())
         stated = {
             tuple(int(n) for n in s.split(",")) for s in re.findall(r"\(([\d, ]+)\)", row.shapes)
         }
         assert {v.shape for v in arrays.values()} == stated
         assert sum(v.nbytes for v in arrays.values()) == int(row.size.split()[0])
+
+
+def _check_packed_tokens(row: Row, arrays: dict[str, np.ndarray]) -> None:
+    """``vectors`` (R, D) float32 and ``index`` (E, columns) int32, sizes as stated."""
+    dim = int(re.search(r"n_tokens summed, (\d+)", row.shapes)[1])  # type: ignore[index]
+    columns = int(re.search(r"entries, (\d+)", row.shapes)[1])  # type: ignore[index]
+    per_token, per_entry = (int(n) for n in re.findall(r"(\d+) per", row.size))
+    vectors, index = arrays["vectors"], arrays["index"]
+    assert vectors.dtype == np.float32 and vectors.ndim == 2 and vectors.shape[1] == dim
+    assert index.dtype == np.int32 and index.ndim == 2 and index.shape[1] == columns
+    assert int(index[:, -1].sum()) == len(vectors)
+    assert vectors.nbytes == per_token * len(vectors)
+    assert index.nbytes == per_entry * len(index)
 
 
 @pytest.mark.parametrize(

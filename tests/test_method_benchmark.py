@@ -40,12 +40,13 @@ def test_best_setting_is_chosen_on_validation_accuracy():
     assert all(dict(j.extra)["data.validation-fraction"] > 0 and j.seed == 0 for j in jobs)
 
 
-def test_results_of_one_protocol_keep_the_others_on_disk(tmp_path):
+def test_results_of_some_arms_keep_the_others_on_disk(tmp_path):
     path = tmp_path / "method.json"
-    method.write_merged(path, {"P1": {"local-only": {"mean": 0.4}}})
+    method.write_merged(path, {"P1": {"local-only": {"mean": 0.4}, "cmfl-relay": {"mean": 0.5}}})
     method.write_merged(path, {"P3": {"local-only": {"mean": float("nan")}}})
+    method.write_merged(path, {"P1": {"cmfl-relay": {"mean": 0.7}}})
     assert path.read_text().count("null") == 1  # strict JSON: NaN is written as null
     assert json.loads(path.read_text()) == {
-        "P1": {"local-only": {"mean": 0.4}},
+        "P1": {"local-only": {"mean": 0.4}, "cmfl-relay": {"mean": 0.7}},
         "P3": {"local-only": {"mean": None}},
     }

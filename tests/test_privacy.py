@@ -13,7 +13,7 @@ from cmfl_flower.config import PrivacyConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, from_record
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.privacy import clip, epsilon, privatise
-from tests.test_strategies import make_cfg
+from tests.test_strategies import make_cfg, replied
 
 CFG = PrivacyConfig(enabled=True, clip_norm=0.5, noise_multiplier=1.3, delta=1e-5)
 
@@ -62,16 +62,16 @@ def test_a_private_run_reports_epsilon_and_sends_noised_vectors(tmp_path):
         assert summary["dp-delta"] == 1e-5
         assert summary["dp-epsilon-round"] == _accountant_epsilon(0.65, 1, 1e-5)
         assert summary["dp-epsilon-total"] == _accountant_epsilon(0.65, r, 1e-5)
-        k = max(len(reply.content[ARRAYS_KEY]) for reply in grid.replies[2 * r - 2 : 2 * r])
+        k = max(len(replied(reply)) for reply in grid.replies[2 * r - 2 : 2 * r])
         assert summary["dp-epsilon-client-total"] == _accountant_epsilon(
             1.3 / (2 * np.sqrt(k)), r, 1e-5
         )
     # what left client 0 in round 2 is its own (kept, unnoised) tokens clipped plus noise
-    sent = from_record(grid.replies[2].content[ARRAYS_KEY])
+    sent = replied(grid.replies[2])
     kept = load_state(tmp_path / "runs" / "cmfl-relay" / "clients" / "partition-0" / "state", 3)
-    assert kept.tokens is not None
+    assert kept.tokens is not None and sent
     noise = np.concatenate(
-        [(sent[key] - clip(kept.tokens[key].numpy(), 0.5)).ravel() for key in sent]
+        [(e.vectors - clip(kept.tokens[f"c{e.class_id}"].numpy(), 0.5)).ravel() for e in sent]
     )
     assert noise.std() == pytest.approx(0.65, rel=0.25)  # few draws: a loose check
 

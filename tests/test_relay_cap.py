@@ -1,8 +1,6 @@
 """The relay's cap: at most ``relay.max-senders-per-class`` senders per class reach a client,
 the most recent first, rotating so that every sender travels; ``relay.combine = 'mean'``."""
 
-import re
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,7 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.methods.relay import cap_senders, class_means
 from cmfl_flower.wire import TokenEntry
-from tests.test_strategies import make_cfg
+from tests.test_strategies import make_cfg, relayed
 
 client_app = client_module.app
 
@@ -78,6 +76,5 @@ def test_a_relay_round_sends_each_client_at_most_the_cap(tmp_path, combine):
     second = [m for m in grid.sent if m.content["config"]["server-round"] == 2]
     assert len(second) == 5
     for message in second:
-        keys = list(message.content["arrays"].keys())
-        classes = [re.fullmatch(r"s\d+\.c(\d+)", key)[1] for key in keys]
-        assert keys and len(classes) == len(set(classes))  # one sender per class at most
+        classes = [entry.class_id for entry in relayed(message)]
+        assert classes and len(classes) == len(set(classes))  # one sender per class at most

@@ -20,7 +20,7 @@ from client_app import app as client_app
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.harness import refusal_kind, run_federation
 from cmfl_flower.weights import weights_problem
-from tests.test_strategies import make_cfg
+from tests.test_strategies import make_cfg, relayed
 
 D = 64  # token width of the tiny backbone
 GOOD = np.zeros((1, D), np.float32)
@@ -35,24 +35,33 @@ def _reply(message, metrics=None, arrays=None, **records):
     return Message(content, reply_to=message)
 
 
+def _packed(vectors, index=None):
+    """A relay reply: ``vectors`` and an index naming class 0 with all their rows."""
+    rows = [[0, len(vectors)]] if index is None else index
+    return {"vectors": vectors, "index": np.asarray(rows, np.int32)}
+
+
+GOOD_REPLY = _packed(GOOD)
+
+
 def _garbled():
     """An Array whose bytes do not decode as the dtype and shape it claims."""
-    return ArrayRecord(
-        {"c0": Array(dtype="float32", shape=(1, D), stype="numpy.ndarray", data=b"\x00\x01")}
-    )
+    garbled = Array(dtype="float32", shape=(1, D), stype="numpy.ndarray", data=b"\x00\x01")
+    return ArrayRecord({"vectors": garbled, "index": Array(GOOD_REPLY["index"])})
 
 
 # kind of refusal expected -> what a hostile client sends instead of its class tokens
 HOSTILE = {
-    "shape": lambda pid: {"c0": np.zeros((1, D, 1), np.float32)},
-    "dim": lambda pid: {"c0": np.zeros((1, D // 2), np.float32)},
-    "nan": lambda pid: {"c0": np.full((1, D), np.nan, np.float32)},
-    "inf": lambda pid: {"c0": np.full((1, D), np.inf, np.float32)},
-    "size": lambda pid: {"c0": np.zeros((20_000, D), np.float32)},  # 5.1 MB > max-bytes
-    "tokens": lambda pid: {"c0": np.zeros((17, D), np.float32)},  # > tokens.max-tokens
-    "class-id": lambda pid: {"c99": GOOD},
-    "dtype": lambda pid: {"c0": GOOD.astype(np.float64)},
-    "int-dtype": lambda pid: {"c0": np.zeros((1, D), np.int32)},
+    "shape": lambda pid: _packed(np.zeros((1, D, 1), np.float32)),
+    "dim": lambda pid: _packed(np.zeros((1, D // 2), np.float32)),
+    "nan": lambda pid: _packed(np.full((1, D), np.nan, np.float32)),
+    "inf": lambda pid: _packed(np.full((1, D), np.inf, np.float32)),
+    "size": lambda pid: _packed(np.zeros((20_000, D), np.float32)),  # 5.1 MB > max-bytes
+    "tokens": lambda pid: _packed(np.zeros((17, D), np.float32)),  # > tokens.max-tokens
+    "index": lambda pid: _packed(GOOD, [[0, 2]]),  # names 2 rows, sends 1
+    "class-id": lambda pid: _packed(GOOD, [[99, 1]]),
+    "dtype": lambda pid: _packed(GOOD.astype(np.float64)),
+    "int-dtype": lambda pid: _packed(np.zeros((1, D), np.int32)),
     "key": lambda pid: {"weights": GOOD},
 }
 EXPECTED_KIND = {"nan": "non-finite", "inf": "non-finite", "int-dtype": "dtype"}
@@ -65,15 +74,15 @@ def _hostile_app(kind):
         if kind == "error":
             return Message(Error(code=7, reason="hostile error reply"), reply_to=message)
         if kind == "missing-metrics":
-            return _reply(message, arrays=to_record({"c0": GOOD}))
+            return _reply(message, arrays=to_record(GOOD_REPLY))
         if kind == "extra-record":
-            return _reply(message, metrics, to_record({"c0": GOOD}), debug=ConfigRecord({"x": 1}))
+            return _reply(message, metrics, to_record(GOOD_REPLY), debug=ConfigRecord({"x": 1}))
         if kind == "unreadable":
             return _reply(message, metrics, _garbled())
         if kind == "list-metric":
-            return _reply(message, metrics | {"local-acc": [1.0, 1.0]}, to_record({"c0": GOOD}))
+            return _reply(message, metrics | {"local-acc": [1.0, 1.0]}, to_record(GOOD_REPLY))
         if kind == "forged-node-id":
-            return _reply(message, metrics | {"node-id": 1}, to_record({"c0": GOOD}))
+            return _reply(message, metrics | {"node-id": 1}, to_record(GOOD_REPLY))
         return _reply(message, metrics, to_record(HOSTILE[kind](pid)))
 
     return app
@@ -149,8 +158,9 @@ def test_hostile_replies_are_refused_and_do_not_change_honest_results(tmp_path):
     assert all(r["node-id"] >= 1000 + HONEST for r in refused)  # forged node-id not taken
     # only honest vectors are ever relayed
     for message in grid.sent:
-        record = message.content.array_records.get(ARRAYS_KEY, {})
-        assert {int(key.split(".")[0][1:]) for key in record} <= set(range(HONEST))
+        record = message.content.array_records.get(ARRAYS_KEY)
+        relayed = from_record(record) if record else {}
+        assert set(relayed.get("index", np.zeros((0, 3)))[:, 0].tolist()) <= set(range(HONEST))
 
     silent_grid, silent_dir = _run(tmp_path, "silence", hostile=False)  # same name length
     hostile_rows, hostile_sent = _honest_view(grid, run_dir)
@@ -163,7 +173,7 @@ def test_hostile_replies_are_refused_and_do_not_change_honest_results(tmp_path):
 
 
 def test_refusal_kinds_are_read_from_the_reason():
-    assert refusal_kind("dim: array 'c0': embedding dim 32") == "dim"
+    assert refusal_kind("dim: vectors: embedding dim 32") == "dim"
     assert refusal_kind("something odd happened") == "other"
 
 
@@ -251,8 +261,7 @@ def test_a_second_node_claiming_a_partition_is_refused(tmp_path):
     assert summary["replies"] == 2 and summary["refused-duplicate-partition"] == 1
     (refused,) = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
     assert refused["node-id"] == 1002 and "partition-id 1 already replied" in refused["refused"]
-    sent = {int(k.split(".")[0][1:]) for m in grid.sent for k in m.content.get(ARRAYS_KEY, {})}
-    assert sent <= {0, 1}
+    assert {entry.sender for message in grid.sent for entry in relayed(message)} <= {0, 1}
 
 
 def test_partitions_not_sampled_are_not_missing(tmp_path):

@@ -7,7 +7,9 @@ from cmfl_flower.client_round import open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.generation import load_generator
 from cmfl_flower.methods.relay import relay_round
+from cmfl_flower.wire import TokenEntry, parse_reply, relay_arrays
 from cmfl_flower.workspace import ClientState, ClientTask
+from tests.test_strategies import ANY_SIZE
 
 
 def make_cfg(tmp_path) -> AppConfig:
@@ -36,7 +38,8 @@ def test_two_clients_share_the_backbone_but_keep_their_own_adapter_and_bank(tmp_
     assert same(ws1.encoder.lora_state(), ws1.encoder.init_state)  # 0's adapter did not leak
     assert not same(out0.state.lora, ws1.encoder.init_state)  # ... and 0 did train one
 
-    received = {f"s0.{k}": v for k, v in out0.arrays.items()}  # client 0's tokens, relayed
+    sent = parse_reply(out0.arrays, ANY_SIZE, labelled=True)
+    received = relay_arrays([TokenEntry(0, e.class_id, e.vectors) for e in sent])  # relayed
     out1 = relay_round(cfg, ClientTask(1, 2, 2), ClientState(), received)
     assert out1.metrics["num-generated"] > 0
     assert same(out0.state.lora, kept)  # training client 1 left client 0's saved adapter alone

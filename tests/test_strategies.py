@@ -1,7 +1,6 @@
 """Strategies driven through the real ServerApp/ClientApp code on an in-process grid."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -16,8 +15,21 @@ from cmfl_flower.methods import resolve_method
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.flower import FLOWER_STRATEGIES, strategy_class
 from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, parse_reply
 
 TOKEN_DIM = 64
+ANY_SIZE = WireLimits(token_dim=TOKEN_DIM, num_classes=10, max_tokens=16, max_bytes=2**40)
+
+
+def relayed(message) -> list[TokenEntry]:
+    """The entries of a server -> client relay message (none when it carries no arrays)."""
+    record = message.content.array_records.get(ARRAYS_KEY)
+    return parse_relay(from_record(record), ANY_SIZE) if record else []
+
+
+def replied(reply, labelled=True) -> list[TokenEntry]:
+    """The entries of a client's relay reply."""
+    return parse_reply(from_record(reply.content[ARRAYS_KEY]), ANY_SIZE, labelled)
 
 
 def make_cfg(tmp_path, method, rounds=2, **extra):
@@ -77,13 +89,12 @@ def test_relay_messages_carry_only_token_vectors_and_scalars(relay_federation):
         for value in content.metric_records[METRICS_KEY].values():
             assert isinstance(value, (int, float))
         arrays = from_record(content.array_records[ARRAYS_KEY])
-        assert arrays, "a relay reply carries the client's class tokens"
-        for key, array in arrays.items():
-            assert re.fullmatch(r"c\d+", key)
-            # token-sized: (n_tokens <= 16, D); an image (32*32*3), a feature or a weight
-            # matrix would not fit this shape
-            assert array.dtype == np.float32 and array.ndim == 2
-            assert array.shape[1] == TOKEN_DIM and 1 <= array.shape[0] <= 16
+        assert set(arrays) == {"vectors", "index"}, "a relay reply carries class tokens"
+        # token-sized: (n_tokens <= 16, D) per class; an image (32*32*3), a feature or a
+        # weight matrix would not fit this shape
+        assert arrays["vectors"].dtype == np.float32 and arrays["vectors"].shape[1] == TOKEN_DIM
+        for entry in replied(reply):
+            assert entry.class_id is not None and 1 <= len(entry.vectors) <= 16
     by_round = {}
     for row in rows:
         by_round.setdefault(row["round"], []).append(row)
@@ -104,7 +115,7 @@ def test_relay_never_returns_a_client_its_own_vectors(relay_federation):
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     assert len(later) == 3
     for message in later:
-        senders = {int(k.split(".")[0][1:]) for k in from_record(message.content["arrays"])}
+        senders = {entry.sender for entry in relayed(message)}
         own = partition[message.metadata.dst_node_id]
         assert senders and own not in senders
         assert senders == set(partition.values()) - {own}
@@ -126,12 +137,11 @@ def test_unlabelled_relay_sends_no_class_ids_and_still_generates(tmp_path):
     grid, rows, _ = run(
         tmp_path, "cmfl-relay", num_nodes=3, rounds=2, **{"tokens.relay": "unlabelled"}
     )
+    assert any(relayed(message) for message in grid.sent)
     for message in grid.sent:
-        record = message.content.array_records.get("arrays")
-        keys = list(from_record(record)) if record else []
-        assert all(re.fullmatch(r"s\d+\.v\d+", key) for key in keys)
+        assert all(entry.class_id is None for entry in relayed(message))
     for reply in grid.replies:
-        assert all(re.fullmatch(r"v\d+", k) for k in from_record(reply.content["arrays"]))
+        assert replied(reply, labelled=False)  # refuses any class id
     assert all(row["num-generated"] > 0 for row in rows if row["round"] == 2)
 
 
@@ -141,7 +151,8 @@ def _raising(message, context):
 
 def _nan_tokens(message, context):
     reply = client_app(message, context)
-    arrays = {k: np.full_like(v, np.nan) for k, v in from_record(reply.content["arrays"]).items()}
+    arrays = from_record(reply.content["arrays"])
+    arrays["vectors"] = np.full_like(arrays["vectors"], np.nan)
     content = RecordDict({METRICS_KEY: reply.content[METRICS_KEY], ARRAYS_KEY: to_record(arrays)})
     return Message(content, reply_to=message)
 
@@ -154,7 +165,7 @@ def test_error_and_invalid_replies_are_counted_and_survived(tmp_path):
     assert refused and all("NaN or Inf" in row["refused"] for row in refused)
     # the refused client's vectors are never relayed: only partitions 2 and 3 send
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
-    senders = {int(k.split(".")[0][1:]) for m in later for k in from_record(m.content["arrays"])}
+    senders = {entry.sender for message in later for entry in relayed(message)}
     assert senders == {2, 3}
 
 
@@ -233,8 +244,7 @@ def test_plugin_method_by_import_path(tmp_path):
     assert {m.metadata.message_type for m in grid.sent} == {"train"}  # the default handler
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     for message in later:  # one peer's vectors, never the client's own
-        senders = {int(k.split(".")[0][1:]) for k in from_record(message.content["arrays"])}
-        assert len(senders) == 1
+        assert len({entry.sender for entry in relayed(message)}) == 1
 
 
 @pytest.mark.parametrize(
@@ -296,8 +306,9 @@ def test_unseen_classes_can_use_their_pretrained_names(tmp_path):
 
 
 def _reply_classes(reply):
-    record = reply.content.array_records.get(ARRAYS_KEY)
-    return sorted(int(k[1:]) for k in from_record(record)) if record else []
+    if ARRAYS_KEY not in reply.content.array_records:
+        return []
+    return sorted(entry.class_id for entry in replied(reply))
 
 
 @pytest.mark.parametrize("method", ["local-only-tokens", "names-generation"])

@@ -1,4 +1,6 @@
-"""Wire format of relayed class tokens: round trip and refusal of every kind of bad array."""
+"""Wire format of relayed class tokens: round trip, packing, and refusal of every bad message."""
+
+import re
 
 import numpy as np
 import pytest
@@ -16,61 +18,110 @@ from cmfl_flower.wire import (
 LIMITS = WireLimits(token_dim=4, num_classes=10, max_tokens=3, max_bytes=400)
 
 
-def vectors(n=2, dim=4, dtype=np.float32):
-    return np.arange(n * dim, dtype=dtype).reshape(n, dim) / 10
+def vectors(n=2, dim=4, dtype=np.float32, start=0):
+    return (np.arange(n * dim, dtype=np.float64).reshape(n, dim) / 10 + start).astype(dtype)
+
+
+def packed(rows, n_vectors=None, dim=4, vector_dtype=np.float32, index_dtype=np.int32):
+    """A hand-built message: ``rows`` of the index, vectors for the rows they name."""
+    total = sum(row[-1] for row in rows) if n_vectors is None else n_vectors
+    return {
+        "vectors": vectors(total, dim, vector_dtype),
+        "index": np.asarray(rows, dtype=index_dtype).reshape(len(rows), -1),
+    }
 
 
 def test_labelled_round_trip_keeps_class_ids_and_values():
-    sent = reply_arrays({7: vectors(1), 2: vectors(2)}, labelled=True)
-    assert list(sent) == ["c2", "c7"]
+    sent = reply_arrays({7: vectors(1, start=7), 2: vectors(2, start=2)}, labelled=True)
+    assert set(sent) == {"vectors", "index"}
+    assert sent["index"].tolist() == [[2, 2], [7, 1]]  # class order, n_tokens
     parsed = parse_reply(sent, LIMITS, labelled=True)
-    assert [e.class_id for e in parsed.values()] == [2, 7]
-    relayed = relay_arrays([TokenEntry(3, e.class_id, e.vectors) for e in parsed.values()])
-    assert list(relayed) == ["s3.c2", "s3.c7"]
+    assert [(e.class_id, len(e.vectors)) for e in parsed] == [(2, 2), (7, 1)]
+    relayed = relay_arrays([TokenEntry(3, e.class_id, e.vectors) for e in parsed])
+    assert relayed["index"].tolist() == [[3, 2, 2], [3, 7, 1]]
     received = parse_relay(relayed, LIMITS)
     assert [(e.sender, e.class_id) for e in received] == [(3, 2), (3, 7)]
-    assert np.array_equal(received[1].vectors, vectors(1))
+    assert np.array_equal(received[0].vectors, vectors(2, start=2))
+    assert np.array_equal(received[1].vectors, vectors(1, start=7))
+
+
+def test_relay_is_read_in_sender_then_class_order():
+    entries = [TokenEntry(s, c, vectors(1, start=10 * s + c)) for s, c in ((5, 1), (0, 4), (5, 0))]
+    received = parse_relay(relay_arrays(entries), LIMITS)
+    assert [(e.sender, e.class_id) for e in received] == [(0, 4), (5, 0), (5, 1)]
+    assert [float(e.vectors[0, 0]) for e in received] == [4.0, 50.0, 51.0]
+
+
+def test_packing_costs_two_arrays_whatever_the_number_of_classes():
+    entries = [TokenEntry(s, c, vectors(1)) for s in range(3) for c in range(3)]
+    relayed = relay_arrays(entries)
+    assert [(k, v.shape) for k, v in sorted(relayed.items())] == [
+        ("index", (9, 3)),
+        ("vectors", (9, 4)),
+    ]
+    assert relay_arrays([]) == {} and parse_relay({}, LIMITS) == []
 
 
 def test_unlabelled_relay_carries_no_class_id():
     sent = reply_arrays({7: vectors(1), 2: vectors(2)}, labelled=False)
-    assert list(sent) == ["v0", "v1"]
+    assert sent["index"][:, 0].tolist() == [-1, -1]
     parsed = parse_reply(sent, LIMITS, labelled=False)
-    relayed = relay_arrays([TokenEntry(1, e.class_id, e.vectors) for e in parsed.values()])
-    assert list(relayed) == ["s1.v0", "s1.v1"]
-    assert all(e.class_id is None for e in parse_relay(relayed, LIMITS))
-    with pytest.raises(WireError, match="does not match"):
-        parse_reply({"c2": vectors()}, LIMITS, labelled=False)
+    relayed = relay_arrays([TokenEntry(1, e.class_id, e.vectors) for e in parsed])
+    received = parse_relay(relayed, LIMITS)
+    assert [(e.class_id, len(e.vectors)) for e in received] == [(None, 2), (None, 1)]
+    with pytest.raises(WireError, match="class-id: .* no class id travels"):
+        parse_reply(packed([[2, 2]]), LIMITS, labelled=False)
+    with pytest.raises(WireError, match="class-id: .* every entry names its class"):
+        parse_reply(packed([[-1, 2]]), LIMITS, labelled=True)
 
 
-def test_float16_is_accepted_and_widened():
-    parsed = parse_reply({"c1": vectors(dtype=np.float16)}, LIMITS, labelled=True)
-    assert parsed["c1"].vectors.dtype == np.float32
+def test_float16_and_int64_are_accepted_and_widened():
+    message = packed([[1, 2]], vector_dtype=np.float16, index_dtype=np.int64)
+    (entry,) = parse_reply(message, LIMITS, labelled=True)
+    assert entry.vectors.dtype == np.float32 and entry.class_id == 1
 
 
 @pytest.mark.parametrize(
     ("arrays", "reason"),
     [
-        ({"c1": vectors(dim=5)}, "embedding dim 5, backbone expects 4"),
-        ({"c1": vectors(n=4)}, "4 tokens, allowed 1..3"),
-        ({"c1": np.zeros((0, 4), np.float32)}, "0 tokens"),
-        ({"c1": np.full((1, 4), np.nan, np.float32)}, "NaN or Inf"),
-        ({"c1": np.full((1, 4), np.inf, np.float32)}, "NaN or Inf"),
-        ({"c1": vectors().astype(np.float64)}, "dtype float64 not allowed"),
-        ({"c1": vectors().astype(np.int32)}, "dtype int32 not allowed"),
-        ({"c1": np.zeros(4, np.float32)}, "is not (n_tokens, D)"),
-        ({"c12": vectors()}, "class id 12 unknown"),
-        ({"x1": vectors()}, "does not match"),
-        ({f"c{i}": vectors(3) for i in range(10)}, "exceed tokens.max-bytes"),
+        (packed([[1, 2]], dim=5), "dim: vectors: embedding dim 5, backbone expects 4"),
+        (packed([[1, 4]]), "tokens: index: 4 tokens, allowed 1..3"),
+        (packed([[1, 0], [2, 1]]), "tokens: index: 0 tokens"),
+        (packed([[1, 2]], n_vectors=3), "index: index: 2 rows named, vectors has 3"),
+        (packed([[1, 1], [1, 1]]), "class-id: index: class id 1 twice"),
+        (packed([[12, 1]]), "class-id: index: class id 12 unknown"),
+        (packed([[1, 2]], vector_dtype=np.float64), "dtype: vectors: dtype float64 not allowed"),
+        (packed([[1, 2]], vector_dtype=np.int32), "dtype: vectors: dtype int32 not allowed"),
+        (packed([[1, 2]], index_dtype=np.float32), "dtype: index: dtype float32 not allowed"),
+        (packed([[1, 1, 2]]), "shape: index: shape (1, 3) is not (entries >= 1, 2)"),
+        (
+            {"vectors": np.zeros(4, np.float32), "index": np.array([[1, 1]], np.int32)},
+            "shape: vectors: shape (4,) is not (n_tokens, D)",
+        ),
+        (
+            {"vectors": np.full((1, 4), np.nan, np.float32), "index": np.array([[1, 1]], np.int32)},
+            "non-finite: vectors: hold NaN or Inf",
+        ),
+        (
+            {"vectors": np.full((1, 4), np.inf, np.float32), "index": np.array([[1, 1]], np.int32)},
+            "non-finite",
+        ),
+        ({"vectors": vectors(1)}, "key: arrays ['vectors']: expected exactly"),
+        ({"c1": vectors(1)}, "key: arrays ['c1']"),
+        (packed([[c, 3] for c in range(10)]), "size: 560 bytes of arrays exceed tokens.max-bytes"),
     ],
 )
-def test_bad_arrays_are_refused_with_the_reason(arrays, reason):
-    with pytest.raises(WireError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_replies_are_refused_with_the_reason(arrays, reason):
+    with pytest.raises(WireError, match=re.escape(reason)):
         parse_reply(arrays, LIMITS, labelled=True)
 
 
-def test_relay_keys_are_checked_on_receipt():
-    with pytest.raises(WireError, match="does not match"):
-        parse_relay({"c1": vectors()}, LIMITS)
+def test_relay_index_is_checked_on_receipt():
+    with pytest.raises(WireError, match=r"shape: index: shape \(1, 2\) is not"):
+        parse_relay(packed([[1, 1]]), LIMITS)
     with pytest.raises(WireError, match="class id 11 unknown"):
-        parse_relay({"s0.c11": vectors()}, LIMITS)
+        parse_relay(packed([[0, 11, 1]]), LIMITS)
+    with pytest.raises(WireError, match="sender id is negative"):
+        parse_relay(packed([[-2, 1, 1]]), LIMITS)
+    with pytest.raises(WireError, match="class id 1 of sender 4 twice"):
+        parse_relay(packed([[4, 1, 1], [4, 1, 1]]), LIMITS)

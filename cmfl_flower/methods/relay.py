@@ -1,7 +1,7 @@
 """``cmfl-relay``, the method: the server relays learned class-token vectors between clients.
 
 Server: every round the sampled clients receive the latest vectors of every *other* client
-(record ``arrays``, schema in :mod:`cmfl_flower.wire`); replies are validated against the
+(record ``arrays``, packed as :mod:`cmfl_flower.wire` says); replies are validated against the
 wire limits and kept as their sender's latest. Client (:func:`relay_round`): generate images
 from the received vectors, update the vision LoRA, train its own vectors and send those back.
 Only vectors and scalar metrics leave a client: no image, image feature or weight.
@@ -75,7 +75,7 @@ class CmflRelay(RoundStrategy):
         except WireError as err:
             return str(err)
         self._checked[partition] = [
-            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries.values()
+            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries
         ]
         return None
 
