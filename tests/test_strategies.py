@@ -15,7 +15,7 @@ from cmfl_flower.methods import resolve_method
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.flower import FLOWER_STRATEGIES, strategy_class
 from cmfl_flower.methods.harness import run_federation
-from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, parse_reply
+from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, parse_reply, relay_arrays
 
 TOKEN_DIM = 64
 ANY_SIZE = WireLimits(token_dim=TOKEN_DIM, num_classes=10, max_tokens=16, max_bytes=2**40)
@@ -357,3 +357,14 @@ def test_opaque_names_and_a_validation_split(tmp_path):
     client = tmp_path / "runs" / "local-only-tokens" / "clients" / "partition-0"
     labels = json.loads((client / "labels.json").read_text())
     assert labels["class-names"][:2] == ["zqaa", "zqab"]
+
+
+def test_a_checkpoint_in_the_old_wire_format_is_refused_by_name(tmp_path):
+    from cmfl_flower.methods.relay import CmflRelay
+
+    server = CmflRelay(make_cfg(tmp_path, "cmfl-relay"), tmp_path)
+    old_layout = {"s0.c1": np.zeros((1, TOKEN_DIM), np.float32)}  # one array per class
+    with pytest.raises(ValueError, match=r"server checkpoint: .*key: .*start a new run"):
+        server.load_state(old_layout, {})
+    server.load_state(relay_arrays([TokenEntry(0, 1, np.ones((1, TOKEN_DIM), np.float32))]), {})
+    assert list(server.latest) == [0] and server.latest[0][0].class_id == 1

@@ -108,7 +108,14 @@ class CmflRelay(RoundStrategy):
         """Restore the vectors that :meth:`state` saved."""
         self.latest = {}
         every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
-        for entry in parse_relay(arrays, every_sender):
+        try:
+            entries = parse_relay(arrays, every_sender)
+        except WireError as err:
+            raise ValueError(
+                f"server checkpoint: the saved relay vectors do not read ({err}); a checkpoint "
+                "from before the packed wire format cannot resume: start a new run"
+            ) from err
+        for entry in entries:
             self.latest.setdefault(entry.sender, []).append(entry)
 
 
