@@ -89,8 +89,10 @@ def parse_reply(
     entries = _unpack(arrays, limits, with_sender=False)
     for entry in entries:
         if (entry.class_id is not None) != labelled:
-            rule = "every entry names its class" if labelled else "no class id travels"
-            raise WireError("class-id", f"index: in the {_relay_kind(labelled)} relay {rule}")
+            rule = "labelled relay every entry names its class"
+            if not labelled:
+                rule = "unlabelled relay no class id travels"
+            raise WireError("class-id", f"index: in the {rule}")
     _refuse_repeats(entries)
     return entries
 
@@ -101,11 +103,7 @@ def parse_relay(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> list[To
     if any(entry.sender < 0 for entry in entries):
         raise WireError("index", "index: a sender id is negative")
     _refuse_repeats(entries)
-    return sorted(entries, key=lambda e: (e.sender, NO_CLASS if e.class_id is None else e.class_id))
-
-
-def _relay_kind(labelled: bool) -> str:
-    return "labelled" if labelled else "unlabelled"
+    return sorted(entries, key=lambda e: (e.sender, _class_column(e)))
 
 
 def _pack(entries: list[TokenEntry], with_sender: bool) -> dict[str, np.ndarray]:
