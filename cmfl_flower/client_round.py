@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from cmfl_flower.backbones import resolve_device, resolve_preset
@@ -60,6 +61,39 @@ def data_dir(cfg: DataConfig, num_partitions: int) -> Path:
 def _global_test(directory: Path) -> LabeledImages:
     """The global test set, read once per process (it is the same for every client)."""
     return load_global_test(directory)
+
+
+def _split_validation(
+    cfg: DataConfig, directory: Path, task: ClientTask, data: ClientData
+) -> tuple[ClientData, LabeledImages | None]:
+    """The client's data without its held-out split, and the split ``val-acc`` measures."""
+    if cfg.validation_fraction == 0:
+        return data, None
+    train, own = _held_out(data.train, cfg, task.partition_id)
+    data = replace(data, train=train)
+    if cfg.validation_scope == "own":
+        return data, own
+    return data, _pooled_validation(directory, cfg, task.num_partitions)
+
+
+def _held_out(
+    train: LabeledImages, cfg: DataConfig, partition_id: int
+) -> tuple[LabeledImages, LabeledImages]:
+    """(rest, held out) of a partition's training images, seeded by data seed and partition."""
+    return holdout(train, cfg.validation_fraction, cfg.seed * 1_000_003 + partition_id)
+
+
+@cache
+def _pooled_validation(directory: Path, cfg: DataConfig, num_partitions: int) -> LabeledImages:
+    """Every partition's held-out split together, read once per process."""
+    held = [
+        _held_out(load_partition(directory, p).train, cfg, p)[1] for p in range(num_partitions)
+    ]
+    return LabeledImages(
+        np.concatenate([h.images for h in held]),  # (N, H, W, 3)
+        np.concatenate([h.labels for h in held]),  # (N,)
+        held[0].class_names,
+    )
 
 
 @dataclass
@@ -156,12 +190,9 @@ def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> 
     spec = LoraSpec.from_config(cfg.encoder)
     encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
     encoder.load_lora_state(lora if lora is not None else encoder.init_state)
-    data = load_partition(directory, task.partition_id)
-    validation = None
-    if cfg.data.validation_fraction > 0:
-        seed = cfg.data.seed * 1_000_003 + task.partition_id
-        train, validation = holdout(data.train, cfg.data.validation_fraction, seed)
-        data = replace(data, train=train)
+    data, validation = _split_validation(
+        cfg.data, directory, task, load_partition(directory, task.partition_id)
+    )
     return Workspace(
         cfg=cfg,
         task=task,

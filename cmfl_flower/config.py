@@ -88,8 +88,23 @@ class DataConfig(_Section):
         description="Share of each client's training images held out as a validation split "
         "(reported as `val-acc`; for tuning without the test sets); 0 = none.",
     )
+    validation_scope: Literal["own", "pooled"] = Field(
+        "own",
+        description="What `val-acc` measures: `own` = the client's held-out split; `pooled` = "
+        "every partition's held-out splits together (simulation only: a client reads every "
+        "partition; it tunes for the global metric without the test sets).",
+    )
 
     _check_dir = field_validator("dir")(_absolute_or_empty)
+
+    @model_validator(mode="after")
+    def _pooled_needs_a_split(self) -> DataConfig:
+        if self.validation_scope == "pooled" and self.validation_fraction == 0:
+            raise ValueError(
+                "data.validation-scope = 'pooled' needs data.validation-fraction > 0 "
+                "(there is no validation split to pool)"
+            )
+        return self
 
 
 class BackboneConfig(_Section):

@@ -38,6 +38,7 @@ def test_best_setting_is_chosen_on_validation_accuracy():
     jobs = method.tuning_jobs("local-only", "P1")
     assert len(jobs) == len(method.TUNING_GRID) and method.tuning_jobs("zero-shot", "P1") == []
     assert all(dict(j.extra)["data.validation-fraction"] > 0 and j.seed == 0 for j in jobs)
+    assert all(dict(j.extra)["data.validation-scope"] == "pooled" for j in jobs)
 
 
 def test_results_of_some_arms_keep_the_others_on_disk(tmp_path):

@@ -368,3 +368,21 @@ def test_a_checkpoint_in_the_old_wire_format_is_refused_by_name(tmp_path):
         server.load_state(old_layout, {})
     server.load_state(relay_arrays([TokenEntry(0, 1, np.ones((1, TOKEN_DIM), np.float32))]), {})
     assert list(server.latest) == [0] and server.latest[0][0].class_id == 1
+
+
+def test_pooled_validation_measures_every_partitions_held_out_images(tmp_path):
+    from cmfl_flower.client_round import open_workspace
+    from cmfl_flower.workspace import ClientTask
+
+    split = {"data.validation-fraction": 0.25}
+    own = make_cfg(tmp_path, "local-only", **split)
+    pooled = make_cfg(tmp_path, "local-only", **split, **{"data.validation-scope": "pooled"})
+    held = [open_workspace(own, ClientTask(p, 3, 1), None).validation for p in range(3)]
+    ws = open_workspace(pooled, ClientTask(1, 3, 1), None)
+    assert ws.validation is not None and all(h is not None for h in held)
+    assert np.array_equal(ws.validation.labels, np.concatenate([h.labels for h in held]))
+    assert np.array_equal(ws.validation.images, np.concatenate([h.images for h in held]))
+    # the client still trains on its own images only, without its held-out split
+    assert len(ws.data.train) == len(open_workspace(own, ClientTask(1, 3, 1), None).data.train)
+    with pytest.raises(ValueError, match="validation-scope = 'pooled' needs data.validation-fr"):
+        make_cfg(tmp_path, "local-only", **{"data.validation-scope": "pooled"})
