@@ -86,9 +86,7 @@ def _held_out(
 @cache
 def _pooled_validation(directory: Path, cfg: DataConfig, num_partitions: int) -> LabeledImages:
     """Every partition's held-out split together, read once per process."""
-    held = [
-        _held_out(load_partition(directory, p).train, cfg, p)[1] for p in range(num_partitions)
-    ]
+    held = [_held_out(load_partition(directory, p).train, cfg, p)[1] for p in range(num_partitions)]
     return LabeledImages(
         np.concatenate([h.images for h in held]),  # (N, H, W, 3)
         np.concatenate([h.labels for h in held]),  # (N,)
