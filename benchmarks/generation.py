@@ -16,13 +16,21 @@ It prints the three rates and two ratios. ``--full-size bk-sdm-small|bk-sdm-v2-s
 the full-size architecture from :mod:`cmfl_flower.archs` with random weights instead (meant for
 a GPU: bf16/fp16, SDPA attention, channels-last, optional ``--compile``; ``--height/--width``
 make it runnable on a CPU at a small size). Both sides get one untimed warm-up image.
+
+For the GPU script (``benchmarks/gpu.sh``): ``--compare-compile`` measures the project side
+eager, then with the UNet compiled, in the same process; ``--profile`` times one batch's text
+encoder, UNet and VAE decoder (the device synchronised around each call); ``--json`` writes
+every figure; ``--reference-images`` and ``--reference-steps`` shorten the reference loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +104,10 @@ def _requests(generator: Generator) -> list[GenerationRequest]:
     return requests
 
 
-def reference_rate(subject: Subject, images: int, device: torch.device) -> float:
-    """Images/s of the research loop: reload, batch 1, fp32, PNDM 50 steps, text prompt."""
+def reference_rate(
+    subject: Subject, images: int, device: torch.device, steps: int = REFERENCE_STEPS
+) -> float:
+    """Images/s of the research loop: reload, batch 1, fp32, PNDM ``steps``, text prompt."""
     height, width = subject.generator.image_size
 
     def one(index: int) -> None:
@@ -108,7 +118,7 @@ def reference_rate(subject: Subject, images: int, device: torch.device) -> float
             DEFAULT_TEMPLATE.format(name=name),
             height=height,
             width=width,
-            num_inference_steps=REFERENCE_STEPS,
+            num_inference_steps=steps,
             guidance_scale=REFERENCE_GUIDANCE,
             generator=torch.Generator("cpu").manual_seed(index),
             output_type="np",
@@ -121,15 +131,69 @@ def reference_rate(subject: Subject, images: int, device: torch.device) -> float
     return images / (time.perf_counter() - start)
 
 
-def project_rate(subject: Subject, images: int, cfg: GenerationConfig) -> float:
-    """Images/s of the resident generator on ``images`` images spread over the classes."""
+def project_rate(subject: Subject, images: int, cfg: GenerationConfig, warm: bool = True) -> float:
+    """Images/s of the resident generator on ``images`` images spread over the classes.
+
+    ``warm``: one untimed image first (kept off for a compiled UNet, whose warm-up is a full
+    batch: a batch of another size would recompile it for dynamic shapes).
+    """
     generator = subject.generator
     requests = _requests(generator)
     per_class = -(-images // len(requests))  # ceil
-    generator.generate(requests[:1], cfg.model_copy(update={"images_per_class": 1}), 0, 0)
+    if warm:
+        generator.generate(requests[:1], cfg.model_copy(update={"images_per_class": 1}), 0, 0)
     start = time.perf_counter()
     out = generator.generate(requests, cfg.model_copy(update={"images_per_class": per_class}), 0, 1)
     return len(out.labels) / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def component_timer(pipeline: Any, device: torch.device) -> Iterator[dict[str, float]]:
+    """Seconds spent in the text encoder, UNet and VAE decoder while the block runs."""
+    parts = {
+        "text-encoder": pipeline.text_encoder,
+        "unet": pipeline.unet,
+        "vae-decoder": pipeline.vae.decoder,
+    }
+    seconds = dict.fromkeys(parts, 0.0)
+    started: dict[str, float] = {}
+    handles = []
+    for name, module in parts.items():
+
+        def before(*_: Any, name: str = name) -> None:
+            _synchronize(device)
+            started[name] = time.perf_counter()
+
+        def after(*_: Any, name: str = name) -> None:
+            _synchronize(device)
+            seconds[name] += time.perf_counter() - started[name]
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield seconds
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def profile_batch(
+    subject: Subject, cfg: GenerationConfig, device: torch.device
+) -> dict[str, float]:
+    """One batch of ``cfg.batch_size`` images: wall seconds and seconds per component."""
+    generator = subject.generator
+    batch = cfg.model_copy(update={"images_per_class": cfg.batch_size})
+    with component_timer(generator.pipeline, device) as seconds:
+        _synchronize(device)
+        start = time.perf_counter()
+        generator.generate(_requests(generator)[:1], batch, 0, 2)
+        _synchronize(device)
+        wall = time.perf_counter() - start
+    return {"wall": wall, **seconds, "other": wall - sum(seconds.values())}
 
 
 def _describe(cfg: GenerationConfig) -> str:
@@ -143,14 +207,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-size", choices=ARCHS, default=None)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size)
+    parser.add_argument("--steps", type=int, default=GenerationConfig().steps)
     parser.add_argument("--height", type=int, default=512, help="--full-size only")
     parser.add_argument("--width", type=int, default=512, help="--full-size only")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--compare-compile", action="store_true", help="project side eager, then compiled"
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager: no codegen)"
+    )
+    parser.add_argument("--profile", action="store_true", help="seconds per component, 1 batch")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--no-reference", action="store_true", help="project side only")
+    parser.add_argument("--reference-images", type=int, default=0, help="0: --images")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
+    if args.compile and args.compare_compile:
+        parser.error("--compile and --compare-compile exclude each other")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -162,33 +239,108 @@ def main(argv: list[str] | None = None) -> None:
             else _tiny_subject(args.preset, device, dtype)
         )
         if args.compile:
-            subject.generator.pipeline.unet = torch.compile(subject.generator.pipeline.unet)
-        _report(subject, args, device, dtype)
+            unet = subject.generator.pipeline.unet
+            subject.generator.pipeline.unet = torch.compile(unet, backend=args.compile_backend)
+        _report(subject, args, device, dtype, Figures(args.json))
 
 
-def _report(subject: Subject, args: Any, device: torch.device, dtype: torch.dtype) -> None:
+class Figures(dict[str, Any]):
+    """The measured figures, each update written to ``path`` at once (when given).
+
+    A run stopped by a time limit keeps what it had measured.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__()
+        self.path = path
+
+    def add(self, **figures: Any) -> None:
+        """Record ``figures`` (keys with ``_`` for ``-``) and rewrite the file."""
+        self.update({key.replace("_", "-"): value for key, value in figures.items()})
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self, indent=1) + "\n")
+
+
+def _report(
+    subject: Subject, args: Any, device: torch.device, dtype: torch.dtype, figures: Figures
+) -> None:
+    """Measure and print each figure as it comes: eager, profile, reference, then compiled."""
     height, width = subject.generator.image_size
-    default = GenerationConfig(batch_size=args.batch_size)
-    equal = default.model_copy(update={"scheduler": "pndm", "steps": REFERENCE_STEPS})
+    default = GenerationConfig(batch_size=args.batch_size, steps=args.steps)
+    equal = default.model_copy(update={"scheduler": "pndm", "steps": args.reference_steps})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    figures.add(
+        subject=subject.label,
+        size=[height, width],
+        device=name,
+        dtype=str(dtype).removeprefix("torch."),
+        images=args.images,
+        project=_describe(default),
+        load_seconds=subject.load_seconds,
+    )
     print(
-        f"{subject.label}: {args.images} images at {height}x{width}, device {device}, "
-        f"project dtype {str(dtype).removeprefix('torch.')}, compile {args.compile}, "
+        f"{subject.label}: {args.images} images at {height}x{width}, device {name}, "
+        f"project dtype {figures['dtype']}, compile {args.compile}, "
         f"torch threads {torch.get_num_threads()}"
     )
     print(f"project: generator loaded once in {subject.load_seconds:.2f} s (not in the rates)")
     fast = project_rate(subject, args.images, default)
+    figures.add(project_images_per_s=fast)
     print(f"project ({_describe(default)}): {fast:.3f} images/s", flush=True)
-    if args.no_reference:
-        return
+    if args.profile:
+        parts = profile_batch(subject, default, device)
+        figures.add(profile_seconds=parts)
+        print("one batch, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    if not args.no_reference:
+        _reference(subject, args, device, equal, figures)
+    if args.compare_compile:
+        _compiled(subject, args, default, figures)
+
+
+def _reference(
+    subject: Subject, args: Any, device: torch.device, equal: GenerationConfig, figures: Figures
+) -> None:
+    """The project at the reference's scheduler and steps, then the reference loop itself."""
     same = project_rate(subject, args.images, equal)
+    figures.add(equal_steps_images_per_s=same)
     print(f"project at equal steps ({_describe(equal)}): {same:.3f} images/s", flush=True)
-    ref = reference_rate(subject, args.images, device)
+    images = args.reference_images or args.images
+    ref = reference_rate(subject, images, device, args.reference_steps)
+    fast = figures["project-images-per-s"]
+    figures.add(
+        reference_images=images,
+        reference_images_per_s=ref,
+        ratio_overall=fast / ref,
+        ratio_equal_steps=same / ref,
+    )
     print(
-        f"reference (reload per image, batch 1, fp32, pndm {REFERENCE_STEPS} steps, "
-        f"guidance {REFERENCE_GUIDANCE}): {ref:.3f} images/s"
+        f"reference ({images} images; reload per image, batch 1, fp32, pndm "
+        f"{args.reference_steps} steps, guidance {REFERENCE_GUIDANCE}): {ref:.3f} images/s"
     )
     print(f"ratio overall: {fast / ref:.1f}x")
     print(f"ratio at equal steps and scheduler: {same / ref:.1f}x")
+
+
+def _compiled(subject: Subject, args: Any, cfg: GenerationConfig, figures: Figures) -> None:
+    """Compile the UNet, then measure again (an untimed full batch compiles it)."""
+    pipeline = subject.generator.pipeline
+    start = time.perf_counter()
+    pipeline.unet = torch.compile(pipeline.unet, backend=args.compile_backend)
+    full_batch = cfg.model_copy(update={"images_per_class": cfg.batch_size})
+    subject.generator.generate(_requests(subject.generator)[:1], full_batch, 0, 0)  # compiles
+    compile_seconds = time.perf_counter() - start
+    rate = project_rate(subject, args.images, cfg, warm=False)
+    figures.add(compiled_images_per_s=rate, compile_seconds=compile_seconds)
+    print(
+        f"project compiled ({_describe(cfg)}): {rate:.3f} images/s, "
+        f"{rate / figures['project-images-per-s']:.2f}x eager "
+        f"(compiling and the first batch: {compile_seconds:.1f} s)",
+        flush=True,
+    )
+    if "reference-images-per-s" in figures:
+        figures.add(ratio_compiled=rate / figures["reference-images-per-s"])
+        print(f"ratio compiled: {figures['ratio-compiled']:.1f}x")
 
 
 if __name__ == "__main__":
