@@ -13,7 +13,10 @@
 # Every step writes JSON into OUT_DIR (default benchmarks/results/gpu); a step that fails or
 # runs out of its time limit is recorded and the next one runs. The summary comes last.
 #
-#   benchmarks/gpu.sh [--dry-run] [OUT_DIR]
+#   benchmarks/gpu.sh [--dry-run] [OUT_DIR [STEP...]]
+#
+# STEP names the steps to run (default all): generation-bk-sdm-v2-small, round-cmfl-relay,
+# round-diffusion-lora, generation-bk-sdm-small.
 #
 # --dry-run runs every step at a tiny size on the CPU (the tiny preset, 2 denoising steps,
 # 2 clients, compile without code generation): CI runs it so that a broken script is caught
@@ -27,6 +30,7 @@ if [ "${1:-}" = "--dry-run" ]; then
   shift
 fi
 out="${1:-benchmarks/results/gpu}"
+only=("${@:2}")
 mkdir -p "$out"
 : >"$out/steps.txt"
 export PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
@@ -36,6 +40,9 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # four workers share on
 step() {
   local name=$1 limit=$2 start rc
   shift 2
+  if [ "${#only[@]}" -gt 0 ] && [[ " ${only[*]} " != *" $name "* ]]; then
+    return 0
+  fi
   echo "===== $name (limit ${limit} s): $*"
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@"

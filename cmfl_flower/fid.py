@@ -62,16 +62,16 @@ def build_fd_metric(cfg: DiffusionConfig, preset: Preset, device: str) -> Freche
             feature=INCEPTION_FEATURES,
             reset_real_features=False,
             feature_extractor_weights_path=str(path),
-        )
+        ).to(device)
     module = ClipImageFeatures(load_clip(preset, device, 0))
-    return FrechetInceptionDistance(feature=module, reset_real_features=False)
+    return FrechetInceptionDistance(feature=module, reset_real_features=False).to(device)
 
 
 def _update(metric: FrechetInceptionDistance, images: np.ndarray, real: bool) -> None:
     """Feed (N, H, W, 3) uint8 images to ``metric`` in batches."""
     for start in range(0, len(images), BATCH):
         chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + BATCH]))
-        metric.update(chunk.permute(0, 3, 1, 2), real=real)  # (B, 3, H, W) uint8
+        metric.update(chunk.permute(0, 3, 1, 2).to(metric.device), real=real)  # (B, 3, H, W)
 
 
 class FrechetDistance:

@@ -173,7 +173,7 @@ class Generator:
         ids, mask = self.template.layout(  # (B, L), (B, L)
             [v.shape[0] for v in vectors], tokenizer.model_max_length, tokenizer.pad_token_id
         )
-        flat = torch.cat(vectors).to(self.device)  # (K, D), K = mask.sum()
+        flat = torch.cat([v.to(self.device) for v in vectors])  # (K, D), K = mask.sum()
         with substituted(text_encoder.get_input_embeddings(), mask, flat):
             out = text_encoder(input_ids=ids.to(self.device))
         return out[0]  # type: ignore[no-any-return]  # last_hidden_state (B, L, D_text)

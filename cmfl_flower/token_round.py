@@ -169,7 +169,7 @@ def _token_objective(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) 
             _generator(ws),
             train.images,
             cfg.tokens.snr_gamma,
-            cfg.encoder.eval_batch_size,
+            cfg.generation.batch_size,  # images through the VAE at once, as in generation
             cache=ws.artifacts / CACHE_DIR if ws.artifacts else None,  # on the client's node
         )
     return objective

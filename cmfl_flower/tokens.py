@@ -70,7 +70,7 @@ class TextSide:
         ids, mask = self.template.layout(
             [len(v) for v in vectors], int(model.positional_embedding.shape[0]), pad_id=0
         )
-        flat = torch.cat(vectors).to(self.bundle.device)  # (K, D)
+        flat = torch.cat([v.to(self.bundle.device) for v in vectors])  # (K, D)
         with substituted(model.token_embedding, mask, flat):
             features: torch.Tensor = model.encode_text(ids.to(self.bundle.device), normalize=True)
         return features
