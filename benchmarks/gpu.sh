@@ -74,7 +74,7 @@ else
 fi
 step round-cmfl-relay 200 python3 -m benchmarks.gpu_round --method cmfl-relay --rounds 2 \
   "${fed[@]}" --json "$out/round-cmfl-relay.json"
-step round-diffusion-lora 80 python3 -m benchmarks.gpu_round --method diffusion-lora --rounds 1 \
+step round-diffusion-lora 170 python3 -m benchmarks.gpu_round --method diffusion-lora --rounds 1 \
   "${fed[@]}" --json "$out/round-diffusion-lora.json"
 if [ "$dry" -eq 0 ]; then
   step generation-bk-sdm-small 90 python3 -m benchmarks.generation \

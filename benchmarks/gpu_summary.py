@@ -87,9 +87,11 @@ def round_lines(method: str, result: dict[str, Any]) -> list[str]:
             for k, v in row.items()
             if k.startswith("seconds-")
         )
+        whole = row.get("round-seconds")
         lines.append(
-            f"  round {row['round']}: {row['wall']:.1f} s wall"
+            f"  round {row['round']}: {row['wall']:.1f} s for the clients' exchange"
             + (f" ({phases}, client means)" if phases else "")
+            + ("" if whole is None else f", {whole:.1f} s the whole round")
             + f"; {row.get('bytes-sent', 0):,} B sent, {row.get('bytes-received', 0):,} B received"
         )
     peaks = [worker["peak-gpu-bytes"] for worker in result["workers"].values()]
