@@ -26,7 +26,7 @@ training images. Runs go to ``--workers`` processes, each pinned to ``--threads`
 
 It prints one Markdown table per protocol (mean client accuracy on the global test set after
 the last round, min and max over seeds, bytes per round per client), the targets' checks, and
-writes ``benchmarks/results/method.json`` (``{protocol: {arm: {"mean", "min", "max",
+writes ``benchmarks/results/method.json`` (``{protocol: {arm: {"seeds", "mean", "min", "max",
 "bytes_per_round"}}}``), ``method-details.json`` (per-seed figures and the chosen settings)
 and per protocol the overlaid accuracy curves of seed 0 (``<out>/comparison-<P>/``).
 """
@@ -235,6 +235,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float]:
     """Mean, min and max over seeds of the accuracy, and mean bytes per round per client."""
     accs = [r["acc"] for r in per_seed]
     return {
+        "seeds": len(accs),
         "mean": float(np.mean(accs)),
         "min": float(np.min(accs)),
         "max": float(np.max(accs)),
@@ -247,13 +248,13 @@ def table(protocol: str, rows: dict[str, dict[str, float]], chosen: dict[str, An
     lines = [
         f"**{protocol}** (mean client accuracy on the global test set after round {ROUNDS})",
         "",
-        "| arm | mean | min | max | bytes / round / client | tuned setting |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| arm | seeds | mean | min | max | bytes / round / client | tuned setting |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arm, row in rows.items():
         setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in chosen.get(arm, {}).items())
         lines.append(
-            f"| {arm} | {row['mean']:.3f} | {row['min']:.3f} | {row['max']:.3f} | "
+            f"| {arm} | {row['seeds']} | {row['mean']:.3f} | {row['min']:.3f} | {row['max']:.3f} | "
             f"{report.human_bytes(row['bytes_per_round'])} | {setting or '-'} |"
         )
     return "\n".join(lines)
