@@ -22,7 +22,9 @@ learning rate and epochs) is run once, with seed 0, for :data:`TUNE_ROUNDS` roun
 held out and pooled (``data.validation-scope = "pooled"``: every client is scored on all
 clients' held-out images); the setting with the best mean validation accuracy after the last
 round is kept (never the global test set) and printed. The measured runs then train on all
-training images. Runs go to ``--workers`` processes, each pinned to ``--threads`` torch threads.
+training images. ``--reuse-tuning DETAILS`` skips the tuning runs and takes each arm's setting
+from an earlier run's ``method-details.json`` (more seeds of a tuned protocol, or some of its
+arms again). Runs go to ``--workers`` processes, each pinned to ``--threads`` torch threads.
 
 It prints one Markdown table per protocol (mean client accuracy on the global test set after
 the last round, min and max over seeds, bytes per round per client), the targets' checks, and
@@ -226,6 +228,15 @@ def tuning_jobs(arm: str, protocol: str) -> list[Job]:
     ]
 
 
+def reused_settings(path: Path, protocol: str, arms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The settings an earlier tuned run chose, from its ``method-details.json``."""
+    details = json.loads(path.read_text()).get(protocol, {})
+    missing = [arm for arm in arms if "chosen" not in details.get(arm, {})]
+    if missing:
+        raise ValueError(f"--reuse-tuning {path}: no {protocol} setting for arms {missing}")
+    return {arm: dict(details[arm]["chosen"]) for arm in arms}
+
+
 def best_setting(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The :data:`TUNING_GRID` setting whose run had the best validation accuracy."""
     return TUNING_GRID[int(np.nanargmax([r["val"] for r in results]))] if results else {}
@@ -284,10 +295,13 @@ def checks(protocol: str, rows: dict[str, dict[str, float]]) -> list[str]:
 def run_protocol(
     protocol: str, seeds: int, arms: tuple[str, ...], root: Path, args: argparse.Namespace
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Tune (unless ``--no-tune``) and run every arm of ``protocol`` over ``seeds`` seeds."""
+    """Tune (unless ``--no-tune`` or ``--reuse-tuning``); run every arm over ``seeds`` seeds."""
     start = time.perf_counter()
     chosen: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
-    if not args.no_tune:
+    if args.reuse_tuning:
+        chosen = reused_settings(args.reuse_tuning, protocol, arms)
+        print(f"{protocol}: settings chosen by the earlier tuning: {chosen}", flush=True)
+    elif not args.no_tune:
         tuning = {arm: tuning_jobs(arm, protocol) for arm in arms}
         flat = [job for jobs in tuning.values() for job in jobs]
         results = iter(run_all(flat, root, args.workers, args.threads))
@@ -395,6 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--no-tune", action="store_true", help="use the app's defaults")
+    parser.add_argument(
+        "--reuse-tuning",
+        type=Path,
+        default=None,
+        help="a method-details.json whose chosen settings the arms use (no tuning runs)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
@@ -420,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} workers={args.workers} "
         f"threads={args.threads} "
-        f"tuned={not args.no_tune}; runs in {root}",
+        f"tuned={not args.no_tune}, reused tuning={args.reuse_tuning}; runs in {root}",
         flush=True,
     )
     results: dict[str, Any] = {}

@@ -51,3 +51,12 @@ def test_results_of_some_arms_keep_the_others_on_disk(tmp_path):
         "P1": {"local-only": {"mean": 0.4}, "cmfl-relay": {"mean": 0.7}},
         "P3": {"local-only": {"mean": None}},
     }
+
+
+def test_reused_tuning_takes_each_arms_chosen_setting_and_names_a_missing_arm(tmp_path):
+    path = tmp_path / "method-details.json"
+    chosen = {"encoder.lr": 0.001, "encoder.epochs": 2}
+    path.write_text(json.dumps({"P1": {"local-only": {"chosen": chosen, "per_seed": []}}}))
+    assert method.reused_settings(path, "P1", ("local-only",)) == {"local-only": chosen}
+    with pytest.raises(ValueError, match=r"P1 setting for arms \['cmfl-relay'\]"):
+        method.reused_settings(path, "P1", ("local-only", "cmfl-relay"))
