@@ -190,7 +190,9 @@ class Job:
 def run_arm(job: Job, root: Path) -> dict[str, Any]:
     """Run ``job``; its accuracy, validation accuracy and bytes per round per client."""
     name = f"{job.protocol}-{job.arm}-s{job.seed}{job.tag}"
-    extra = dict(job.extra)
+    # the worker's pinned thread count in every message: left to the app, it is chosen from
+    # the CPUs idle as a message starts, and results then depend on the machine's load
+    extra = {"backbone.threads": torch.get_num_threads()} | dict(job.extra)
     if job.arm in ("zero-shot", "centralised"):
         cfg = config(job.protocol, job.seed, root, name, extra, job.rounds)
         return pooled(cfg, job.arm == "zero-shot")

@@ -93,6 +93,7 @@ def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dic
             "federation.rounds": args.rounds,
             "federation.fraction": args.fraction,
             "federation.min-nodes": clients,
+            "backbone.threads": args.threads,  # as pinned; not re-chosen by the machine's load
             "data.partitioner": "pathological",
             "data.classes-per-client": 3,
             "data.min-partition-size": 5,

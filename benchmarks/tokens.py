@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="cmfl-tokens-"))
-    flat = {"output.dir": str(root), "output.progress": False}
+    # one thread in every message, whatever the machine's load (the app would choose by it)
+    flat = {"output.dir": str(root), "output.progress": False, "backbone.threads": 1}
     flat |= {"federation.min-nodes": args.clients} | dict(map(parse_override, args.overrides))
     start = time.perf_counter()
     cfg = AppConfig.from_run_config(flat)
