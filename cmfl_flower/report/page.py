@@ -349,7 +349,7 @@ def html_table(rows: Sequence[Row], columns: Sequence[str]) -> str:
         + "</tr>"
         for row in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="wide"><table><tr>{head}</tr>{body}</table></div>'  # scrolls sideways
 
 
 ROUND_COLUMNS = (
@@ -380,6 +380,7 @@ STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
     "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f3f3f3}img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0}"
+    ".wide{overflow-x:auto}"
 )
 
 
