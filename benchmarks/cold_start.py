@@ -269,16 +269,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _full_size_config(args: argparse.Namespace) -> dict[str, Any]:
-    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+def full_size_backbone(name: str, dtype: torch.dtype, directory: Path) -> dict[str, Any]:
+    """The run config keys of ``name``'s preset on random weights in ``directory``."""
     return {
-        "method": "cmfl-relay",
-        "backbone.preset": args.full_size,
+        "backbone.preset": name,
         "backbone.clip-pretrained": "",
         "backbone.dtype": str(dtype).removeprefix("torch."),
-        "backbone.threads": args.threads,
-        **full_size_weights(args.full_size, dtype, args.weights_dir),
+        **full_size_weights(name, dtype, directory),
     }
+
+
+def _full_size_config(args: argparse.Namespace) -> dict[str, Any]:
+    dtype = resolve_dtype(args.dtype, resolve_device("auto"))
+    backbone = full_size_backbone(args.full_size, dtype, args.weights_dir)
+    return {"method": "cmfl-relay", "backbone.threads": args.threads} | backbone
 
 
 def _save(path: Path, key: str, entry: dict[str, Any]) -> None:

@@ -73,15 +73,10 @@ def run_config(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "output.run-name": args.method,
     }
     if not args.dry_run:
-        from benchmarks.cold_start import full_size_weights
+        from benchmarks.cold_start import full_size_backbone
 
         dtype = resolve_dtype("auto", resolve_device("auto"))
-        config |= {
-            "backbone.preset": args.arch,
-            "backbone.clip-pretrained": "",
-            "backbone.dtype": str(dtype).removeprefix("torch."),
-            **full_size_weights(args.arch, dtype, args.weights_dir),
-        }
+        config |= full_size_backbone(args.arch, dtype, args.weights_dir)
     return config | dict(map(parse_override, args.set))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ METHODS = ("cmfl-relay", "diffusion-lora")
 GOAL_IMAGES_PER_S = 12.0  # BK-SDM-v2-small, 512x512, 20 steps, one H100
 FIRST_BAR_IMAGES_PER_S = 3.0
 GIB = 1024**3
+Describe = Callable[[str, dict[str, Any]], list[str]]  # a step's label and JSON -> lines
 
 
 def read_steps(out: Path) -> dict[str, dict[str, int]]:
@@ -59,6 +61,8 @@ def generation_lines(arch: str, figures: dict[str, Any]) -> list[str]:
         wall = parts["wall"]
         shares = ", ".join(f"{k} {v / wall:.0%}" for k, v in parts.items() if k != "wall")
         lines.append(f"  one batch {wall:.2f} s: {shares}")
+    if arch == "bk-sdm-v2-small" and figures["subject"] == arch:  # not in a dry run
+        lines.append("  " + goal_line(figures))
     return lines
 
 
@@ -109,22 +113,17 @@ def summarise(out: Path) -> tuple[list[str], dict[str, Any]]:
     steps = read_steps(out)
     lines: list[str] = []
     summary: dict[str, Any] = {"steps": steps}
-    for arch in ARCHS:
-        figures = _load(out / f"generation-{arch}.json")
-        summary[f"generation-{arch}"] = figures
+    sections: list[tuple[str, str, Describe]] = [
+        (f"generation-{arch}", arch, generation_lines) for arch in ARCHS
+    ]
+    sections += [(f"round-{method}", method, round_lines) for method in METHODS]
+    for step, label, describe in sections:
+        figures = _load(out / f"{step}.json")
+        summary[step] = figures
         if figures is None:
-            lines.append(f"{arch}: no figures ({_status(steps, f'generation-{arch}')})")
+            lines.append(f"{label}: no figures ({_status(steps, step)})")
             continue
-        lines += generation_lines(arch, figures)
-        if arch == "bk-sdm-v2-small" and figures["subject"] == arch:  # not in a dry run
-            lines.append("  " + goal_line(figures))
-    for method in METHODS:
-        result = _load(out / f"round-{method}.json")
-        summary[f"round-{method}"] = result
-        if result is None:
-            lines.append(f"{method}: no figures ({_status(steps, f'round-{method}')})")
-            continue
-        lines += round_lines(method, result)
+        lines += describe(label, figures)
     return lines, summary
 
 
