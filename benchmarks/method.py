@@ -333,13 +333,19 @@ def run_protocol(
     return rows, details
 
 
-def token_norms(run_dir: Path) -> list[float]:
-    """Frobenius norms of every class's vectors the clients of ``run_dir`` hold at the end."""
+def drift_norms(run_dir: Path, cfg: AppConfig) -> list[float]:
+    """Each class vector's drift from its name's embedding, at the end of ``run_dir``.
+
+    Frobenius norms over every client's classes: what the DP release clips.
+    """
+    ws = open_workspace(cfg, ClientTask(0, CLIENTS, 1), None)
     norms = []
     for pid in range(CLIENTS):
         directory = client_dir(run_dir, pid) / STATE_DIR
         state = load_state(directory, ROUNDS + 1)
-        norms += [float(v.norm()) for v in (state.tokens or {}).values()]
+        for key, vectors in (state.tokens or {}).items():
+            anchor = ws.text.name_vectors(ws.class_names[int(key[1:])]).cpu()
+            norms.append(float((vectors - anchor).norm()))
     return norms
 
 
@@ -353,35 +359,54 @@ def noise_for(target: float, clip_norm: float) -> float:
     return high
 
 
-def privacy_sweep(protocol: str, root: Path, targets: list[float]) -> list[dict[str, Any]]:
-    """cmfl-relay (seed 0) without DP, then at each total epsilon in ``targets``.
+def privacy_sweep(
+    protocol: str, root: Path, targets: list[float], workers: int, threads: int
+) -> list[dict[str, Any]]:
+    """cmfl-relay (seed 0) without DP, then under DP at each total epsilon in ``targets``.
 
-    The clip norm is the largest class-vector norm the clients held after the run without DP,
-    so clipping changes little and the noise alone pays for the privacy.
+    Receivers denoise in those runs; one more at the largest epsilon, without, is the control.
+
+    The clip norm is the largest drift of a class's vectors from its name's embedding that the
+    clients held after the run without DP, so clipping changes little and the noise alone pays
+    for the privacy.
     """
     plain = run_arm(Job("cmfl-relay", protocol, 0, tag="-dp-off"), root)
-    clip_norm = max(token_norms(Path(plain["run-dir"])))
-    rows = [{"epsilon": None, "noise-multiplier": 0.0, "clip-norm": clip_norm, "acc": plain["acc"]}]
-    for target in targets:
-        sigma = noise_for(target, clip_norm)
+    cfg = config(protocol, 0, root, "drift", FEDERATED["cmfl-relay"])
+    clip_norm = max(drift_norms(Path(plain["run-dir"]), cfg))
+    settings = [(target, True) for target in targets] + [(max(targets), False)]
+    jobs = []
+    for target, denoised in settings:
         extra = {
             "privacy.enabled": True,
             "privacy.clip-norm": clip_norm,
-            "privacy.noise-multiplier": sigma,
+            "privacy.noise-multiplier": noise_for(target, clip_norm),
+            "privacy.denoise": denoised,
         }
-        job = Job("cmfl-relay", protocol, 0, tuple(extra.items()), f"-dp-eps{target:g}")
-        result = run_arm(job, root)
+        tag = f"-dp-eps{target:g}" + ("" if denoised else "-raw")
+        jobs.append(Job("cmfl-relay", protocol, 0, tuple(extra.items()), tag))
+    rows = [
+        {
+            "epsilon": None,
+            "noise-multiplier": 0.0,
+            "clip-norm": clip_norm,
+            "acc": plain["acc"],
+            "generated-recognised": plain["generated-recognised"],
+        }
+    ]
+    for job, result in zip(jobs, run_all(jobs, root, workers, threads), strict=True):
         reached = json.loads((Path(result["run-dir"]) / "rounds.json").read_text())[-1]
+        extra = dict(job.extra)
         rows.append(
             {
                 "epsilon": reached["dp-epsilon-total"],
                 "client-epsilon": reached.get("dp-epsilon-client-total"),
-                "noise-multiplier": sigma,
+                "noise-multiplier": extra["privacy.noise-multiplier"],
                 "clip-norm": clip_norm,
+                "denoise": extra["privacy.denoise"],
                 "acc": result["acc"],
+                "generated-recognised": result["generated-recognised"],
             }
         )
-        print(f"{protocol} cmfl-relay at epsilon {target:g}: {result['acc']:.3f}", flush=True)
     return rows
 
 
@@ -391,15 +416,18 @@ def privacy_table(protocol: str, rows: list[dict[str, Any]]) -> str:
         f"**{protocol}, cmfl-relay under DP** (seed 0, mean client accuracy, global test set)",
         "",
         "| total epsilon per vector | epsilon of a client's vectors together | noise multiplier | "
-        "clip norm | accuracy |",
-        "| --- | --- | --- | --- | --- |",
+        "clip norm | receivers denoise | accuracy | generated-recognised |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         client = row.get("client-epsilon")
+        denoised = {None: "-", True: "yes", False: "no"}[row.get("denoise")]
+        recognised = row.get("generated-recognised")
         lines.append(
             f"| {eps} | {'-' if client is None else f'{client:.2f}'} | "
-            f"{row['noise-multiplier']:.3f} | {row['clip-norm']:.3f} | {row['acc']:.3f} |"
+            f"{row['noise-multiplier']:.3f} | {row['clip-norm']:.3f} | {denoised} | "
+            f"{row['acc']:.3f} | {'-' if recognised is None else f'{recognised:.3f}'} |"
         )
     return "\n".join(lines)
 
@@ -426,13 +454,14 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         type=float,
         metavar="EPSILON",
-        help="instead: cmfl-relay on the first --protocol at these total epsilons and without DP",
+        help="instead: cmfl-relay on the first --protocol without DP, at these total epsilons, "
+        "and at the largest without receivers denoising",
     )
     args = parser.parse_args(argv)
     if args.privacy:
         torch.set_num_threads(args.threads)
         root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
-        rows = privacy_sweep(args.protocol[0], root, args.privacy)
+        rows = privacy_sweep(args.protocol[0], root, args.privacy, args.workers, args.threads)
         print(privacy_table(args.protocol[0], rows))
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "method-privacy.json").write_text(json.dumps(rows, indent=2))

@@ -8,10 +8,13 @@ every round. Each client holds 3 digit classes (pathological partition; at least
 client, as the digits' split for 100 clients cannot give each 10); with so few images
 ``tokens.min-images`` is 2, so that clients learn and relay their classes.
 
-Per run it reports the means over the rounds after ``--skip-rounds`` (default 1: round 1
-relays nothing yet; with few clients sampled per round the server also knows fewer than the
-cap's senders per class for a few more rounds, so a steady state needs more): the round's wall
-time, each phase's mean seconds per client, images generated per sampled client, bytes sent
+Per run it reports the means over the last ``--measure-rounds`` rounds (default 2), in the
+steady state: round 1 relays nothing yet, and with few clients sampled per round the server
+knows fewer than the cap's senders of some classes for many rounds (at N = 10 with 2 sampled, a
+client is still unheard after 10 rounds with probability 0.8^10 = 0.11). ``--rounds`` takes one
+value per N so that the small federations run long enough; ``senders-known`` (how many clients
+the server had heard from, at the last round) shows whether they did. It reports the round's
+wall time, each phase's mean seconds per client, images generated per sampled client, bytes sent
 and received per sampled client (``bytes-to-client`` is what the server sent it), and the
 server's peak memory above its set-up (see :class:`MemoryGrid`), traced with ``tracemalloc``
 while the server works, between client calls. It prints a Markdown table and the growth from
@@ -87,10 +90,11 @@ class MemoryGrid(LoopbackGrid):
 
 def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """One run of ``arm`` with ``clients`` clients; the means over the rounds measured."""
+    rounds = dict(zip(args.clients, args.rounds, strict=True))[clients]
     cfg = AppConfig.from_run_config(
         ARMS[arm]
         | {
-            "federation.rounds": args.rounds,
+            "federation.rounds": rounds,
             "federation.fraction": args.fraction,
             "federation.min-nodes": clients,
             "backbone.threads": args.threads,  # as pinned; not re-chosen by the machine's load
@@ -113,21 +117,21 @@ def run_arm(arm: str, clients: int, args: argparse.Namespace, root: Path) -> dic
         grid.server_interval()  # the last round's aggregation, records and report
     finally:
         tracemalloc.stop()
-    rounds = json.loads((run_dir / "rounds.json").read_text())[args.skip_rounds :]
-    rows = [
-        r
-        for r in json.loads((run_dir / "clients.json").read_text())
-        if r["round"] > args.skip_rounds
-    ]
+    first = rounds - args.measure_rounds + 1
+    measured = json.loads((run_dir / "rounds.json").read_text())[first - 1 :]
+    rows = [r for r in json.loads((run_dir / "clients.json").read_text()) if r["round"] >= first]
     return {
         "arm": arm,
         "clients": clients,
-        "sampled": sum(r["sampled"] for r in rounds) / len(rounds),
-        "wall-s": sum(r["round-seconds"] for r in rounds) / len(rounds),
+        "rounds": rounds,
+        "measured-from": first,
+        "senders-known": measured[-1].get("senders-known"),
+        "sampled": sum(r["sampled"] for r in measured) / len(measured),
+        "wall-s": sum(r["round-seconds"] for r in measured) / len(measured),
         "run-s": time.perf_counter() - start,
         "server-setup-bytes": grid.setup,
         "server-peak-bytes": grid.server_peak,
-        "global-acc": rounds[-1].get("global-acc-mean", rounds[-1].get("server-global-acc")),
+        "global-acc": measured[-1].get("global-acc-mean", measured[-1].get("server-global-acc")),
     } | {CLIENT_VIEW.get(key, key): _mean(rows, key) for key in _client_keys()}
 
 
@@ -143,13 +147,16 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 def _cell(value: float | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a Markdown table, one row per (arm, N)."""
-    keys = ["sampled", "wall-s", *(f"seconds-{p}" for p in PHASES), "num-generated",
-            "bytes-to-client", "bytes-from-client", "server-peak-bytes", "global-acc"]  # fmt: skip
+    keys = ["rounds", "senders-known", "sampled", "wall-s", *(f"seconds-{p}" for p in PHASES),
+            "num-generated", "bytes-to-client", "bytes-from-client", "server-peak-bytes",
+            "global-acc"]  # fmt: skip
     lines = [
         "| arm | N | " + " | ".join(keys) + " |",
         "| --- | --- |" + " --- |" * len(keys),
@@ -172,7 +179,7 @@ def growth(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def draw(results: list[dict[str, Any]], path: Path, first_round: int) -> None:
+def draw(results: list[dict[str, Any]], path: Path, measured: int) -> None:
     """One panel per figure against N, one line per arm."""
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.4))
     for ax, key in zip(axes, FIGURES, strict=True):
@@ -184,8 +191,8 @@ def draw(results: list[dict[str, Any]], path: Path, first_round: int) -> None:
         ax.set_title(key.replace("-", " "))
     axes[0].legend()
     fig.suptitle(
-        f"means over rounds {first_round}..: wall per round; images and bytes per sampled client; "
-        "server peak per run (tiny preset, 2-core CPU)"
+        f"means over each run's last {measured} rounds: wall per round; images and bytes per "
+        "sampled client; server peak per run (tiny preset, 2-core CPU)"
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,14 +200,30 @@ def draw(results: list[dict[str, Any]], path: Path, first_round: int) -> None:
     plt.close(fig)
 
 
+def check_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One ``--rounds`` value per ``--clients``, each above ``--measure-rounds``.
+
+    Round 1 relays nothing, so it is never measured.
+    """
+    if len(args.rounds) != len(args.clients):
+        parser.error(f"--rounds needs one value per --clients {args.clients}, got {args.rounds}")
+    if not 1 <= args.measure_rounds < min(args.rounds):
+        parser.error(
+            f"--measure-rounds must be in [1, {min(args.rounds)}) (the fewest --rounds), "
+            f"got {args.measure_rounds}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every arm at every N; print the table and the growth; save JSON and curves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--fraction", type=float, default=0.2, help="share sampled per round")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--skip-rounds", type=int, default=1, help="first rounds left out of the means"
+        "--rounds", type=int, nargs="+", default=[12, 5, 5], help="rounds, one value per --clients"
+    )
+    parser.add_argument(
+        "--measure-rounds", type=int, default=2, help="last rounds of each run in the means"
     )
     parser.add_argument("--cap", type=int, default=2, help="relay.max-senders-per-class")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -208,14 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
     args = parser.parse_args(argv)
-    if not 0 <= args.skip_rounds < args.rounds:
-        parser.error(
-            f"--skip-rounds must be in [0, --rounds = {args.rounds}), got {args.skip_rounds}"
-        )
+    check_rounds(parser, args)
     torch.set_num_threads(args.threads)
     print(
         f"N={args.clients} fraction={args.fraction} rounds={args.rounds} "
-        f"measured from round {args.skip_rounds + 1} cap={args.cap} "
+        f"measured over the last {args.measure_rounds} cap={args.cap} "
         f"torch threads={torch.get_num_threads()}"
     )
     results = []
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"settings": settings, "results": results, "growth": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    draw(results, args.plot, args.skip_rounds + 1)
+    draw(results, args.plot, args.measure_rounds)
     print(f"wrote {args.out} and {args.plot}")
 
 

@@ -304,11 +304,16 @@ class PrivacyConfig(_Section):
     clip_norm: float = Field(
         0.2,
         gt=0,
-        description="L2 (Frobenius) bound C of one class's vectors; `tiny` token embeddings "
-        "have norm 0.12-0.16.",
+        description="L2 (Frobenius) bound C of how far one class's vectors may move from "
+        "their name's pretrained embedding (the release is centred there).",
     )
     noise_multiplier: float = Field(
         1.0, gt=0, description="Gaussian noise std per coordinate, in units of `clip-norm`."
+    )
+    denoise: bool = Field(
+        True,
+        description="`cmfl-relay` receivers: replace each received labelled class vector by "
+        "its posterior mean given the noise (shrunk towards the name's embedding).",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="Delta of the reported (epsilon, delta).")
     update_clip_norm: float = Field(

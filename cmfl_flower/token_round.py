@@ -22,7 +22,7 @@ from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.paths import CACHE_DIR
-from cmfl_flower.privacy import privatise
+from cmfl_flower.privacy import denoise, privatise
 from cmfl_flower.tokens import (
     ClassTokenBank,
     TokenObjective,
@@ -90,8 +90,23 @@ def relayed_knowledge(ws: Workspace, received: Arrays) -> Knowledge:
     )
     # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
     entries = [e for e in parse_relay(received, limits) if e.sender != ws.task.partition_id]
+    if cfg.privacy.enabled and cfg.privacy.denoise:
+        entries = [_denoised(ws, entry) for entry in entries]
     fallback = _received_means(entries) if cfg.tokens.unseen == "received-mean" else None
     return Knowledge(_requests(ws, entries), fallback, len(entries))
+
+
+def _denoised(ws: Workspace, entry: TokenEntry) -> TokenEntry:
+    """A labelled entry's vectors replaced by their posterior mean; unlabelled ones as they are."""
+    if entry.class_id is None:
+        return entry
+    anchor = _anchor(ws, entry.class_id)
+    return TokenEntry(entry.sender, entry.class_id, denoise(entry.vectors, anchor, ws.cfg.privacy))
+
+
+def _anchor(ws: Workspace, class_id: int) -> np.ndarray:
+    """(n, D) pretrained embedding of the class's name, on the CPU: the DP release's centre."""
+    return ws.text.name_vectors(ws.class_names[class_id]).float().cpu().numpy()
 
 
 def name_knowledge(ws: Workspace, bank: ClassTokenBank) -> Knowledge:
@@ -237,7 +252,8 @@ def token_round(
     if source == "relay":
         own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}
         if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
-            own = privatise(own, cfg.privacy, np.random.default_rng())
+            anchors = {c: _anchor(ws, c) for c in own}
+            own = privatise(own, anchors, cfg.privacy, np.random.default_rng())
         sent = reply_arrays(own, _labelled(cfg))
     return RoundOutput(metrics | ws.timings, new_state, sent)
 
