@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from benchmarks.loopback import LoopbackGrid
+from benchmarks.tokens import parse_override
 from client_app import app as client_app
 from cmfl_flower import report
 from cmfl_flower.client_round import data_dir, open_workspace
@@ -213,7 +214,7 @@ def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dic
         return list(pool.map(run_arm, jobs, [root] * len(jobs)))
 
 
-def tuning_jobs(arm: str, protocol: str) -> list[Job]:
+def tuning_jobs(arm: str, protocol: str, fixed: dict[str, Any]) -> list[Job]:
     """Every :data:`TUNING_GRID` setting of ``arm`` on seed 0 with a validation split."""
     if arm == "zero-shot":
         return []
@@ -222,7 +223,7 @@ def tuning_jobs(arm: str, protocol: str) -> list[Job]:
             arm,
             protocol,
             0,
-            tuple((setting | VALIDATION).items()),
+            tuple((fixed | setting | VALIDATION).items()),
             f"-tune{index}",
             TUNE_ROUNDS,
         )
@@ -304,7 +305,7 @@ def run_protocol(
         chosen = reused_settings(args.reuse_tuning, protocol, arms)
         print(f"{protocol}: settings chosen by the earlier tuning: {chosen}", flush=True)
     elif not args.no_tune:
-        tuning = {arm: tuning_jobs(arm, protocol) for arm in arms}
+        tuning = {arm: tuning_jobs(arm, protocol, args.set) for arm in arms}
         flat = [job for jobs in tuning.values() for job in jobs]
         results = iter(run_all(flat, root, args.workers, args.threads))
         for arm, jobs in tuning.items():
@@ -312,7 +313,11 @@ def run_protocol(
             chosen[arm] = best_setting(scores)
             listed = ", ".join(f"{r['val']:.3f}" for r in scores)
             print(f"{protocol} {arm}: validation [{listed}] -> {chosen[arm] or '-'}", flush=True)
-    jobs = [Job(arm, protocol, s, tuple(chosen[arm].items())) for arm in arms for s in range(seeds)]
+    jobs = [
+        Job(arm, protocol, s, tuple((args.set | chosen[arm]).items()))
+        for arm in arms
+        for s in range(seeds)
+    ]
     results = iter(run_all(jobs, root, args.workers, args.threads))
     rows: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
@@ -445,6 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="a method-details.json whose chosen settings the arms use (no tuning runs)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides for every arm's runs (the tuned keys still win)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
@@ -458,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         "and at the largest without receivers denoising",
     )
     args = parser.parse_args(argv)
+    args.set = dict(map(parse_override, args.set))
     if args.privacy:
         torch.set_num_threads(args.threads)
         root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
@@ -471,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} workers={args.workers} "
         f"threads={args.threads} "
-        f"tuned={not args.no_tune}, reused tuning={args.reuse_tuning}; runs in {root}",
+        f"tuned={not args.no_tune}, reused tuning={args.reuse_tuning}, overrides={args.set}; "
+        f"runs in {root}",
         flush=True,
     )
     results: dict[str, Any] = {}

@@ -244,6 +244,13 @@ class EncoderConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    distill: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a distillation term (KL divergence) that keeps the adapted "
+        "encoder's class probabilities on its training images near the pretrained CLIP's; "
+        "0 = off.",
+    )
     eval_batch_size: int = Field(256, ge=1, description="Batch size for accuracy evaluation.")
 
     @field_validator("target_modules")

@@ -172,6 +172,33 @@ def proximal_term(params: list[torch.nn.Parameter], reference: list[torch.Tensor
     return torch.stack(squared).sum() / 2
 
 
+def distillation(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the class probabilities, averaged over the batch.
+
+    logits, teacher: (B, C) image-text logits of the adapted and the pretrained encoder.
+    """
+    return F.kl_div(
+        F.log_softmax(logits, dim=1),
+        F.log_softmax(teacher, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@torch.no_grad()
+def _pretrained_logits(
+    encoder: ClipEncoder, data: TrainingSet, text_features: torch.Tensor, cfg: EncoderConfig
+) -> torch.Tensor:
+    """(N, C) logits of the pretrained CLIP (no adapter) for every training image, on the CPU."""
+    scale = encoder.bundle.model.logit_scale.exp()
+    out = []
+    with encoder.pretrained():
+        for idx in _batches(len(data.images), cfg.eval_batch_size, None):
+            pixels = to_pixels(data.images[idx], encoder.bundle)
+            out.append((scale * encoder.encode_images(pixels) @ text_features.T).cpu())
+    return torch.cat(out)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[np.ndarray]:
     order = torch.randperm(n, generator=generator) if generator else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -190,10 +217,12 @@ def train_encoder(
     """Train the active adapter with weighted cross-entropy over image-text logits.
 
     text_features: (C, D). With ``proximal_mu`` > 0, FedProx's proximal term pulls the
-    adapter towards the one it started from. Returns the mean training loss.
+    adapter towards the one it started from; with ``cfg.distill`` > 0 a distillation term keeps
+    its predictions near the pretrained CLIP's. Returns the mean training loss.
     """
     if len(data.images) == 0:
         raise ValueError("cannot train the image encoder on an empty training set")
+    teacher = _pretrained_logits(encoder, data, text_features, cfg) if cfg.distill > 0 else None
     params = encoder.lora_parameters()
     reference = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -217,6 +246,8 @@ def train_encoder(
             target = torch.from_numpy(data.labels[idx]).to(device)
             weights = torch.from_numpy(data.weights[idx]).to(device)
             loss = weighted_cross_entropy(logits, target, weights)
+            if teacher is not None:
+                loss = loss + cfg.distill * distillation(logits, teacher[idx].to(device))
             if proximal_mu > 0:
                 loss = loss + proximal_mu * proximal_term(params, reference)
             optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from cmfl_flower.encoder import (
     LoraSpec,
     TrainingSet,
     accuracy,
+    distillation,
     load_encoder,
     proximal_term,
     train_encoder,
@@ -187,3 +188,34 @@ def test_proximal_term_is_half_squared_distance():
     a = [torch.nn.Parameter(torch.tensor([1.0, 2.0]))]
     b = [torch.tensor([0.0, 0.0])]
     assert float(proximal_term(a, b).detach()) == 2.5
+
+
+def test_distillation_is_zero_for_the_teachers_logits_and_positive_otherwise():
+    torch.manual_seed(0)
+    teacher = torch.randn(5, 10)
+    assert distillation(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation(torch.randn(5, 10), teacher).item() > 0.1
+    # a shift of every logit of a row leaves its probabilities, and the term, unchanged
+    assert distillation(teacher + 3.0, teacher).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_keeps_the_classes_a_skewed_client_lacks():
+    # Trained on two classes only, the adapter forgets part of the other eight; the
+    # distillation term keeps the pretrained CLIP's predictions on the training images, and
+    # with them what the tower knew of the rest.
+    pool = load_source("digits", "train")
+    own = np.flatnonzero(np.isin(pool.labels, (2, 3)))[:100]
+    rest = np.flatnonzero(~np.isin(pool.labels, (2, 3)))[:300]
+    encoder = load_encoder(TINY, "cpu", 0, LoraSpec.from_config(CFG))
+    text = class_text_features(encoder.bundle, pool.class_names)
+    zero_shot = accuracy(encoder, pool.images[rest], pool.labels[rest], text, 256)
+    kept, learned = {}, {}
+    for weight in (0.0, 1.0):
+        encoder.load_lora_state(encoder.init_state)
+        cfg = CFG.model_copy(update={"distill": weight, "lr": 1e-2, "epochs": 3})
+        train_encoder(encoder, as_set(pool.images[own], pool.labels[own]), text, cfg, seed=0)
+        kept[weight] = accuracy(encoder, pool.images[rest], pool.labels[rest], text, 256)
+        learned[weight] = accuracy(encoder, pool.images[own], pool.labels[own], text, 256)
+    assert kept[0.0] < zero_shot - 0.05, (zero_shot, kept)  # measured: 0.987 -> 0.877
+    assert kept[1.0] >= zero_shot - 0.01, (zero_shot, kept)  # measured: 0.987
+    assert min(learned.values()) >= 0.95, learned

@@ -35,8 +35,9 @@ def test_best_setting_is_chosen_on_validation_accuracy():
     results = [{"val": 0.5}, {"val": 0.9}, {"val": float("nan")}]
     assert method.best_setting(results) == method.TUNING_GRID[1]
     assert method.best_setting([]) == {}
-    jobs = method.tuning_jobs("local-only", "P1")
-    assert len(jobs) == len(method.TUNING_GRID) and method.tuning_jobs("zero-shot", "P1") == []
+    jobs = method.tuning_jobs("local-only", "P1", {"encoder.distill": 1.0})
+    assert len(jobs) == len(method.TUNING_GRID) and method.tuning_jobs("zero-shot", "P1", {}) == []
+    assert all(dict(j.extra)["encoder.distill"] == 1.0 for j in jobs)  # --set reaches tuning
     assert all(dict(j.extra)["data.validation-fraction"] > 0 and j.seed == 0 for j in jobs)
     assert all(dict(j.extra)["data.validation-scope"] == "pooled" for j in jobs)
 
