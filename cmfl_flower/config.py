@@ -245,7 +245,7 @@ class EncoderConfig(_Section):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     distill: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="Weight of a distillation term (KL divergence) that keeps the adapted "
         "encoder's class probabilities on its training images near the pretrained CLIP's; "
