@@ -365,11 +365,12 @@ def noise_for(target: float, clip_norm: float) -> float:
 
 
 def privacy_sweep(
-    protocol: str, root: Path, targets: list[float], workers: int, threads: int
+    protocol: str, root: Path, targets: list[float], workers: int, threads: int, control: bool
 ) -> list[dict[str, Any]]:
     """cmfl-relay (seed 0) without DP, then under DP at each total epsilon in ``targets``.
 
-    Receivers denoise in those runs; one more at the largest epsilon, without, is the control.
+    Receivers denoise (the default) unless ``control``: then one more run at the largest
+    epsilon without denoising shows what the denoising does.
 
     The clip norm is the largest drift of a class's vectors from its name's embedding that the
     clients held after the run without DP, so clipping changes little and the noise alone pays
@@ -378,7 +379,7 @@ def privacy_sweep(
     plain = run_arm(Job("cmfl-relay", protocol, 0, tag="-dp-off"), root)
     cfg = config(protocol, 0, root, "drift", FEDERATED["cmfl-relay"])
     clip_norm = max(drift_norms(Path(plain["run-dir"]), cfg))
-    settings = [(target, True) for target in targets] + [(max(targets), False)]
+    settings = [(target, True) for target in targets] + [(max(targets), False)] * control
     jobs = []
     for target, denoised in settings:
         extra = {
@@ -466,15 +467,21 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         type=float,
         metavar="EPSILON",
-        help="instead: cmfl-relay on the first --protocol without DP, at these total epsilons, "
-        "and at the largest without receivers denoising",
+        help="instead: cmfl-relay on the first --protocol without DP and at these total epsilons",
+    )
+    parser.add_argument(
+        "--privacy-control",
+        action="store_true",
+        help="with --privacy: one more run at the largest epsilon, receivers not denoising",
     )
     args = parser.parse_args(argv)
     args.set = dict(map(parse_override, args.set))
     if args.privacy:
         torch.set_num_threads(args.threads)
         root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
-        rows = privacy_sweep(args.protocol[0], root, args.privacy, args.workers, args.threads)
+        rows = privacy_sweep(
+            args.protocol[0], root, args.privacy, args.workers, args.threads, args.privacy_control
+        )
         print(privacy_table(args.protocol[0], rows))
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "method-privacy.json").write_text(json.dumps(rows, indent=2))
