@@ -185,7 +185,10 @@ def draw(results: list[dict[str, Any]], path: Path, measured: int) -> None:
     for ax, key in zip(axes, FIGURES, strict=True):
         for arm in ARMS:
             own = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["clients"])
-            ax.plot([r["clients"] for r in own], [r[key] or 0 for r in own], "o-", label=arm)
+            points = [(r["clients"], r[key]) for r in own if r.get(key) is not None]
+            if points:  # fedavg-encoder generates nothing: no line
+                ax.plot(*zip(*points, strict=True), "o-", label=arm)
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log")
         ax.set_xlabel("clients N")
         ax.set_title(key.replace("-", " "))
