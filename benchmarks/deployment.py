@@ -7,12 +7,18 @@ the round's wall time (the server's ``round-seconds``), the clients' mean summed
 (``seconds-tokens + -generation + -encoder + -eval``) and their ratio. In a deployment every
 message starts a fresh ClientApp process, so the ratio shows what start-up, polling and the
 shared CPUs add to the work itself. Each SuperNode gets ``num-cpus`` in its node config.
+
+Before the nodes start, the host's partitions are written with ``cmfl-data-prep``, as
+``docker/README.md`` asks of an operator; ``--first-use`` leaves that to the clients' first
+message instead (the digits are partitioned on first use), which round 1 then pays.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,6 +26,7 @@ from typing import Any
 
 from benchmarks import ROOT
 from tests.flower_procs import (
+    BIN,
     SuperLink,
     deployment_superlink,
     free_port,
@@ -45,6 +52,15 @@ def run(link: SuperLink, root: Path, rounds: int, nodes: int, extra: str) -> Pat
     return root / "runs" / "deployment"
 
 
+def prepare(data_root: Path, nodes: int) -> None:
+    """``cmfl-data-prep`` of the default run's partitions into ``data_root``, as the guide says."""
+    command = [str(BIN / "cmfl-data-prep"), "--dataset", "digits", "--num-partitions", str(nodes)]
+    env = os.environ | {"CMFL_FLOWER_DATA": str(data_root)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
+
+
 def per_round(run_dir: Path) -> list[dict[str, Any]]:
     """Round wall time, the clients' mean summed phase seconds, and the ratio."""
     rounds = json.loads((run_dir / "rounds.json").read_text())
@@ -67,9 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=1, help="node config num-cpus")
     parser.add_argument("--run-config", default="", help="extra run config overrides")
+    parser.add_argument(
+        "--first-use",
+        action="store_true",
+        help="no cmfl-data-prep before the run: round 1's clients partition the digits",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cmfl-deploy-") as tmp, ExitStack() as stack:
         root = Path(tmp)
+        if not args.first_use:
+            prepare(root / "data", args.nodes)
         link = stack.enter_context(deployment_superlink(root))
         processes = []
         for partition in range(args.nodes):
@@ -80,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             processes.append(stack.enter_context(node).process)
         stack.callback(interrupt, processes)
         rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
-    print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay")
+    data = "partitioned on first use" if args.first_use else "prepared by cmfl-data-prep"
+    print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay, data {data}")
     print("| round | wall s | clients' mean summed phase s | wall / work |")
     print("| --- | --- | --- | --- |")
     for row in rows:

@@ -8,10 +8,14 @@ at a time in worker processes pinned to one torch thread each:
   an iid split, all sampled every round, E = 4 local AdamW steps of batch 16, each client's
   optimiser state kept from round to round, cosine learning rate over the rounds) and trained
   centrally on the pooled images of the same 4 clients, from the same seeded initialisation,
-  with C x E steps per round-equivalent at the same learning rate, so both have seen the same
-  number of training samples at every checkpoint. Both are rendered with the same seeds
-  (DDIM) and measured by the same Fréchet distance in the tiny CLIP's image features to the
-  digits test split every ``--eval-every`` rounds.
+  with C x E steps per round-equivalent at the same learning rate. Each arm trains until its
+  FD stops improving: ``--rounds`` round-equivalents for the centralised arm and
+  ``--fedavg-rounds`` rounds for FedAvg, which at equal samples takes a quarter of the
+  optimiser steps (each round averages four 4-step drifts from one start). Both are rendered
+  with the same seeds (DDIM) and measured by the same Fréchet distance in the tiny CLIP's image
+  features to the digits test split at ``--checkpoints`` evenly spaced rounds. The figure at
+  convergence is the mean over an arm's last :data:`PLATEAU` checkpoints (one 200-sample FD is
+  noisy); the table also says whether each arm was still improving.
 * **sweep**: the paper's Figures 2 and 3 as a table: the ``conf/fedavg-diffusion-*.toml``
   experiments as they are (8 clients, C in {2, 4, 8} sampled per round at E = 2, E in
   {1, 2, 4} at C = 4), with ``--sweep-rounds`` rounds and the benchmark's learning rate; FD
@@ -70,6 +74,7 @@ from cmfl_flower.report.page import latest_server_samples
 SEED = 0
 BATCH = 16
 CONVERGENCE_C, CONVERGENCE_E = 4, 4
+PLATEAU = 3  # checkpoints averaged for the FD at convergence
 # The paper's sweeps as the conf/ experiments run them: C of 8 clients sampled per round at
 # E = 2, and E at C = 4 (fedavg-diffusion-e2 is the same setup as -c4, so it is run once).
 SWEEP = [f"fedavg-diffusion-{s}" for s in ("c2", "c4", "c8", "e1", "e4")]
@@ -245,11 +250,32 @@ def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dic
         return list(pool.map(run_job, jobs, [root] * len(jobs)))
 
 
+def plateau(curve: list[list[float]]) -> tuple[float, float]:
+    """An arm's FD at convergence and how much it still moved.
+
+    (mean FD over the last :data:`PLATEAU` checkpoints, its change from the mean over the
+    :data:`PLATEAU` before them as a fraction: negative while the arm is still improving)
+    """
+    fds = [c[1] for c in curve]
+    last = float(np.mean(fds[-PLATEAU:]))
+    before = float(np.mean(fds[-2 * PLATEAU : -PLATEAU]))
+    return last, last / before - 1
+
+
 def draw(fed: list[list[float]], central: list[list[float]], path: Path, title: str) -> None:
-    """FD against training samples seen, both arms on one chart."""
+    """FD against training samples seen, both arms on one chart.
+
+    Each arm's FD at convergence (the mean over its last :data:`PLATEAU` checkpoints) is a
+    dashed line over those checkpoints.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for curve, label in ((central, "centralised"), (fed, "FedAvg C=4 E=4")):
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", label=label, markersize=3)
+        x = [c[0] for c in curve]
+        (line,) = ax.plot(x, [c[1] for c in curve], "o-", label=label, markersize=3)
+        level = plateau(curve)[0]
+        ax.hlines(level, x[-PLATEAU], x[-1], colors=line.get_color(), linestyles="--")
+        ax.annotate(f"{level:.1f}", (x[-1], level), textcoords="offset points", xytext=(4, -3),
+                    fontsize=8, color=line.get_color())  # fmt: skip
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("Fréchet distance (tiny CLIP features)")
     ax.set_yscale("log")
@@ -280,9 +306,14 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=300, help="convergence: rounds")
-    parser.add_argument("--eval-every", type=int, default=25, help="convergence: FD interval")
-    parser.add_argument("--sweep-rounds", type=int, default=150)
+    parser.add_argument(
+        "--rounds", type=int, default=300, help="convergence: centralised round-equivalents"
+    )
+    parser.add_argument("--fedavg-rounds", type=int, default=900, help="convergence: FedAvg")
+    parser.add_argument(
+        "--checkpoints", type=int, default=12, help="convergence: FD checkpoints per arm"
+    )
+    parser.add_argument("--sweep-rounds", type=int, default=120)
     parser.add_argument("--lora-rounds", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-3, help="DDPM AdamW learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
@@ -294,7 +325,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fed_diffusion.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("rounds", "fedavg_rounds"):
+        if getattr(args, name) % args.checkpoints:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of --checkpoints")
+    if args.checkpoints < 2 * PLATEAU:
+        parser.error(f"--checkpoints must be at least {2 * PLATEAU}")
+    return args
 
 
 def sweep_settings(name: str) -> dict[str, Any]:
@@ -310,11 +347,14 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
         "diffusion.eval-samples": args.eval_samples,
         "diffusion.sample-steps": args.sample_steps,
     }
-    convergence = shared | {
-        "federation.rounds": args.rounds,
-        "diffusion.local-steps": CONVERGENCE_E,
-        "diffusion.eval-every": args.eval_every,
-    }
+
+    def convergence(rounds: int) -> dict[str, Any]:
+        return shared | {
+            "federation.rounds": rounds,
+            "diffusion.local-steps": CONVERGENCE_E,
+            "diffusion.eval-every": rounds // args.checkpoints,
+        }
+
     sweep_rounds = {
         "federation.rounds": args.sweep_rounds,
         "diffusion.eval-every": args.sweep_rounds,
@@ -328,8 +368,8 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
         "diffusion.sample-steps": args.sample_steps,
     }
     return [
-        Job("fedavg", "fedavg-c4-e4", CONVERGENCE_C, convergence),
-        Job("centralised", "centralised", CONVERGENCE_C, convergence),
+        Job("fedavg", "fedavg-c4-e4", CONVERGENCE_C, convergence(args.fedavg_rounds)),
+        Job("centralised", "centralised", CONVERGENCE_C, convergence(args.rounds)),
         Job("lora", "lora", LORA_CLIENTS, lora_settings, args.style),
         *(
             Job("fedavg", name, SWEEP_NODES, sweep_settings(name) | shared | sweep_rounds)
@@ -343,7 +383,10 @@ def report(
 ) -> dict[str, Any]:
     """Print the figures; return the results file's content."""
     fed, central, lora_result, *sweep = results
-    fed_fd, central_fd = fed["curve"][-1][1], central["curve"][-1][1]
+    (fed_fd, fed_change), (central_fd, central_change) = (
+        plateau(fed["curve"]),
+        plateau(central["curve"]),
+    )
     rows = [
         {
             "conf": job.name,
@@ -356,12 +399,22 @@ def report(
         }
         for job, r in zip(jobs[3:], sweep, strict=True)
     ]
-    samples = fed["curve"][-1][0]
-    print(f"convergence: tiny pixel DDPM, {samples:,} training samples each way, lr {args.lr:g}")
-    for label, arm in (("centralised", central), ("FedAvg C=4 E=4", fed)):
-        best = min(c[1] for c in arm["curve"])
-        print(f"  {label:15s} FD {arm['curve'][-1][1]:8.2f}  (best {best:.2f})")
-    print(f"  ratio FedAvg / centralised = {fed_fd / central_fd:.3f}")
+    print(f"convergence: tiny pixel DDPM, lr {args.lr:g} cosine over each arm's rounds")
+    print(
+        f"| arm | samples seen | FD, mean of last {PLATEAU} checkpoints | change from the "
+        f"{PLATEAU} before | last FD | best FD |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, arm, fd, change in (
+        ("centralised", central, central_fd, central_change),
+        ("FedAvg C=4 E=4", fed, fed_fd, fed_change),
+    ):
+        curve = arm["curve"]
+        print(
+            f"| {label} | {int(curve[-1][0]):,} | {fd:.2f} | {100 * change:+.0f} % | "
+            f"{curve[-1][1]:.2f} | {min(c[1] for c in curve):.2f} |"
+        )
+    print(f"ratio FedAvg / centralised at convergence = {fed_fd / central_fd:.3f}")
     print("\nsweep:\n" + sweep_table(rows))
     base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
     print(
@@ -372,6 +425,8 @@ def report(
         "fedavg_fd": fed_fd,
         "centralised_fd": central_fd,
         "fedavg_centralised_ratio": fed_fd / central_fd,
+        "plateau_checkpoints": PLATEAU,
+        "plateau_change": {"fedavg": fed_change, "centralised": central_change},
         "curves": {"fedavg": fed["curve"], "centralised": central["curve"]},
         "sweep": rows,
         "lora_style": args.style,
@@ -397,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = run_all(jobs, Path(tmp), args.workers, args.threads)
         out = report(jobs, results, args)
+        args.docs.mkdir(parents=True, exist_ok=True)
         for source, name in zip(results[2]["grids"], ("base", "tuned"), strict=True):
             shutil.copy(source, args.docs / f"fed-lora-{name}.png")
     out["wall_seconds"] = time.perf_counter() - start
@@ -405,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({args.workers} workers x {args.threads} torch thread)"
     )
     title = (
-        f"tiny pixel DDPM on digits, iid, same seeds; lr {args.lr:g} cosine; "
+        f"tiny pixel DDPM on digits, iid, same seeds; lr {args.lr:g}, cosine over each arm; "
         f"FD on {args.eval_samples} DDIM-{args.sample_steps} samples"
     )
     curves = out["curves"]
