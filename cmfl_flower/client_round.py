@@ -178,7 +178,7 @@ class Workspace:
     def local_set(self) -> TrainingSet:
         """The local training images at the CLIP's size, weight 1."""
         train = self.data.train
-        return TrainingSet.mix(self.encoder.bundle.image_size, (train.images, train.labels, 1.0))
+        return TrainingSet.mix(self.encoder.bundle.image_size, (train.images, train.labels))
 
 
 def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> Workspace:

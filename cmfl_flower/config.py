@@ -251,6 +251,11 @@ class EncoderConfig(_Section):
         "encoder's class probabilities on its training images near the pretrained CLIP's; "
         "0 = off.",
     )
+    distill_on: Literal["all", "local"] = Field(
+        "all",
+        description="The images the distillation term covers: `all`, generated images too; "
+        "`local`, only the client's own.",
+    )
     eval_batch_size: int = Field(256, ge=1, description="Batch size for accuracy evaluation.")
 
     @field_validator("target_modules")

@@ -135,22 +135,36 @@ def load_encoder(preset: Preset, device_name: str, seed: int, spec: LoraSpec) ->
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """Images with labels and per-sample loss weights (generated images weigh less)."""
+    """Images with labels, per-sample loss weights and where each came from.
+
+    Generated images weigh less; ``local`` marks the client's own.
+    """
 
     images: np.ndarray  # (N, S, S, 3) uint8
     labels: np.ndarray  # (N,) int64
     weights: np.ndarray  # (N,) float32
+    local: np.ndarray  # (N,) bool: the client's own images (False: generated)
 
     @classmethod
-    def mix(cls, size: int, *parts: tuple[np.ndarray, np.ndarray, float]) -> TrainingSet:
-        """Concatenate ``(images, labels, weight)`` parts, resized to ``size``."""
+    def mix(
+        cls,
+        size: int,
+        local: tuple[np.ndarray, np.ndarray],
+        generated: tuple[np.ndarray, np.ndarray, float] | None = None,
+    ) -> TrainingSet:
+        """The client's images and the generated ones, resized to ``size``.
+
+        local: ``(images, labels)``, weight 1; generated: ``(images, labels, weight)``.
+        """
+        parts = [(*local, 1.0, True)] + ([(*generated, False)] if generated is not None else [])
         kept = [part for part in parts if len(part[0])]
         return cls(
-            images=np.concatenate([resize_uint8(images, size) for images, _, _ in kept]),
-            labels=np.concatenate([labels.astype(np.int64) for _, labels, _ in kept]),
+            images=np.concatenate([resize_uint8(images, size) for images, *_ in kept]),
+            labels=np.concatenate([labels.astype(np.int64) for _, labels, *_ in kept]),
             weights=np.concatenate(
-                [np.full(len(labels), weight, np.float32) for _, labels, weight in kept]
+                [np.full(len(labels), weight, np.float32) for _, labels, weight, _ in kept]
             ),
+            local=np.concatenate([np.full(len(labels), own) for _, labels, _, own in kept]),
         )
 
 
@@ -172,31 +186,53 @@ def proximal_term(params: list[torch.nn.Parameter], reference: list[torch.Tensor
     return torch.stack(squared).sum() / 2
 
 
-def distillation(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def distillation(
+    logits: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(teacher || student) of the class probabilities, averaged over the batch.
 
-    logits, teacher: (B, C) image-text logits of the adapted and the pretrained encoder.
+    logits, teacher: (B, C) image-text logits of the adapted and the pretrained encoder;
+    mask: (B,) bool, the samples the term covers (all when None). Dividing by B, as
+    :func:`weighted_cross_entropy` does, keeps a batch with few covered samples from giving
+    them a full batch's weight.
     """
-    return F.kl_div(
+    kl = F.kl_div(
         F.log_softmax(logits, dim=1),
         F.log_softmax(teacher, dim=1),
         log_target=True,
-        reduction="batchmean",
-    )
+        reduction="none",
+    ).sum(dim=1)  # (B,)
+    if mask is not None:
+        kl = kl * mask
+    return kl.mean()
 
 
 @torch.no_grad()
 def _pretrained_logits(
-    encoder: ClipEncoder, data: TrainingSet, text_features: torch.Tensor, cfg: EncoderConfig
+    encoder: ClipEncoder,
+    images: np.ndarray,
+    covered: np.ndarray,
+    text_features: torch.Tensor,
+    batch_size: int,
 ) -> torch.Tensor:
-    """(N, C) logits of the pretrained CLIP (no adapter) for every training image, on the CPU."""
+    """(N, C) logits of the pretrained CLIP (no adapter) on the CPU.
+
+    Only for the ``covered`` (N,) images; zero for the others (the distillation term skips them).
+    """
     scale = encoder.bundle.model.logit_scale.exp()
-    out = []
+    out = torch.zeros(len(images), len(text_features))
     with encoder.pretrained():
-        for idx in _batches(len(data.images), cfg.eval_batch_size, None):
-            pixels = to_pixels(data.images[idx], encoder.bundle)
-            out.append((scale * encoder.encode_images(pixels) @ text_features.T).cpu())
-    return torch.cat(out)
+        for idx in np.array_split(np.flatnonzero(covered), -(-covered.sum() // batch_size)):
+            pixels = to_pixels(images[idx], encoder.bundle)
+            out[idx] = (scale * encoder.encode_images(pixels) @ text_features.T).cpu()
+    return out
+
+
+def _distilled(data: TrainingSet, cfg: EncoderConfig) -> np.ndarray:
+    """(N,) bool: the images the distillation term covers (``encoder.distill-on``)."""
+    if cfg.distill == 0:
+        return np.zeros(len(data.images), bool)
+    return data.local if cfg.distill_on == "local" else np.ones(len(data.images), bool)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[np.ndarray]:
@@ -218,11 +254,17 @@ def train_encoder(
 
     text_features: (C, D). With ``proximal_mu`` > 0, FedProx's proximal term pulls the
     adapter towards the one it started from; with ``cfg.distill`` > 0 a distillation term keeps
-    its predictions near the pretrained CLIP's. Returns the mean training loss.
+    its predictions near the pretrained CLIP's on the images ``cfg.distill_on`` names. Returns
+    the mean training loss.
     """
     if len(data.images) == 0:
         raise ValueError("cannot train the image encoder on an empty training set")
-    teacher = _pretrained_logits(encoder, data, text_features, cfg) if cfg.distill > 0 else None
+    covered = _distilled(data, cfg)
+    teacher, mask = None, torch.from_numpy(covered)
+    if covered.any():
+        teacher = _pretrained_logits(
+            encoder, data.images, covered, text_features, cfg.eval_batch_size
+        )
     params = encoder.lora_parameters()
     reference = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -247,7 +289,8 @@ def train_encoder(
             weights = torch.from_numpy(data.weights[idx]).to(device)
             loss = weighted_cross_entropy(logits, target, weights)
             if teacher is not None:
-                loss = loss + cfg.distill * distillation(logits, teacher[idx].to(device))
+                term = distillation(logits, teacher[idx].to(device), mask[idx].to(device))
+                loss = loss + cfg.distill * term
             if proximal_mu > 0:
                 loss = loss + proximal_mu * proximal_term(params, reference)
             optimizer.zero_grad(set_to_none=True)

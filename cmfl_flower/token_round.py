@@ -230,7 +230,7 @@ def token_round(
     with ws.phase("encoder"):
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size,
-            (ws.data.train.images, ws.data.train.labels, 1.0),
+            (ws.data.train.images, ws.data.train.labels),
             (generated.images, generated.labels, cfg.generation.sample_weight),
         )
         encoder_loss = train_encoder(

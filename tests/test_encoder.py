@@ -29,8 +29,8 @@ def class_text_features(bundle, names):
         return text.encode([text.name_vectors(n) for n in names])
 
 
-def as_set(images, labels, weight=1.0):
-    return TrainingSet.mix(32, (images, labels, weight))
+def as_set(images, labels):
+    return TrainingSet.mix(32, (images, labels))
 
 
 CFG = EncoderConfig(epochs=10, lr=1e-2, batch_size=32)
@@ -180,10 +180,11 @@ def test_pretrained_view_is_the_clip_without_lora_then_restores(encoder, digits)
 def test_mix_resizes_and_weights_generated_images(digits):
     generated = np.zeros((3, 32, 32, 3), np.uint8)
     data = TrainingSet.mix(
-        32, (digits.images[:5], digits.labels[:5], 1.0), (generated, np.array([1, 2, 3]), 0.25)
+        32, (digits.images[:5], digits.labels[:5]), (generated, np.array([1, 2, 3]), 0.25)
     )
     assert data.images.shape == (8, 32, 32, 3) and data.images.dtype == np.uint8
     assert data.weights.tolist() == [1.0] * 5 + [0.25] * 3
+    assert data.local.tolist() == [True] * 5 + [False] * 3
     assert resize_uint8(digits.images[:2], 16).shape == (2, 16, 16, 3)
 
 
@@ -200,6 +201,40 @@ def test_distillation_is_zero_for_the_teachers_logits_and_positive_otherwise():
     assert distillation(torch.randn(5, 10), teacher).item() > 0.1
     # a shift of every logit of a row leaves its probabilities, and the term, unchanged
     assert distillation(teacher + 3.0, teacher).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_covers_only_the_masked_samples_and_divides_by_the_batch():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(4, 10), torch.randn(4, 10)
+    per_sample = [distillation(student[i : i + 1], teacher[i : i + 1]).item() for i in range(4)]
+    mask = torch.tensor([True, False, True, False])
+    assert distillation(student, teacher, mask).item() == pytest.approx(
+        (per_sample[0] + per_sample[2]) / 4, rel=1e-5
+    )
+    assert distillation(student, teacher, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize(("distill_on", "same_as_without"), [("local", True), ("all", False)])
+def test_generated_images_are_distilled_only_with_distill_on_all(
+    digits, distill_on, same_as_without
+):
+    # A generated image carries a peer's knowledge of a class; holding its prediction to the
+    # pretrained CLIP's would undo what it teaches. With `local`, a set of generated images
+    # only trains exactly as without the term.
+    generated = TrainingSet.mix(
+        32, (digits.images[:0], digits.labels[:0]), (digits.images[:48], digits.labels[:48], 0.5)
+    )
+    encoder = load_encoder(TINY, "cpu", 0, LoraSpec.from_config(CFG))
+    text = class_text_features(encoder.bundle, digits.class_names)
+    states = {}
+    for name, update in (("without", {"distill": 0.0}), ("with", {"distill_on": distill_on})):
+        encoder.load_lora_state(encoder.init_state)
+        cfg = CFG.model_copy(update={"epochs": 1, **update})
+        train_encoder(encoder, generated, text, cfg, seed=3)
+        states[name] = {k: v.clone() for k, v in encoder.lora_state().items()}
+    encoder.load_lora_state(encoder.init_state)
+    same = all(torch.equal(states["with"][k], states["without"][k]) for k in states["without"])
+    assert same == same_as_without
 
 
 def test_distillation_keeps_the_classes_a_skewed_client_lacks():

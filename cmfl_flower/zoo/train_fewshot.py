@@ -192,7 +192,7 @@ def central_lora_accuracy(
         text = bundle.model.encode_text(
             prompt_ids(tokenizer, EVAL_TEMPLATE, train.class_names), normalize=True
         )  # (C, E)
-    data = TrainingSet.mix(IMAGE_SIZE, (train.images, train.labels, 1.0))
+    data = TrainingSet.mix(IMAGE_SIZE, (train.images, train.labels))
     train_encoder(encoder, data, text, cfg, seed)
     return accuracy(encoder, evaluation.images, evaluation.labels, text, cfg.eval_batch_size)
 
