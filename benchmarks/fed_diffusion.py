@@ -479,8 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({args.workers} workers x {args.threads} torch thread)"
     )
     title = (
-        f"tiny pixel DDPM on digits, iid, same seeds; lr {args.lr:g}, cosine over each arm; "
-        f"FD on {args.eval_samples} DDIM-{args.sample_steps} samples"
+        f"tiny pixel DDPM, digits, iid, same seeds; lr {args.lr:g} cosine; "
+        f"FD of {args.eval_samples} DDIM-{args.sample_steps} samples"
     )
     curves = out["curves"]
     draw(curves["fedavg"], curves["centralised"], args.docs / "fed-diffusion.png", title)
