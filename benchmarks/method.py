@@ -158,9 +158,9 @@ def pooled(cfg: AppConfig, zero_shot: bool) -> dict[str, Any]:
     val = None
     if not zero_shot:
         parts = [_client_train(cfg, pid) for pid in range(CLIENTS)]
-        data = TrainingSet.mix(
-            ws.encoder.bundle.image_size, *((t.images, t.labels, 1.0) for t in parts)
-        )
+        images = np.concatenate([t.images for t in parts])  # (N, H, W, 3)
+        labels = np.concatenate([t.labels for t in parts])  # (N,)
+        data = TrainingSet.mix(ws.encoder.bundle.image_size, (images, labels))
         rounds = cfg.federation.rounds
         epochs = cfg.encoder.model_copy(update={"epochs": cfg.encoder.epochs * rounds})
         train_encoder(ws.encoder, data, text, epochs, cfg.seed)
