@@ -241,7 +241,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def local_steps(job: Job) -> int:
+def training_steps(job: Job) -> int:
     """Training steps the job takes in all (rounds x clients per round x local steps).
 
     Jobs start in this order, the longest first, so that the workers finish close together.
@@ -261,11 +261,9 @@ def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dic
             data_dir(ddpm_config(job, root).data, job.nodes)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
-        futures = {
-            id(job): pool.submit(run_job, job, root)
-            for job in sorted(jobs, key=local_steps, reverse=True)
-        }
-        return [futures[id(job)].result() for job in jobs]
+        longest_first = sorted(range(len(jobs)), key=lambda i: -training_steps(jobs[i]))
+        futures = {i: pool.submit(run_job, jobs[i], root) for i in longest_first}
+        return [futures[i].result() for i in range(len(jobs))]
 
 
 def plateau(curve: list[list[float]]) -> tuple[float, float]:

@@ -221,8 +221,10 @@ def _pretrained_logits(
     """
     scale = encoder.bundle.model.logit_scale.exp()
     out = torch.zeros(len(images), len(text_features))
+    indices = np.flatnonzero(covered)
     with encoder.pretrained():
-        for idx in np.array_split(np.flatnonzero(covered), -(-covered.sum() // batch_size)):
+        for batch in _batches(len(indices), batch_size, None):
+            idx = indices[batch]
             pixels = to_pixels(images[idx], encoder.bundle)
             out[idx] = (scale * encoder.encode_images(pixels) @ text_features.T).cpu()
     return out
@@ -260,11 +262,10 @@ def train_encoder(
     if len(data.images) == 0:
         raise ValueError("cannot train the image encoder on an empty training set")
     covered = _distilled(data, cfg)
-    teacher, mask = None, torch.from_numpy(covered)
+    teacher, mask = None, torch.from_numpy(covered)  # mask: (N,) bool
     if covered.any():
-        teacher = _pretrained_logits(
-            encoder, data.images, covered, text_features, cfg.eval_batch_size
-        )
+        batch = cfg.eval_batch_size
+        teacher = _pretrained_logits(encoder, data.images, covered, text_features, batch)
     params = encoder.lora_parameters()
     reference = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

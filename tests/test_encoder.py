@@ -218,9 +218,8 @@ def test_distillation_covers_only_the_masked_samples_and_divides_by_the_batch():
 def test_generated_images_are_distilled_only_with_distill_on_all(
     digits, distill_on, same_as_without
 ):
-    # A generated image carries a peer's knowledge of a class; holding its prediction to the
-    # pretrained CLIP's would undo what it teaches. With `local`, a set of generated images
-    # only trains exactly as without the term.
+    # `local` leaves generated images out of the term: a set of generated images only then
+    # trains exactly as without it; `all` (the default) holds them to the pretrained CLIP too.
     generated = TrainingSet.mix(
         32, (digits.images[:0], digits.labels[:0]), (digits.images[:48], digits.labels[:48], 0.5)
     )
