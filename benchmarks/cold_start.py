@@ -131,7 +131,9 @@ def measure_method(
     cfg = AppConfig.from_run_config(overrides)
     data_dir(cfg.data, args.clients)  # prepared here, not in a measured message
     fresh = FreshProcess(tree, root / "jobs" / name / method, args.threads)
-    run_federation(LoopbackGrid(fresh, overrides, args.clients), cfg)  # overrides: any revision
+    # overrides: any revision
+    grid = LoopbackGrid(fresh, overrides, args.clients, keep_messages=False)
+    run_federation(grid, cfg)
     if fresh.failures:
         raise RuntimeError(fresh.failures[0])
     for row in fresh.rows:

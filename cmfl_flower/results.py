@@ -3,7 +3,9 @@
 Everything is rewritten atomically after each round, so a run that dies keeps what it had.
 The layout is :mod:`cmfl_flower.paths`'s.
 
-The report files are rewritten after each round and at the end (:mod:`cmfl_flower.report`).
+The report files (:mod:`cmfl_flower.report`) are rewritten after a round when their last
+rewrite is at least :data:`REPORT_INTERVAL_S` old (every round of a run with rounds of seconds;
+a run of many sub-second rounds does not spend its time drawing charts), and always at the end.
 ``output.resume = true`` reopens an existing directory: the config must match the one it was
 started with (apart from :data:`RESUMABLE_KEYS`) and rows after the checkpoint are dropped.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from cmfl_flower.config import AppConfig, OutputConfig
 from cmfl_flower.paths import CLIENT_ROWS, CONFIG_JSON, ROUNDS, STATUS_JSON, cache_root
 
 Row = dict[str, Any]
+REPORT_INTERVAL_S = 5.0  # at most one report rewrite per this many seconds, until the end
 RESUMABLE_KEYS = frozenset(
     {"output.resume", "federation.rounds", "federation.round-timeout", "federation.wait-for-nodes"}
 )
@@ -65,6 +69,7 @@ class RunRecorder:
         self.rounds: list[Row] = rounds or []
         self.clients: list[Row] = clients or []
         self.tensorboard = report.TensorBoardLog(run_dir) if cfg.output.tensorboard else None
+        self.report_written = -math.inf  # time.monotonic() of the last report rewrite
         config = {"config": cfg.model_dump(), "run_config": cfg.to_run_config()}
         _write_atomic(run_dir / CONFIG_JSON, json.dumps(config, indent=2))
         self._status("running")
@@ -124,7 +129,8 @@ class RunRecorder:
         """Record the round's aggregates and rewrite the metric files."""
         self.rounds.append({"round": server_round, **metrics})
         self.flush()
-        report.write_report(self.run_dir)
+        if time.monotonic() - self.report_written >= REPORT_INTERVAL_S:
+            self.write_report()
         if self.tensorboard is not None:
             self.tensorboard.log_round(server_round, self.rounds[-1])
 
@@ -138,9 +144,14 @@ class RunRecorder:
         """Write the final status: ``completed``, or ``failed`` with the error."""
         self.flush()
         self._status("failed" if error else "completed", repr(error) if error else None)
-        report.write_report(self.run_dir)
+        self.write_report()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+    def write_report(self) -> None:
+        """Rewrite ``report.html`` and its charts from the run directory."""
+        report.write_report(self.run_dir)
+        self.report_written = time.monotonic()
 
     def _status(self, status: str, error: str | None = None) -> None:
         payload = {"status": status, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

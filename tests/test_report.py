@@ -442,3 +442,20 @@ def test_label_chart_stops_growing_with_the_clients():
     ticks = [t.get_text() for t in large.axes[0].get_yticklabels()]
     assert ticks[:2] == ["client 0 (0)", "client 4 (40)"] and len(ticks) == 25
     assert large.axes[0].images[0].get_array().shape == (100, 10)  # every client still drawn
+
+
+def test_report_rewritten_at_most_every_interval_and_at_the_end(tmp_path, data_dir, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("cmfl_flower.results.time.monotonic", lambda: clock[0])
+    written: list[float] = []
+    monkeypatch.setattr(report, "write_report", lambda run_dir: written.append(clock[0]))
+    recorder = RunRecorder.create(_cfg(tmp_path, data_dir, "local-only", 4))
+    for server_round, at in enumerate([100.0, 101.0, 104.9, 105.0], start=1):
+        clock[0] = at
+        recorder.add_round(server_round, {"replies": 1})
+    clock[0] = 105.5
+    recorder.finish()
+    # round 1 (no report yet), round 4 (5 s after it), and the end, whatever the interval
+    assert written == [100.0, 105.0, 105.5]
+    rows = json.loads((recorder.run_dir / "rounds.json").read_text())
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]  # the metric files every round

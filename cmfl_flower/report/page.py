@@ -1,7 +1,7 @@
 """The run's own page: reading a run directory, its figures, ``report.html``, TensorBoard.
 
 The server renders the run-level views from whatever the run directory holds
-(:func:`write_report`, rewritten after every round) and, optionally, logs the same to
+(:func:`write_report`, rewritten after rounds and at the end) and, optionally, logs the same to
 TensorBoard. Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow;
 matplotlib is imported when a figure is drawn, not with the package, whose pictures
 (:mod:`.pictures`) every client draws.
@@ -388,7 +388,7 @@ def write_labels(run_dir: Path) -> dict[int, Row]:
     """Combine the clients' label counts into ``labels.json`` and ``labels.png``.
 
     The chart is redrawn only when the counts changed (a partition seen for the first time):
-    the report is rewritten every round, and the labels stay put.
+    the report is rewritten after rounds, and the labels stay put.
     """
     counts = client_label_counts(run_dir)
     if counts:
