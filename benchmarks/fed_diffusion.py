@@ -241,14 +241,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def training_steps(job: Job) -> int:
-    """Training steps the job takes in all (rounds x clients per round x local steps).
+def training_samples(job: Job, root: Path) -> int:
+    """Training samples the job draws in all (rounds x C x E x batch).
 
     Jobs start in this order, the longest first, so that the workers finish close together.
     """
-    rounds, steps = job.settings["federation.rounds"], job.settings["diffusion.local-steps"]
-    fraction = job.settings.get("federation.fraction", 1.0)
-    return int(rounds * steps * max(1, round(fraction * job.nodes)))
+    cfg = ddpm_config(job, root)
+    return cfg.federation.rounds * per_round(cfg, job.nodes)[1]
 
 
 def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dict[str, Any]]:
@@ -261,7 +260,7 @@ def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dic
             data_dir(ddpm_config(job, root).data, job.nodes)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
-        longest_first = sorted(range(len(jobs)), key=lambda i: -training_steps(jobs[i]))
+        longest_first = sorted(range(len(jobs)), key=lambda i: -training_samples(jobs[i], root))
         futures = {i: pool.submit(run_job, jobs[i], root) for i in longest_first}
         return [futures[i].result() for i in range(len(jobs))]
 
