@@ -153,8 +153,10 @@ def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrappe
         [(new_global[k] - np.mean([r[k] for r in clipped], axis=0)).ravel() for k in reference]
     )
     assert residual.size > 10_000
-    assert abs(residual.mean()) < 1e-4
-    assert residual.std() == pytest.approx(sigma * bound / nodes, rel=0.05)
+    noise_std = sigma * bound / nodes
+    # Flower's wrapper draws unseeded noise: allow 5 standard errors of the mean (~1 in 3.5e6)
+    assert abs(residual.mean()) < 5 * noise_std / np.sqrt(residual.size)
+    assert residual.std() == pytest.approx(noise_std, rel=0.05)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     for row in rounds:
         expected = _accountant_epsilon(sigma / 2, row["round"], 1e-5)
