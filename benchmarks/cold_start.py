@@ -132,7 +132,7 @@ def measure_method(
     data_dir(cfg.data, args.clients)  # prepared here, not in a measured message
     fresh = FreshProcess(tree, root / "jobs" / name / method, args.threads)
     # overrides: any revision
-    grid = LoopbackGrid(fresh, overrides, args.clients, keep_messages=False)
+    grid = LoopbackGrid(fresh, overrides, args.clients)
     run_federation(grid, cfg)
     if fresh.failures:
         raise RuntimeError(fresh.failures[0])

@@ -127,7 +127,7 @@ def _curve(rounds: list[dict[str, Any]], samples_per_round: int) -> list[list[fl
 def fedavg(job: Job, root: Path) -> dict[str, Any]:
     """A FedAvg run: its FD curve and the bytes on the wire per round."""
     cfg = ddpm_config(job, root)
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes, keep_messages=False), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     sampled, samples = per_round(cfg, job.nodes)
     return {
@@ -207,7 +207,7 @@ def lora(job: Job, root: Path) -> dict[str, Any]:
     base_dir = root / "runs" / "lora-base"
     base = DiffusionPublisher(cfg, base_dir, "lora")
     base_fd = base.publish_adapter(0, base.initial_arrays())["fd-clip"]
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes, keep_messages=False), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, job.nodes), cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     return {
         "base_fd": base_fd,

@@ -1,9 +1,11 @@
 """An in-process Grid: a strategy talks to a ClientApp in the same process, without Ray.
 
-For tests and benchmarks (it is not part of the installed app). Every message and reply is
-kept for inspection. Each node has its own ``Context`` whose ``run_config`` is the run's flat
-config, as ``flwr run`` gives it (its ``context.state`` persists across rounds, as on a
-SuperNode). A client that raises produces an error reply, as Flower does.
+For tests and benchmarks (it is not part of the installed app). With ``keep_messages=True``
+every message and reply is kept for a test to read (``sent``, ``replies``); by default none is,
+so that a long run does not hold every model it shipped. Each node has its own ``Context``
+whose ``run_config`` is the run's flat config, as ``flwr run`` gives it (its ``context.state``
+persists across rounds, as on a SuperNode). A client that raises produces an error reply, as
+Flower does.
 
 It stands in for Flower's runtime, so it uses three Flower internals, each once, and
 ``tests/test_flower_api.py`` checks them: the process's ``TaskIdentity`` (a ServerApp process
@@ -36,11 +38,10 @@ class LoopbackGrid(Grid):
         run_config: AppConfig | Mapping[str, Any],
         num_nodes: int,
         first_node_id: int = 1000,
-        keep_messages: bool = True,
+        keep_messages: bool = False,
     ) -> None:
         self.client_app = client_app
-        # into sent and replies, for tests to read; a long benchmark passes False (a FedAvg run
-        # of 900 rounds would otherwise hold every 2.8 MB model it sent and received)
+        # kept, a FedAvg run of 900 rounds would hold every 2.8 MB model it sent and received
         self.keep_messages = keep_messages
         if isinstance(run_config, AppConfig):
             run_config = run_config.to_run_config()
@@ -54,12 +55,29 @@ class LoopbackGrid(Grid):
             )
             for pid in range(num_nodes)
         }
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
+        self._sent: list[Message] = []
+        self._replies: list[Message] = []
         self.overrides: dict[int, ClientCall] = {}  # node id -> another ClientApp
         self.waiting: dict[str, Message] = {}  # message id -> its reply, not pulled yet
         # what a ServerApp process has set before it builds messages
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    @property
+    def sent(self) -> list[Message]:
+        """Every message delivered, in order (only with ``keep_messages=True``)."""
+        return self._kept(self._sent)
+
+    @property
+    def replies(self) -> list[Message]:
+        """Every reply, in the order of ``sent`` (only with ``keep_messages=True``)."""
+        return self._kept(self._replies)
+
+    def _kept(self, messages: list[Message]) -> list[Message]:
+        if not self.keep_messages:
+            raise RuntimeError(
+                "this LoopbackGrid keeps no messages: build it with keep_messages=True"
+            )
+        return messages
 
     # --- the Grid API; strategies use get_node_ids and send_and_receive ---
     def set_run(self, run: Run) -> None:
@@ -96,7 +114,7 @@ class LoopbackGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             if self.keep_messages:
-                self.sent.append(message)
+                self._sent.append(message)
             node = message.metadata.dst_node_id
             app = self.overrides.get(node, self.client_app)
             try:
@@ -105,7 +123,7 @@ class LoopbackGrid(Grid):
                 reply = Message(Error(code=1, reason=repr(err)), reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = node
             if self.keep_messages:
-                self.replies.append(reply)
+                self._replies.append(reply)
             self.waiting[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
         return ids

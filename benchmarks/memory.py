@@ -40,7 +40,7 @@ def child(clients: int, root: Path) -> None:
             "output.run-name": f"memory-{clients}",
         }
     )
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, clients, keep_messages=False), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, clients), cfg)
     last = json.loads((run_dir / "rounds.json").read_text())[-1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"clients={clients} replies={last['replies']} generated={last['num-generated']}")

@@ -126,7 +126,7 @@ def config(
 
 def federated(cfg: AppConfig) -> dict[str, Any]:
     """Run one federated arm; its last round's figures and bytes per round per client."""
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, CLIENTS, keep_messages=False), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, CLIENTS), cfg)
     rows = json.loads((run_dir / "rounds.json").read_text())
     last = rows[-1]
     traffic = sum(row.get("bytes-sent", 0) + row.get("bytes-received", 0) for row in rows)

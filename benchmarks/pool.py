@@ -67,7 +67,7 @@ class PoolGrid(LoopbackGrid):
     """
 
     def __init__(self, run_config: AppConfig | Mapping[str, Any], num_nodes: int) -> None:
-        super().__init__(_unused_app, run_config, num_nodes, keep_messages=False)
+        super().__init__(_unused_app, run_config, num_nodes)
         spawn = multiprocessing.get_context("spawn")
         self.conns: dict[int, Connection] = {}
         self.workers: dict[int, Any] = {}

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     flat |= {"federation.min-nodes": args.clients} | dict(map(parse_override, args.overrides))
     start = time.perf_counter()
     cfg = AppConfig.from_run_config(flat)
-    run_dir = run_federation(LoopbackGrid(client_app, cfg, args.clients, keep_messages=False), cfg)
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, args.clients), cfg)
     for row in json.loads((run_dir / "rounds.json").read_text()):
         print(round_line(row))
     print(f"{time.perf_counter() - start:.0f} s, run directory {run_dir}")

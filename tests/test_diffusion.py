@@ -41,7 +41,7 @@ def _one_thread():
 
 def run(tmp_path, method, nodes=3, rounds=2, **extra):
     cfg = make_cfg(tmp_path, method, rounds, **(FAST | extra))
-    grid = LoopbackGrid(client_app, cfg, nodes)
+    grid = LoopbackGrid(client_app, cfg, nodes, keep_messages=True)
     run_dir = run_federation(grid, cfg)
     return grid, run_dir, json.loads((run_dir / "rounds.json").read_text())
 

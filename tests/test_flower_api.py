@@ -1,6 +1,7 @@
 """The Flower APIs that are not public, one test each: an upgrade that breaks one fails here."""
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
@@ -42,11 +43,16 @@ def test_the_loopback_grid_delivers_like_flowers_runtime():
     def echo(message: Message, context) -> Message:  # type: ignore[no-untyped-def]
         return Message(RecordDict(), reply_to=message)
 
-    grid = LoopbackGrid(echo, AppConfig(), 2)
+    grid = LoopbackGrid(echo, AppConfig(), 2, keep_messages=True)
     (reply,) = grid.send_and_receive([Message(RecordDict(), 1001, "train")])
     assert grid.sent[0].metadata.message_id  # an id, as the SuperLink gives it
     assert reply.metadata.src_node_id == 1001
     assert reply.metadata.reply_to_message_id == grid.sent[0].metadata.message_id
+    # by default nothing is kept, and reading what was sent says so instead of an empty list
+    quiet = LoopbackGrid(echo, AppConfig(), 2)
+    assert len(quiet.send_and_receive([Message(RecordDict(), 1000, "train")])) == 1
+    with pytest.raises(RuntimeError, match="keep_messages=True"):
+        _ = quiet.sent
 
 
 def test_an_error_reply_has_bytes_too():

@@ -88,7 +88,7 @@ def test_epsilon_is_the_rdp_accountants_for_the_stated_sensitivity():
 def test_a_private_run_reports_epsilon_and_sends_noised_vectors(tmp_path):
     extra = {"privacy.enabled": True, "privacy.clip-norm": 0.5, "privacy.noise-multiplier": 1.3}
     cfg = make_cfg(tmp_path, "cmfl-relay", 2, **extra)
-    grid = LoopbackGrid(client_app, cfg, 2)
+    grid = LoopbackGrid(client_app, cfg, 2, keep_messages=True)
     run_dir = run_federation(grid, cfg)
     rounds = json.loads((run_dir / "rounds.json").read_text())
     for r, summary in enumerate(rounds, start=1):
@@ -138,7 +138,7 @@ def test_private_fedavg_clips_updates_and_noises_the_mean_through_flowers_wrappe
             "privacy.update-clip-norm": bound,
         },
     )
-    grid = LoopbackGrid(client_app, cfg, nodes)
+    grid = LoopbackGrid(client_app, cfg, nodes, keep_messages=True)
     run_dir = run_federation(grid, cfg)
     sent = [from_record(m.content.array_records[ARRAYS_KEY]) for m in grid.sent]
     assert len(sent) == 4 and sent[0], "round 1 sends the seeded initial adapter"

@@ -71,7 +71,7 @@ def test_mean_needs_class_ids():
 def test_a_relay_round_sends_each_client_at_most_the_cap(tmp_path, combine):
     settings = {"relay.max-senders-per-class": 1, "relay.combine": combine}
     cfg = make_cfg(tmp_path, "cmfl-relay", 2, **settings, **{"data.partitioner": "iid"})
-    grid = LoopbackGrid(client_app, cfg, 5)
+    grid = LoopbackGrid(client_app, cfg, 5, keep_messages=True)
     run_federation(grid, cfg)
     second = [m for m in grid.sent if m.content["config"]["server-round"] == 2]
     assert len(second) == 5

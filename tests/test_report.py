@@ -56,7 +56,7 @@ def relay_run(tmp_path_factory, data_dir):
     """A 2-round cmfl-relay run of 3 clients, with TensorBoard on; its grid and run dir."""
     root = tmp_path_factory.mktemp("relay")
     cfg = _cfg(root, data_dir, "cmfl-relay", 2, **{"output.tensorboard": True})
-    grid = LoopbackGrid(client_app, cfg, NODES)
+    grid = LoopbackGrid(client_app, cfg, NODES, keep_messages=True)
     flwr_logger = logging.getLogger("flwr")
     handler = _Collect()
     flwr_logger.addHandler(handler)

@@ -76,7 +76,7 @@ def test_resume_refuses_a_changed_config_and_a_missing_run(tmp_path):
 
 def test_more_rounds_can_be_added_to_a_finished_run(tmp_path):
     cfg = make_cfg(tmp_path, "encoder-lora", 1, **{"output.run-name": "grow"})
-    grid = LoopbackGrid(client_app, cfg, 2)
+    grid = LoopbackGrid(client_app, cfg, 2, keep_messages=True)
     run_dir = run_federation(grid, cfg)
     more = cfg.to_run_config() | {"output.resume": True, "federation.rounds": 2}
     run_federation(grid, AppConfig.from_run_config(more))

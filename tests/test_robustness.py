@@ -122,7 +122,7 @@ def _run(tmp_path, name, hostile):
             "data.min-partition-size": 1,
         },
     )
-    grid = LoopbackGrid(client_app, cfg, HONEST + len(KINDS))
+    grid = LoopbackGrid(client_app, cfg, HONEST + len(KINDS), keep_messages=True)
     for offset, kind in enumerate(KINDS):
         grid.overrides[1000 + HONEST + offset] = _hostile_app(kind) if hostile else _raising
     run_dir = run_federation(grid, cfg)
@@ -252,7 +252,7 @@ def test_robust_aggregation_holds_where_fedavg_loses_it(tmp_path):
 
 def test_a_second_node_claiming_a_partition_is_refused(tmp_path):
     cfg = make_cfg(tmp_path, "cmfl-relay", 1, **{"output.run-name": "twins"})
-    grid = LoopbackGrid(client_app, cfg, 3)
+    grid = LoopbackGrid(client_app, cfg, 3, keep_messages=True)
     grid.contexts[1002].node_config["partition-id"] = 1  # an operator slip: two nodes say 1
     run_dir = run_federation(grid, cfg)
     (summary,) = json.loads((run_dir / "rounds.json").read_text())

@@ -57,7 +57,7 @@ BOTH = {"tokens.objective": "both"}  # the app's default token objective
 
 def run(tmp_path, method, num_nodes=4, rounds=2, overrides=None, **extra):
     cfg = make_cfg(tmp_path, method, rounds, **extra)
-    grid = LoopbackGrid(client_app, cfg, num_nodes)
+    grid = LoopbackGrid(client_app, cfg, num_nodes, keep_messages=True)
     grid.overrides.update(overrides or {})
     run_dir = run_federation(grid, cfg)
     rows = json.loads((run_dir / "clients.json").read_text())

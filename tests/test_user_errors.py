@@ -19,7 +19,7 @@ from tests.test_strategies import make_cfg
 
 def _serve(cfg_or_flat, num_nodes=2):
     flat = cfg_or_flat if isinstance(cfg_or_flat, dict) else cfg_or_flat.to_run_config()
-    grid = LoopbackGrid(client_app, flat, num_nodes)
+    grid = LoopbackGrid(client_app, flat, num_nodes, keep_messages=True)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=flat)
     with pytest.raises(RunFailedError) as info:
         server_main(grid, context)
@@ -46,9 +46,13 @@ def _cli(argv, capsys):
 
 
 def test_missing_partition_directory(tmp_path):
-    cfg = make_cfg(tmp_path, "local-only", 1)
+    # its own data root: the one make_cfg shares between the tests of a worker must stay whole
+    own = {"data.dir": str(tmp_path / "data")}
+    cfg = make_cfg(tmp_path, "local-only", 1, **own)
     shutil.rmtree(data_dir(cfg.data, 2) / "partition_0001")
-    grid, message = _serve(make_cfg(tmp_path, "local-only", 1, **{"federation.min-replies": 2}))
+    grid, message = _serve(
+        make_cfg(tmp_path, "local-only", 1, **own, **{"federation.min-replies": 2})
+    )
     (reason,) = _one_line_client_errors(grid)
     assert "partition_0001/train.npz' is missing; prepare the data again" in reason
     assert "federation.min-replies = 2" in message and reason in message
