@@ -474,8 +474,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="with --privacy: one more run at the largest epsilon, receivers not denoising",
     )
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="instead: print the tables and checks of what --results holds, running nothing",
+    )
     args = parser.parse_args(argv)
     args.set = dict(map(parse_override, args.set))
+    if args.show:
+        show(args.results, args.protocol)
+        return
     if args.privacy:
         torch.set_num_threads(args.threads)
         root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
@@ -501,14 +509,31 @@ def main(argv: list[str] | None = None) -> None:
         arms = tuple(args.arms)
         results[protocol], details[protocol] = run_protocol(protocol, args.seeds, arms, root, args)
     for protocol, rows in results.items():
-        print()
-        print(table(protocol, rows, {a: d["chosen"] for a, d in details[protocol].items()}))
-        for line in checks(protocol, rows):
-            print(f"- {line}")
+        print_protocol(protocol, rows, details[protocol])
     args.results.mkdir(parents=True, exist_ok=True)
     write_merged(args.results / "method.json", results)
     write_merged(args.results / "method-details.json", details)
     print(f"wrote {args.results / 'method.json'}")
+
+
+def print_protocol(protocol: str, rows: dict[str, Any], details: dict[str, Any]) -> None:
+    """A protocol's table, then its targets' checks."""
+    print()
+    print(table(protocol, rows, {arm: d["chosen"] for arm, d in details.items()}))
+    for line in checks(protocol, rows):
+        print(f"- {line}")
+
+
+def show(results: Path, protocols: list[str]) -> None:
+    """Print what ``results`` holds for ``protocols``, the arms in their usual order."""
+    paths = [results / "method.json", results / "method-details.json"]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--show: no {' or '.join(missing)}; run the benchmark first")
+    stored, details = (json.loads(path.read_text()) for path in paths)
+    for protocol in (p for p in protocols if p in stored):
+        rows = {arm: stored[protocol][arm] for arm in ARMS if arm in stored[protocol]}
+        print_protocol(protocol, rows, details.get(protocol, {}))
 
 
 def write_merged(path: Path, by_protocol: dict[str, Any]) -> None:

@@ -61,3 +61,19 @@ def test_reused_tuning_takes_each_arms_chosen_setting_and_names_a_missing_arm(tm
     assert method.reused_settings(path, "P1", ("local-only",)) == {"local-only": chosen}
     with pytest.raises(ValueError, match=r"P1 setting for arms \['cmfl-relay'\]"):
         method.reused_settings(path, "P1", ("local-only", "cmfl-relay"))
+
+
+def test_show_prints_the_stored_tables_in_arm_order_and_names_a_missing_file(tmp_path, capsys):
+    row = {"seeds": 3, "mean": 0.7, "min": 0.6, "max": 0.8, "bytes_per_round": 2048.0}
+    stored = {"P1": {"cmfl-relay": row, "local-only": row | {"mean": 0.5}}}
+    method.write_merged(tmp_path / "method.json", stored)
+    chosen = {"local-only": {"chosen": {"encoder.lr": 0.001}, "per_seed": []}}
+    method.write_merged(tmp_path / "method-details.json", {"P1": chosen})
+    method.main(["--show", "--results", str(tmp_path), "--protocol", "P1", "P3"])
+    out = capsys.readouterr().out
+    assert out.index("| local-only | 3 | 0.500") < out.index("| cmfl-relay | 3 | 0.700")
+    assert "| local-only | 3 | 0.500 | 0.600 | 0.800 | 2.0 kB | lr 0.001 |" in out
+    assert "cmfl-relay - local-only: +20.0 points (target >= +15): met" in out
+    assert "P3" not in out  # nothing stored for it
+    with pytest.raises(SystemExit, match="method-details.json"):
+        method.main(["--show", "--results", str(tmp_path / "empty")])
