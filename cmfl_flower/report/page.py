@@ -171,8 +171,9 @@ def _legend(axes: Axes, runs: Sequence[RunView]) -> None:
     """Inside the axes for one run; below them when comparing runs (it would hide the curves)."""
     if len(runs) == 1:
         axes.legend(fontsize=8)
-    else:  # the saved PNG grows to hold it (bbox_inches="tight")
-        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    else:  # the saved PNG grows to hold it (bbox_inches="tight"); one column, as wide as the
+        # axes at most: two columns of long run names ran into the next panel's legend
+        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
 
 
 def _round_axes(axes: Axes, ylabel: str, title: str) -> None:
