@@ -520,6 +520,7 @@ def print_protocol(protocol: str, rows: dict[str, Any], details: dict[str, Any])
     """A protocol's table, then its targets' checks."""
     print()
     print(table(protocol, rows, {arm: d["chosen"] for arm, d in details.items()}))
+    print()
     for line in checks(protocol, rows):
         print(f"- {line}")
 
