@@ -41,7 +41,7 @@ class LoopbackGrid(Grid):
         keep_messages: bool = False,
     ) -> None:
         self.client_app = client_app
-        # kept, a FedAvg run of 900 rounds would hold every 2.8 MB model it sent and received
+        # off by default: a FedAvg run of 900 rounds would hold every 2.8 MB model it shipped
         self.keep_messages = keep_messages
         if isinstance(run_config, AppConfig):
             run_config = run_config.to_run_config()

@@ -65,7 +65,8 @@ class MemoryGrid(LoopbackGrid):
     """
 
     def __init__(self, cfg: AppConfig, num_nodes: int) -> None:
-        # no message log: a real grid keeps none, and it would count as the server's memory
+        # no message log (the default): a real grid keeps none, and it would count as the
+        # server's memory
         super().__init__(self._client, cfg, num_nodes)
         self.setup: int | None = None
         self.client_held = 0
