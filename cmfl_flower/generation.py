@@ -130,6 +130,9 @@ class Generator:
                 f"pipeline tokenizer's {(tokenizer.bos_token_id, tokenizer.eos_token_id)}"
             )
         self.pipeline = prepare_pipeline(pipeline)
+        # diffusers' ``pipeline.device`` walks every module's parameters on each read (about a
+        # tenth of a relay round's time when read per vector); the pipeline never moves
+        self._device = torch.device(pipeline.device)
         for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
             part.eval().requires_grad_(False)  # frozen: textual inversion moves only tokens
         self.template = template
@@ -139,8 +142,8 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        """Where the pipeline runs."""
-        return torch.device(self.pipeline.device)
+        """Where the pipeline runs (fixed when it is loaded)."""
+        return self._device
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -77,3 +77,28 @@ def test_show_prints_the_stored_tables_in_arm_order_and_names_a_missing_file(tmp
     assert "P3" not in out  # nothing stored for it
     with pytest.raises(SystemExit, match="method-details.json"):
         method.main(["--show", "--results", str(tmp_path / "empty")])
+
+
+def test_the_default_arms_are_the_issues_nine_and_no_cap_runs_when_named(tmp_path, monkeypatch):
+    ran: list[tuple[str, ...]] = []
+
+    def fake_protocol(protocol, seeds, arms, root, args):
+        ran.append(arms)
+        return {}, {}
+
+    monkeypatch.setattr(method, "run_protocol", fake_protocol)
+    common = ["--protocol", "P1", "--results", str(tmp_path), "--out", str(tmp_path)]
+    method.main(common)
+    method.main([*common, "--arms", "cmfl-relay", "cmfl-relay-no-cap"])
+    assert ran[0] == (
+        "zero-shot",
+        "centralised",
+        "local-only",
+        "local-only-tokens",
+        "names-generation",
+        "fedavg-encoder",
+        "fedprox-encoder",
+        "cmfl-relay",
+        "cmfl-relay-no-generation",
+    )
+    assert ran[1] == ("cmfl-relay", "cmfl-relay-no-cap")
