@@ -124,6 +124,8 @@ class LatentModel:
     """The preset's SD pipeline as a trainable text-to-image model (VAE and text frozen)."""
 
     pipeline: Any  # diffusers StableDiffusionPipeline
+    # where it was loaded; diffusers' ``pipeline.device`` walks every parameter on each read
+    device: torch.device
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -143,7 +145,7 @@ class LatentModel:
     @torch.no_grad()
     def latents(self, images: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, C_lat, h, w) scaled VAE latents."""
-        pixels = to_unit_range(images, self.image_size).to(self.pipeline.device)
+        pixels = to_unit_range(images, self.image_size).to(self.device)
         dist = self.pipeline.vae.encode(pixels).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
         sample: torch.Tensor = dist.mean + dist.std * noise  # (B, C_lat, h, w)
@@ -152,18 +154,19 @@ class LatentModel:
     @torch.no_grad()
     def text_states(self, captions: list[str]) -> torch.Tensor:
         """Captions -> (B, L, D_text) text-encoder states."""
-        embeds, _ = self.pipeline.encode_prompt(captions, self.pipeline.device, 1, False)
+        embeds, _ = self.pipeline.encode_prompt(captions, self.device, 1, False)
         return embeds  # type: ignore[no-any-return]
 
 
 @functools.cache
 def latent_model(preset: Preset, device_name: str, purpose: str) -> LatentModel:
     """The preset's pipeline, loaded once per process and ``purpose`` (separate copies)."""
-    pipeline = load_pipeline(preset.diffusion, torch.device(device_name), torch.float32)
+    device = torch.device(device_name)
+    pipeline = load_pipeline(preset.diffusion, device, torch.float32)
     pipeline.unet.requires_grad_(False)
     pipeline.vae.requires_grad_(False)
     pipeline.text_encoder.requires_grad_(False)
-    return LatentModel(pipeline)
+    return LatentModel(pipeline, device)
 
 
 def lora_config(rank: int, alpha: float) -> LoraConfig:
