@@ -94,6 +94,15 @@ def from_record(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
+def sampling_seed(seed: int, server_round: int) -> str:
+    """The seed of round ``server_round``'s node sampling, for every method.
+
+    A function of the run's seed and round alone, so that a resumed run samples as the
+    uninterrupted one did, and the relay and Flower's strategies pick the same nodes.
+    """
+    return f"{seed}/{server_round}"
+
+
 def reply(output: RoundOutput, message: Message) -> Message:
     """The reply to ``message`` carrying a routine's metrics and arrays."""
     content = RecordDict({METRICS_KEY: MetricRecord(output.metrics)})
@@ -151,7 +160,7 @@ class RoundStrategy(Strategy):
         fed = self.cfg.federation
         nodes = sorted(grid.get_node_ids())
         size = min(len(nodes), max(fed.min_live_nodes, round(fed.fraction * len(nodes))))
-        return sorted(random.Random(f"{self.cfg.seed}/{server_round}").sample(nodes, size))
+        return sorted(random.Random(sampling_seed(self.cfg.seed, server_round)).sample(nodes, size))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -9,13 +9,16 @@ Between it and Flower's Grid sits a :class:`RecordingGrid`, which for every mess
 * checks each reply and refuses a malformed one before the strategy sees it (the reason,
   ``"<kind>: <detail>"``, is logged and counted as ``refused-<kind>``).
 
-After each round (Flower's ``evaluate_fn``) :class:`Session` scores the global arrays of a
+Before each round it seeds Python's ``random`` from the run's seed and the round, and it lists
+the node ids in order, so that Flower's node sampling repeats (as the method strategies' own
+does). After each round (Flower's ``evaluate_fn``) :class:`Session` scores the global arrays of a
 weight method, writes the round's rows and summary, saves the checkpoint, and stops the run
 (``RuntimeError``) when fewer than ``federation.min-replies`` replies were usable.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Iterable
@@ -41,6 +44,7 @@ from cmfl_flower.methods.base import (
     Method,
     RoundStrategy,
     from_record,
+    sampling_seed,
     to_record,
 )
 from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY, build_strategy
@@ -200,6 +204,16 @@ class Session:
     def start(self, strategy: Strategy, first_round: int) -> None:
         """Attach ``strategy``; the next round is ``first_round``."""
         self.strategy, self.first_round = strategy, first_round
+        self._seed_sampling(first_round)
+
+    def _seed_sampling(self, server_round: int) -> None:
+        """Seed Python's ``random`` for the round about to start.
+
+        Flower's strategies sample nodes with the module-level ``random.sample`` over the
+        node ids the grid lists (which :class:`RecordingGrid` sorts), so this makes their
+        sampling repeat for the same seed, round and node ids.
+        """
+        random.seed(sampling_seed(self.cfg.seed, server_round))
 
     def end_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: score, record, checkpoint; stop on too few replies."""
@@ -214,6 +228,7 @@ class Session:
         save_checkpoint(self.recorder.run_dir, Checkpoint(server_round, state, meta))
         self._check_replies(server_round, rows, summary)
         self._new_round()
+        self._seed_sampling(server_round + 1)
         return MetricRecord({k: v for k, v in summary.items() if isinstance(v, (int, float))})
 
     def _round_figures(self, server_round: int, arrays: ArrayRecord, rows: list[Row]) -> Row:
@@ -323,8 +338,8 @@ class RecordingGrid(Grid):
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        """Flower's; the session remembers who was connected."""
-        nodes = list(self.grid.get_node_ids())
+        """Flower's, in id order (for seeded sampling); the session remembers who was connected."""
+        nodes = sorted(self.grid.get_node_ids())
         self.session.connected = set(nodes)
         return nodes
 
