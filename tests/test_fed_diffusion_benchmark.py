@@ -1,0 +1,55 @@
+"""The federated-diffusion benchmark end to end at toy size: its JSON, tables and pictures agree."""
+
+import json
+
+import pytest
+
+from benchmarks import fed_diffusion
+
+# the tests share one toy run (about a minute): one xdist worker runs them all
+pytestmark = pytest.mark.xdist_group("fed-diffusion-benchmark")
+
+TOY = [
+    "--rounds", "6", "--fedavg-rounds", "6", "--checkpoints", "6",
+    "--sweep-rounds", "1", "--lora-rounds", "1", "--lora-steps", "1",
+    "--eval-samples", "4", "--sample-steps", "2", "--workers", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed-diffusion")
+    out, docs = root / "result.json", root / "docs"
+    fed_diffusion.main([*TOY, "--out", str(out), "--docs", str(docs)])
+    return json.loads(out.read_text()), docs
+
+
+def test_the_results_file_holds_what_the_issue_names(toy_run):
+    result, _ = toy_run
+    for key in ("fedavg_fd", "centralised_fd", "fedavg_centralised_ratio", "sweep",
+                "lora_fd_base", "lora_fd_tuned", "bytes"):  # fmt: skip
+        assert key in result, key
+    assert result["fedavg_centralised_ratio"] == pytest.approx(
+        result["fedavg_fd"] / result["centralised_fd"]
+    )
+    fed, central = result["curves"]["fedavg"], result["curves"]["centralised"]
+    assert len(fed) == len(central) == 6
+    assert [c[0] for c in fed] == [c[0] for c in central]  # the same budget at every checkpoint
+    assert fed[-1][0] == 6 * 4 * 4 * 16  # rounds x C x E x batch
+
+
+def test_the_sweep_runs_the_conf_experiments_and_measures_their_bytes(toy_run):
+    result, _ = toy_run
+    rows = result["sweep"]
+    assert [r["conf"] for r in rows] == fed_diffusion.SWEEP
+    assert [(r["C"], r["E"]) for r in rows] == [(2, 2), (4, 2), (8, 2), (4, 1), (4, 4)]
+    model = result["bytes"]["ddpm_model"]
+    for row in rows:  # the whole UNet to and from every sampled client, plus Flower's framing
+        assert 2 * row["C"] * model < row["bytes_per_round"] < 2.1 * row["C"] * model
+    assert result["bytes"]["lora_per_round"] < result["bytes"]["lora_full_unet"]
+
+
+def test_the_chart_and_the_lora_grids_are_written(toy_run):
+    _, docs = toy_run
+    for name in ("fed-diffusion.png", "fed-lora-base.png", "fed-lora-tuned.png"):
+        assert (docs / name).stat().st_size > 1000, name
