@@ -20,13 +20,16 @@ at a time in worker processes pinned to one torch thread each:
 * **sweep**: the paper's Figures 2 and 3 as a table: the ``conf/fedavg-diffusion-*.toml``
   experiments as they are (8 clients, C in {2, 4, 8} sampled per round at E = 2, E in
   {1, 2, 4} at C = 4), with ``--sweep-rounds`` rounds and the benchmark's learning rate; FD
-  after the last round and bytes on the wire per round.
+  after the last round and bytes on the wire per round. Each round's clients are drawn with
+  the run's seed, so a row repeats; ``--sweep-seeds K`` runs each experiment with seeds 0 to
+  K - 1 (initialisation, split and draws) and gives the mean FD and its range.
 * **lora**: clients whose images the tiny text-to-image pipeline never saw (``--style``: the
   digits turned a quarter turn, or with their intensities inverted), ``diffusion-lora`` over 4
   clients. FD to the clients' (styled) test images of the base pipeline and of the federated
   LoRA.
 
-It prints the tables and writes ``benchmarks/results/fed_diffusion.json``,
+``--parts`` picks some of the three (the results file then holds only theirs). It prints
+the tables and writes ``benchmarks/results/fed_diffusion.json``,
 ``docs/fed-diffusion.png`` (FD against samples seen, both arms) and the LoRA's sample grids
 before and after (``docs/fed-lora-base.png``, ``docs/fed-lora-tuned.png``).
 """
@@ -81,6 +84,7 @@ PLATEAU = 3  # checkpoints averaged for the FD at convergence
 SWEEP = [f"fedavg-diffusion-{s}" for s in ("c2", "c4", "c8", "e1", "e4")]
 SWEEP_NODES = 8
 LORA_CLIENTS = 4
+PARTS = ("convergence", "sweep", "lora")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Job:
     """One training run of the benchmark: ``settings`` are its run-config entries."""
 
     kind: str  # "fedavg", "centralised" or "lora"
+    part: str  # a name in PARTS
     name: str
     nodes: int
     settings: dict[str, Any] = field(default_factory=dict)
@@ -304,16 +309,19 @@ def draw(fed: list[list[float]], central: list[list[float]], path: Path, title: 
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
-    """The C/E table in markdown."""
+    """The C/E table in markdown (FD: the mean, and its range over several seeds)."""
     lines = [
         "| experiment | C (clients per round) | E (local steps) | rounds | samples seen | FD "
         "| bytes / round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        fd = f"{r['fd']:.2f}"
+        if len(r["fds"]) > 1:
+            fd += f" ({min(r['fds']):.2f} to {max(r['fds']):.2f})"
         lines.append(
             f"| `conf/{r['conf']}.toml` | {r['C']} | {r['E']} | {r['rounds']} | "
-            f"{r['samples']:,} | {r['fd']:.2f} | {r['bytes_per_round'] / 1e6:.1f} MB |"
+            f"{r['samples']:,} | {fd} | {r['bytes_per_round'] / 1e6:.1f} MB |"
         )
     return "\n".join(lines)
 
@@ -328,7 +336,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoints", type=int, default=12, help="convergence: FD checkpoints per arm"
     )
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run"
+    )
     parser.add_argument("--sweep-rounds", type=int, default=100)
+    parser.add_argument(
+        "--sweep-seeds", type=int, default=1, help="sweep: runs per experiment, seeds 0, 1, ..."
+    )
     parser.add_argument("--lora-rounds", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-3, help="DDPM AdamW learning rate")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
@@ -346,6 +360,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of --checkpoints")
     if args.checkpoints < 2 * PLATEAU:
         parser.error(f"--checkpoints must be at least {2 * PLATEAU}")
+    if args.sweep_seeds < 1:
+        parser.error(f"--sweep-seeds must be at least 1, got {args.sweep_seeds}")
     return args
 
 
@@ -354,8 +370,13 @@ def sweep_settings(name: str) -> dict[str, Any]:
     return dict(tomllib.loads((ROOT / "conf" / f"{name}.toml").read_text()))
 
 
+def sweep_name(conf: str, seed: int, seeds: int) -> str:
+    """A sweep job's name: the experiment's, with the seed when there are several."""
+    return conf if seeds == 1 else f"{conf}-seed{seed}"
+
+
 def jobs_for(args: argparse.Namespace) -> list[Job]:
-    """Every job, the longest first."""
+    """The jobs of the parts ``args`` names."""
     shared = {
         "diffusion.lr": args.lr,
         "diffusion.lr-schedule": "cosine",
@@ -382,39 +403,34 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
         "diffusion.eval-samples": args.eval_samples,
         "diffusion.sample-steps": args.sample_steps,
     }
-    return [
-        Job("fedavg", "fedavg-c4-e4", CONVERGENCE_C, convergence(args.fedavg_rounds)),
-        Job("centralised", "centralised", CONVERGENCE_C, convergence(args.rounds)),
-        Job("lora", "lora", LORA_CLIENTS, lora_settings, args.style),
+    jobs = [
+        Job(
+            "fedavg", "convergence", "fedavg-c4-e4", CONVERGENCE_C, convergence(args.fedavg_rounds)
+        ),
+        Job("centralised", "convergence", "centralised", CONVERGENCE_C, convergence(args.rounds)),
+        Job("lora", "lora", "lora", LORA_CLIENTS, lora_settings, args.style),
         *(
-            Job("fedavg", name, SWEEP_NODES, sweep_settings(name) | shared | sweep_rounds)
-            for name in SWEEP
+            Job(
+                "fedavg",
+                "sweep",
+                sweep_name(conf, seed, args.sweep_seeds),
+                SWEEP_NODES,
+                sweep_settings(conf) | shared | sweep_rounds | {"seed": seed},
+            )
+            for conf in SWEEP
+            for seed in range(args.sweep_seeds)
         ),
     ]
+    return [job for job in jobs if job.part in args.parts]
 
 
-def report(
-    jobs: list[Job], results: list[dict[str, Any]], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Print the figures; return the results file's content."""
-    fed, central, lora_result, *sweep = results
+def convergence_report(fed: dict[str, Any], central: dict[str, Any], lr: float) -> dict[str, Any]:
+    """Print the convergence table; return its part of the results file."""
     (fed_fd, fed_change), (central_fd, central_change) = (
         plateau(fed["curve"]),
         plateau(central["curve"]),
     )
-    rows = [
-        {
-            "conf": job.name,
-            "C": r["C"],
-            "E": r["E"],
-            "rounds": r["rounds"],
-            "samples": int(r["curve"][-1][0]),
-            "fd": r["curve"][-1][1],
-            "bytes_per_round": r["bytes_per_round"],
-        }
-        for job, r in zip(jobs[3:], sweep, strict=True)
-    ]
-    print(f"convergence: tiny pixel DDPM, lr {args.lr:g} cosine over each arm's rounds")
+    print(f"convergence: tiny pixel DDPM, lr {lr:g} cosine over each arm's rounds")
     print(
         f"| arm | samples seen | FD, mean of last {PLATEAU} checkpoints | change from the "
         f"{PLATEAU} before | last FD | best FD |"
@@ -430,12 +446,6 @@ def report(
             f"{curve[-1][1]:.2f} | {min(c[1] for c in curve):.2f} |"
         )
     print(f"ratio FedAvg / centralised at convergence = {fed_fd / central_fd:.3f}")
-    print("\nsweep:\n" + sweep_table(rows))
-    base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
-    print(
-        f"\nlora on {args.style} digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
-        f"({100 * (1 - tuned / base):.0f} % lower)"
-    )
     return {
         "fedavg_fd": fed_fd,
         "centralised_fd": central_fd,
@@ -443,24 +453,71 @@ def report(
         "plateau_checkpoints": PLATEAU,
         "plateau_change": {"fedavg": fed_change, "centralised": central_change},
         "curves": {"fedavg": fed["curve"], "centralised": central["curve"]},
-        "sweep": rows,
-        "lora_style": args.style,
-        "lora_fd_base": base,
-        "lora_fd_tuned": tuned,
-        "lora_curve": lora_result["curve"],
-        "bytes": {
-            "fedavg_per_round": fed["bytes_per_round"],
-            "ddpm_model": fed["model_bytes"],
+    }
+
+
+def sweep_rows(results: dict[str, dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
+    """One row per ``conf/`` experiment: FD after the last round, the mean over the seeds."""
+    rows = []
+    for conf in SWEEP:
+        runs = [results[sweep_name(conf, seed, seeds)] for seed in range(seeds)]
+        fds = [r["curve"][-1][1] for r in runs]
+        first = runs[0]
+        rows.append(
+            {
+                "conf": conf,
+                "C": first["C"],
+                "E": first["E"],
+                "rounds": first["rounds"],
+                "samples": int(first["curve"][-1][0]),
+                "fd": float(np.mean(fds)),
+                "fds": fds,
+                "bytes_per_round": first["bytes_per_round"],
+            }
+        )
+    return rows
+
+
+def report(
+    jobs: list[Job], results: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Print the figures of the parts that ran; return the results file's content."""
+    by_name = {job.name: r for job, r in zip(jobs, results, strict=True)}
+    out: dict[str, Any] = {}
+    sizes: dict[str, float] = {}
+    if "convergence" in args.parts:
+        fed = by_name["fedavg-c4-e4"]
+        out |= convergence_report(fed, by_name["centralised"], args.lr)
+        sizes |= {"fedavg_per_round": fed["bytes_per_round"], "ddpm_model": fed["model_bytes"]}
+    if "sweep" in args.parts:
+        out["sweep"] = sweep_rows(by_name, args.sweep_seeds)
+        print("\nsweep:\n" + sweep_table(out["sweep"]))
+    if "lora" in args.parts:
+        lora_result = by_name["lora"]
+        base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
+        print(
+            f"\nlora on {args.style} digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
+            f"({100 * (1 - tuned / base):.0f} % lower)"
+        )
+        out |= {
+            "lora_style": args.style,
+            "lora_fd_base": base,
+            "lora_fd_tuned": tuned,
+            "lora_curve": lora_result["curve"],
+        }
+        sizes |= {
             "lora_per_round": lora_result["bytes_per_round"],
             "lora_full_unet": lora_result["model_bytes"],
-        },
+        }
+    return out | {
+        "bytes": sizes,
         "seconds": {job.name: r["seconds"] for job, r in zip(jobs, results, strict=True)},
         "settings": settings_record(args),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run every part; print the tables; save the JSON, the chart and the grids."""
+    """Run the parts; print the tables; save the JSON, the chart and the grids."""
     args = parse(argv)
     jobs = jobs_for(args)
     start = time.perf_counter()
@@ -468,19 +525,22 @@ def main(argv: list[str] | None = None) -> None:
         results = run_all(jobs, Path(tmp), args.workers, args.threads)
         out = report(jobs, results, args)
         args.docs.mkdir(parents=True, exist_ok=True)
-        for source, name in zip(results[2]["grids"], ("base", "tuned"), strict=True):
-            shutil.copy(source, args.docs / f"fed-lora-{name}.png")
+        if "lora" in args.parts:
+            grids = results[[job.kind for job in jobs].index("lora")]["grids"]
+            for source, name in zip(grids, ("base", "tuned"), strict=True):
+                shutil.copy(source, args.docs / f"fed-lora-{name}.png")
     out["wall_seconds"] = time.perf_counter() - start
     print(
         f"\nwall time {out['wall_seconds'] / 60:.1f} min "
         f"({args.workers} workers x {args.threads} torch thread)"
     )
-    title = (
-        f"tiny pixel DDPM, digits, iid, same seeds; lr {args.lr:g} cosine; "
-        f"FD of {args.eval_samples} DDIM-{args.sample_steps} samples"
-    )
-    curves = out["curves"]
-    draw(curves["fedavg"], curves["centralised"], args.docs / "fed-diffusion.png", title)
+    if "convergence" in args.parts:
+        title = (
+            f"tiny pixel DDPM, digits, iid, same seeds; lr {args.lr:g} cosine; "
+            f"FD of {args.eval_samples} DDIM-{args.sample_steps} samples"
+        )
+        curves = out["curves"]
+        draw(curves["fedavg"], curves["centralised"], args.docs / "fed-diffusion.png", title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 

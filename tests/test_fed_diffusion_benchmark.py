@@ -53,3 +53,16 @@ def test_the_chart_and_the_lora_grids_are_written(toy_run):
     _, docs = toy_run
     for name in ("fed-diffusion.png", "fed-lora-base.png", "fed-lora-tuned.png"):
         assert (docs / name).stat().st_size > 1000, name
+
+
+def test_the_sweep_alone_over_two_seeds_gives_the_mean_and_each_seed(tmp_path):
+    out = tmp_path / "sweep.json"
+    argv = [*TOY, "--parts", "sweep", "--sweep-seeds", "2", "--out", str(out)]
+    fed_diffusion.main([*argv, "--docs", str(tmp_path / "docs")])
+    result = json.loads(out.read_text())
+    assert "fedavg_fd" not in result and "lora_fd_base" not in result
+    assert not (tmp_path / "docs" / "fed-diffusion.png").exists()
+    for row in result["sweep"]:
+        assert len(row["fds"]) == 2 and row["fds"][0] != row["fds"][1]  # other seeds, other runs
+        assert row["fd"] == pytest.approx(sum(row["fds"]) / 2)
+    assert len(result["seconds"]) == 2 * len(fed_diffusion.SWEEP)
