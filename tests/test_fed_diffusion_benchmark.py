@@ -20,7 +20,7 @@ TOY = [
 def toy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed-diffusion")
     out, docs = root / "result.json", root / "docs"
-    fed_diffusion.main([*TOY, "--out", str(out), "--docs", str(docs)])
+    fed_diffusion.main([*TOY, "--sweep-seeds", "2", "--out", str(out), "--docs", str(docs)])
     return json.loads(out.read_text()), docs
 
 
@@ -55,14 +55,22 @@ def test_the_chart_and_the_lora_grids_are_written(toy_run):
         assert (docs / name).stat().st_size > 1000, name
 
 
-def test_the_sweep_alone_over_two_seeds_gives_the_mean_and_each_seed(tmp_path):
-    out = tmp_path / "sweep.json"
-    argv = [*TOY, "--parts", "sweep", "--sweep-seeds", "2", "--out", str(out)]
-    fed_diffusion.main([*argv, "--docs", str(tmp_path / "docs")])
-    result = json.loads(out.read_text())
-    assert "fedavg_fd" not in result and "lora_fd_base" not in result
-    assert not (tmp_path / "docs" / "fed-diffusion.png").exists()
+def test_each_sweep_row_gives_the_mean_over_its_seeds(toy_run):
+    result, _ = toy_run
     for row in result["sweep"]:
         assert len(row["fds"]) == 2 and row["fds"][0] != row["fds"][1]  # other seeds, other runs
         assert row["fd"] == pytest.approx(sum(row["fds"]) / 2)
-    assert len(result["seconds"]) == 2 * len(fed_diffusion.SWEEP)
+
+
+def test_parts_left_out_are_neither_run_nor_reported():
+    args = fed_diffusion.parse(["--parts", "sweep", "--sweep-seeds", "2"])
+    jobs = fed_diffusion.jobs_for(args)
+    assert [(j.name, j.settings["seed"]) for j in jobs[:2]] == [
+        ("fedavg-diffusion-c2-seed0", 0),
+        ("fedavg-diffusion-c2-seed1", 1),
+    ]
+    assert len(jobs) == 2 * len(fed_diffusion.SWEEP) and {j.part for j in jobs} == {"sweep"}
+    run = {"C": 2, "E": 2, "rounds": 1, "curve": [[64, 9.0]], "bytes_per_round": 1.0, "seconds": 1}
+    result = fed_diffusion.report(jobs, [run] * len(jobs), args)
+    assert set(result) == {"sweep", "bytes", "seconds", "settings"}
+    assert result["sweep"][0]["fds"] == [9.0, 9.0]
