@@ -310,14 +310,16 @@ def draw(fed: list[list[float]], central: list[list[float]], path: Path, title: 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """The C/E table in markdown (FD: the mean, and its range over several seeds)."""
+    seeds = len(rows[0]["fds"])
+    fd_title = "FD" if seeds == 1 else f"FD: mean (range over {seeds} seeds)"
     lines = [
-        "| experiment | C (clients per round) | E (local steps) | rounds | samples seen | FD "
-        "| bytes / round |",
+        "| experiment | C (clients per round) | E (local steps) | rounds | samples seen | "
+        f"{fd_title} | bytes / round |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         fd = f"{r['fd']:.2f}"
-        if len(r["fds"]) > 1:
+        if seeds > 1:
             fd += f" ({min(r['fds']):.2f} to {max(r['fds']):.2f})"
         lines.append(
             f"| `conf/{r['conf']}.toml` | {r['C']} | {r['E']} | {r['rounds']} | "
@@ -526,8 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         out = report(jobs, results, args)
         args.docs.mkdir(parents=True, exist_ok=True)
         if "lora" in args.parts:
-            grids = results[[job.kind for job in jobs].index("lora")]["grids"]
-            for source, name in zip(grids, ("base", "tuned"), strict=True):
+            lora_job = next(i for i, job in enumerate(jobs) if job.kind == "lora")
+            for source, name in zip(results[lora_job]["grids"], ("base", "tuned"), strict=True):
                 shutil.copy(source, args.docs / f"fed-lora-{name}.png")
     out["wall_seconds"] = time.perf_counter() - start
     print(

@@ -74,3 +74,5 @@ def test_parts_left_out_are_neither_run_nor_reported():
     result = fed_diffusion.report(jobs, [run] * len(jobs), args)
     assert set(result) == {"sweep", "bytes", "seconds", "settings"}
     assert result["sweep"][0]["fds"] == [9.0, 9.0]
+    table = fed_diffusion.sweep_table(result["sweep"])
+    assert "| FD: mean (range over 2 seeds) |" in table and "| 9.00 (9.00 to 9.00) |" in table
