@@ -4,7 +4,8 @@ A message of type ``train.<action>`` runs the built-in method of that action (``
 runs ``cmfl-relay``'s client routine); a plain ``train`` (or ``evaluate``) message runs the
 method the run config names, which is how a plug-in's routine is found. The run config comes
 from ``context.run_config``; the message brings only the round, the resolved run name, what
-the strategy adds (e.g. ``proximal-mu``) and the arrays.
+the strategy adds (e.g. ``proximal-mu``) and the arrays. Every reply (:func:`reply`, for
+every method, plug-ins included) names the round it answers in its metrics (``server-round``).
 
 Per-client state (vision LoRA, class tokens) is kept on the node's disk by
 :mod:`cmfl_flower.client_state`, keyed by the run name and partition id: it survives between
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from logging import ERROR
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
@@ -27,14 +28,13 @@ from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
 from cmfl_flower.methods.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
     ROUND_KEY,
     RUN_NAME_KEY,
     from_record,
     reply,
 )
 from cmfl_flower.threads import pin_threads
-from cmfl_flower.workspace import Arrays, ClientTask, client_task
+from cmfl_flower.workspace import Arrays, ClientTask, RoundOutput, client_task
 
 app = ClientApp()
 Handler = Callable[[Method, Message, Context], Message]
@@ -58,7 +58,8 @@ def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays
 def _train(method: Method, msg: Message, context: Context) -> Message:
     """One round of ``method``'s client routine, its state kept on the node's disk."""
     cfg, task, received = _read(msg, context)
-    return reply(train_with_state(method.train, cfg, task, context.node_id, received), msg)
+    output = train_with_state(method.train, cfg, task, context.node_id, received)
+    return reply(output, msg, task.server_round)
 
 
 def _evaluate(method: Method, msg: Message, context: Context) -> Message:
@@ -69,8 +70,7 @@ def _evaluate(method: Method, msg: Message, context: Context) -> Message:
             "set federation.fraction-evaluate = 0"
         )
     cfg, task, received = _read(msg, context)
-    metrics = method.evaluate(cfg, task, received)
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    return reply(RoundOutput(method.evaluate(cfg, task, received)), msg, task.server_round)
 
 
 def _guarded(handler: Handler, name: str | None, msg: Message, context: Context) -> Message:

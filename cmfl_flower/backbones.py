@@ -185,6 +185,21 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
     )
 
 
+def largest_token_norm(bundle: ClipBundle) -> float:
+    """The largest L2 norm of a row of the CLIP's pretrained token-embedding table."""
+    table = bundle.model.token_embedding.weight  # (vocabulary, D)
+    return float(table.detach().float().norm(dim=1).max())
+
+
+@cache
+def pretrained_token_norm(preset: Preset) -> float:
+    """:func:`largest_token_norm` of ``preset``'s CLIP, loaded once per process on the CPU.
+
+    The ``cmfl-relay`` server's norm bound needs it (the clients take it from their own CLIP).
+    """
+    return largest_token_norm(load_clip(preset, "cpu", 0))
+
+
 def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
     """Load a Stable Diffusion pipeline from a hub id or a local directory (diffusers' loader).
 

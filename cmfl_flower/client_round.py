@@ -148,20 +148,25 @@ class Workspace:
             return None
         return client_dir(output_root(self.cfg.output) / run_name, self.task.partition_id)
 
-    def save_artifacts(self, generated: GeneratedImages | None = None) -> None:
+    def save_artifacts(
+        self, generated: GeneratedImages | None = None, screened: np.ndarray | None = None
+    ) -> None:
         """Write the partition's label counts and the round's sample grid, if any.
 
-        The pictures are for people: a folder this machine cannot write is logged, not fatal.
+        ``screened``: (N,) bool, the generated images screening left out (crossed out). The
+        pictures are for people: a folder this machine cannot write is logged, not fatal.
         """
         directory = self.artifacts
         if directory is None:
             return
         try:
-            self._write_artifacts(directory, generated)
+            self._write_artifacts(directory, generated, screened)
         except OSError as err:
             logging.getLogger(__name__).warning("client artifacts not written: %s", err)
 
-    def _write_artifacts(self, directory: Path, generated: GeneratedImages | None) -> None:
+    def _write_artifacts(
+        self, directory: Path, generated: GeneratedImages | None, screened: np.ndarray | None
+    ) -> None:
         train, test = self.data.train.labels, self.data.test.labels
         write_label_counts(directory, self.task.partition_id, self.class_names, train, test)
         if generated is not None and len(generated.labels):
@@ -173,6 +178,7 @@ class Workspace:
                 generated.images,
                 generated.labels,
                 self.class_names,
+                screened,
             )
 
     def local_set(self) -> TrainingSet:

@@ -191,6 +191,13 @@ class TokensConfig(_Section):
     max_bytes: int = Field(
         4_000_000, ge=1, description="Most bytes of token vectors accepted in one message."
     )
+    max_norm_ratio: float = Field(
+        4.0,
+        gt=0,
+        description="Largest L2 norm of one received token vector, as a multiple of the largest "
+        "token norm of the backbone's pretrained vocabulary; checked by the server on every "
+        "reply and again by every receiver (a longer vector is refused or dropped).",
+    )
 
     @field_validator("template")
     @classmethod
@@ -214,6 +221,37 @@ class RelayConfig(_Section):
         "select",
         description="`select`: the chosen senders' vectors as they are; `mean`: one vector per "
         "class, the mean of the chosen senders' (labelled relay only).",
+    )
+
+
+class ScreeningConfig(_Section):
+    """``cmfl-relay`` defences: receivers judge relayed knowledge, the server quarantines."""
+
+    enabled: bool = Field(
+        True,
+        description="Each receiver judges every received (sender, class) set of generated images"
+        " before it trains anything, and leaves out a set whose score is below `min-score` "
+        "(see the README's Robustness section for the judges).",
+    )
+    min_score: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Lowest accepted score of a set: the judge's mean probability of the claimed"
+        " class over the most probable class's (1 = the claimed class is the judge's first "
+        "choice).",
+    )
+    consensus_senders: int = Field(
+        3,
+        ge=3,
+        description="Fewest senders of a class for the consensus judge (opaque names, a class "
+        "the receiver lacks); with fewer the set is reported as unjudged and kept.",
+    )
+    quarantine_rounds: int = Field(
+        3,
+        ge=0,
+        description="Rounds the server stops relaying a sender's vectors once most receivers "
+        "that judged them (at least two) screened them out (0 = no quarantine).",
     )
 
 
@@ -289,7 +327,16 @@ class FederationConfig(_Section):
     )
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for replies.")
     min_replies: int = Field(
-        1, ge=1, description="Fewest usable replies per round; fewer stop the run (failed)."
+        0,
+        ge=0,
+        description="Fewest usable replies per round; fewer stop the run (failed). 0 = half "
+        "the sampled nodes, rounded up.",
+    )
+    num_partitions: int = Field(
+        0,
+        ge=0,
+        description="Partition ids a reply may claim are 0..num-partitions-1 (0 = the number of"
+        " nodes connected when the run starts).",
     )
     fraction_evaluate: float = Field(
         0.0,
@@ -471,6 +518,7 @@ class AppConfig(_Section):
     backbone: BackboneConfig = BackboneConfig()
     tokens: TokensConfig = TokensConfig()
     relay: RelayConfig = RelayConfig()
+    screening: ScreeningConfig = ScreeningConfig()
     generation: GenerationConfig = GenerationConfig()
     encoder: EncoderConfig = EncoderConfig()
     federation: FederationConfig = FederationConfig()

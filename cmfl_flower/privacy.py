@@ -62,6 +62,18 @@ def privatise(
     return out
 
 
+def norm_allowance(cfg: PrivacyConfig, token_dim: int) -> float:
+    """How much longer a released token may be than the vector it releases (0 without DP).
+
+    The clipped drift adds at most ``C`` to a token's norm and the noise about
+    ``sigma * C * sqrt(D)``; three times that leaves a token's noise norm room of many standard
+    deviations (it concentrates tightly around its mean).
+    """
+    if not cfg.enabled:
+        return 0.0
+    return cfg.clip_norm * (1.0 + 3.0 * cfg.noise_multiplier * math.sqrt(token_dim))
+
+
 def shrinkage(cfg: PrivacyConfig, size: int) -> float:
     """The posterior-mean factor ``1 / (1 + sigma^2 * size)`` for a release of ``size`` numbers."""
     return 1.0 / (1.0 + cfg.noise_multiplier**2 * size)

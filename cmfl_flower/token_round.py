@@ -5,24 +5,36 @@ of the classes it lacks, or nothing), updates the vision LoRA on local + generat
 trains the client's own class vectors and evaluates. The relay (:mod:`cmfl_flower.methods.relay`)
 and the baselines ``local-only-tokens`` and ``names-generation``
 (:mod:`cmfl_flower.methods.local`) are this routine with another source.
+
+Relayed vectors are peers' content: an unusable entry is dropped and counted
+(``dropped-<rule>``), and every (sender, class) set of images generated from them is screened
+(:mod:`cmfl_flower.screening`) before it trains anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
-from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.backbones import largest_token_norm, resolve_preset
 from cmfl_flower.client_round import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.paths import CACHE_DIR
-from cmfl_flower.privacy import denoise, privatise
+from cmfl_flower.privacy import denoise, norm_allowance, privatise
+from cmfl_flower.screening import (
+    Evidence,
+    Verdict,
+    judge_sets,
+    screening_metrics,
+    unscreened,
+)
 from cmfl_flower.tokens import (
     ClassTokenBank,
     TokenObjective,
@@ -31,14 +43,17 @@ from cmfl_flower.tokens import (
     token_drift,
     train_bank,
 )
-from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, reply_arrays
+from cmfl_flower.wire import TokenEntry, WireLimits, read_relay, reply_arrays
 from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
 
 Source = Literal["relay", "names", "none"]
 
 
-def _received_means(entries: list[TokenEntry]) -> dict[int, torch.Tensor]:
-    """Per class, the mean of the received vectors (over senders with equal token counts)."""
+def _received_means(entries: list[TokenEntry], dropped: Counter[str]) -> dict[int, torch.Tensor]:
+    """Per class, the mean of the received vectors (over senders with equal token counts).
+
+    A mean that is not finite (float32 overflow) is dropped and counted as ``non-finite-mean``.
+    """
     by_class: dict[int, list[np.ndarray]] = {}
     for entry in entries:
         if entry.class_id is not None:
@@ -46,7 +61,11 @@ def _received_means(entries: list[TokenEntry]) -> dict[int, torch.Tensor]:
     means = {}
     for class_id, arrays in by_class.items():
         same = [a for a in arrays if a.shape == arrays[0].shape]
-        means[class_id] = torch.from_numpy(np.mean(same, axis=0))
+        mean = np.mean(same, axis=0)  # (n_tokens, D)
+        if not np.isfinite(mean).all():
+            dropped["non-finite-mean"] += 1
+            continue
+        means[class_id] = torch.from_numpy(mean)
     return means
 
 
@@ -80,28 +99,82 @@ class Knowledge:
     requests: list[GenerationRequest] = field(default_factory=list)
     fallback: dict[int, torch.Tensor] | None = None
     received: int = 0  # received class-vector sets
+    entries: list[TokenEntry] = field(default_factory=list)  # the usable received entries
+    dropped: Counter[str] = field(default_factory=Counter)  # unusable entries per rule
+
+    def without(self, verdicts: list[Verdict], ws: Workspace) -> Knowledge:
+        """The knowledge less the (sender, class) sets that screening left out.
+
+        The received-mean text side of the classes the client lacks is recomputed from the
+        accepted entries only (``tokens.unseen = received-mean``).
+        """
+        out = {(v.sender, v.class_id) for v in verdicts if not v.accepted}
+        if not out:
+            return self
+        kept = [e for e in self.entries if (e.sender, e.class_id) not in out]
+        return replace(self, entries=kept, fallback=_fallback(ws, kept, Counter()))
+
+
+def norm_bound(cfg: AppConfig, pretrained_norm: float, token_dim: int) -> float:
+    """The longest token vector accepted from a peer, by the server and by every receiver.
+
+    ``tokens.max-norm-ratio`` times ``pretrained_norm`` (the backbone's largest pretrained
+    token norm), plus the room a DP release needs (:func:`cmfl_flower.privacy.norm_allowance`).
+    """
+    return cfg.tokens.max_norm_ratio * pretrained_norm + norm_allowance(cfg.privacy, token_dim)
+
+
+def relay_limits(ws: Workspace) -> WireLimits:
+    """What this client accepts from peers (the server checks replies against the same)."""
+    cfg, dim = ws.cfg, ws.text.token_dim
+    return WireLimits(
+        dim,
+        len(ws.class_names),
+        cfg.tokens.max_tokens,
+        cfg.tokens.max_bytes,
+        norm_bound(cfg, largest_token_norm(ws.text.bundle), dim),
+    )
 
 
 def relayed_knowledge(ws: Workspace, received: Arrays) -> Knowledge:
-    """Peers' vectors from the server's relay message (``cmfl-relay``)."""
+    """Peers' usable vectors from the server's relay message (``cmfl-relay``).
+
+    Never fails on their content: entries that break a wire rule, or whose denoised vectors are
+    not finite, are dropped and counted per rule in :attr:`Knowledge.dropped`.
+    """
     cfg = ws.cfg
-    limits = WireLimits(
-        ws.text.token_dim, len(ws.class_names), cfg.tokens.max_tokens, cfg.tokens.max_bytes
-    )
+    entries, dropped = read_relay(received, relay_limits(ws))
     # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
-    entries = [e for e in parse_relay(received, limits) if e.sender != ws.task.partition_id]
+    entries = [e for e in entries if e.sender != ws.task.partition_id]
     if cfg.privacy.enabled and cfg.privacy.denoise:
-        entries = [_denoised(ws, entry) for entry in entries]
-    fallback = _received_means(entries) if cfg.tokens.unseen == "received-mean" else None
-    return Knowledge(_requests(ws, entries), fallback, len(entries))
+        entries = _denoised(ws, entries, dropped)
+    fallback = _fallback(ws, entries, dropped)
+    return Knowledge(_requests(ws, entries), fallback, len(entries), entries, dropped)
 
 
-def _denoised(ws: Workspace, entry: TokenEntry) -> TokenEntry:
-    """A labelled entry's vectors replaced by their posterior mean; unlabelled ones as they are."""
-    if entry.class_id is None:
-        return entry
-    anchor = _anchor(ws, entry.class_id)
-    return TokenEntry(entry.sender, entry.class_id, denoise(entry.vectors, anchor, ws.cfg.privacy))
+def _fallback(
+    ws: Workspace, entries: list[TokenEntry], dropped: Counter[str]
+) -> dict[int, torch.Tensor] | None:
+    """The text side of classes the client lacks, per ``tokens.unseen``."""
+    return _received_means(entries, dropped) if ws.cfg.tokens.unseen == "received-mean" else None
+
+
+def _denoised(ws: Workspace, entries: list[TokenEntry], dropped: Counter[str]) -> list[TokenEntry]:
+    """Labelled entries' vectors replaced by their posterior mean; unlabelled ones as they are.
+
+    An entry whose estimate is not finite is dropped (``non-finite-denoised``).
+    """
+    out = []
+    for entry in entries:
+        if entry.class_id is not None:
+            anchor = _anchor(ws, entry.class_id)
+            vectors = denoise(entry.vectors, anchor, ws.cfg.privacy)
+            if not np.isfinite(vectors).all():
+                dropped["non-finite-denoised"] += 1
+                continue
+            entry = TokenEntry(entry.sender, entry.class_id, vectors)
+        out.append(entry)
+    return out
 
 
 def _anchor(ws: Workspace, class_id: int) -> np.ndarray:
@@ -146,6 +219,46 @@ def generated_recognised(ws: Workspace, generated: GeneratedImages) -> Metrics:
             ws.cfg.encoder.eval_batch_size,
         )
     return {"generated-recognised": share}
+
+
+def screen(ws: Workspace, generated: GeneratedImages, min_images: int) -> list[Verdict]:
+    """Verdicts on every (sender, class) set of ``generated`` (:mod:`cmfl_flower.screening`).
+
+    ``min_images``: the fewest own training images of a class for the ``own`` judge.
+    """
+    if not len(generated.labels):
+        return []
+    encoder, batch = ws.encoder, ws.cfg.encoder.eval_batch_size
+    train = ws.data.train
+    counts = np.bincount(train.labels, minlength=len(ws.class_names))
+    held = [c for c, n in enumerate(counts) if n >= min_images]
+    with encoder.pretrained(), torch.no_grad():
+        features = image_features(encoder, generated.images, batch)  # (N, E)
+        mine = image_features(encoder, train.images[np.isin(train.labels, held)], batch)
+        names = ws.name_features() if ws.cfg.data.class_names == "real" else None  # (C, E)
+    own_labels = train.labels[np.isin(train.labels, held)]
+    own = {c: mine[torch.from_numpy(own_labels == c)].mean(0) for c in held}  # c -> (E,)
+    evidence = Evidence(
+        features=features,
+        labels=generated.labels,
+        senders=generated.senders,
+        own=own,
+        names=names,
+        scale=float(encoder.bundle.model.logit_scale.exp()),
+    )
+    return judge_sets(evidence, ws.cfg.screening)
+
+
+def _kept(generated: GeneratedImages, verdicts: list[Verdict]) -> np.ndarray:
+    """(N,) bool: the generated images whose (sender, class) set screening accepted."""
+    out = {(v.sender, v.class_id) for v in verdicts if not v.accepted}
+    pairs = zip(generated.senders.tolist(), generated.labels.tolist(), strict=True)
+    return np.array([pair not in out for pair in pairs], bool)
+
+
+def _dropped_metrics(dropped: Counter[str]) -> Metrics:
+    """``dropped`` (unusable received entries) and ``dropped-<rule>`` per rule."""
+    return {"dropped": sum(dropped.values())} | {f"dropped-{k}": n for k, n in dropped.items()}
 
 
 def _generate(ws: Workspace, requests: list[GenerationRequest]) -> GeneratedImages:
@@ -223,15 +336,21 @@ def token_round(
         with torch.no_grad():
             return ws.text.encode(class_vectors(ws.text, bank, names, knowledge.fallback))
 
-    before = text_features()  # the bank is fixed until token training: one encoding serves both
     with ws.phase("generation"):
         generated = _generate(ws, knowledge.requests)
-    ws.save_artifacts(generated)
+    verdicts = unscreened(generated.labels, generated.senders)
+    if source == "relay" and cfg.screening.enabled:
+        with ws.phase("screening"):
+            verdicts = screen(ws, generated, cfg.tokens.min_images)
+        knowledge = knowledge.without(verdicts, ws)
+    kept = _kept(generated, verdicts)  # (N,) bool
+    ws.save_artifacts(generated, screened=~kept)
+    before = text_features()  # the bank is fixed until token training: one encoding serves both
     with ws.phase("encoder"):
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size,
             (ws.data.train.images, ws.data.train.labels),
-            (generated.images, generated.labels, cfg.generation.sample_weight),
+            (generated.images[kept], generated.labels[kept], cfg.generation.sample_weight),
         )
         encoder_loss = train_encoder(
             ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress
@@ -240,6 +359,8 @@ def token_round(
         token_metrics = _train_tokens(ws, bank, knowledge)
     metrics = evaluate(ws, text_features()) | base_metrics(ws) | token_metrics
     metrics |= generated_recognised(ws, generated)
+    if source == "relay":
+        metrics |= _dropped_metrics(knowledge.dropped) | screening_metrics(verdicts)
     metrics |= {
         "num-received-classes": knowledge.received,
         "num-generated": len(generated.labels),

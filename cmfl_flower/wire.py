@@ -21,12 +21,17 @@ row of ``index``. Packing matters: Flower frames every array of a message as its
 (about 460 bytes), more than half the size of a tiny class's vectors.
 
 Every received message is checked: its keys, dtypes, 2-D shapes, ``D``, ``1 <= n_tokens <=
-max_tokens``, rows that add up, finite values, known and unrepeated class ids, and its total
-size.
+max_tokens``, rows that add up, finite values, every token's L2 norm within ``max_norm``
+(``tokens.max-norm-ratio`` times the backbone's largest pretrained token norm), known and
+unrepeated class ids, and its total size. The server refuses a whole reply that breaks a rule
+(:func:`parse_reply`); a receiver (:func:`read_relay`) drops only the entries that break one
+and counts them by rule, so that no peer's content can fail its round.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,8 +48,8 @@ class WireError(ValueError):
     """A received message that breaks the schema; the message says which rule and why.
 
     ``kind`` names the rule broken (``key``, ``dtype``, ``shape``, ``dim``, ``tokens``,
-    ``index``, ``non-finite``, ``size``, ``class-id``); the text reads ``"<kind>: <detail>"``
-    so that the server can count refusals per kind.
+    ``index``, ``non-finite``, ``norm``, ``size``, ``class-id``); the text reads
+    ``"<kind>: <detail>"`` so that the server can count refusals per kind.
     """
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -54,12 +59,13 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class WireLimits:
-    """What a receiver accepts."""
+    """What a receiver accepts (``max_norm``: the longest token vector, L2)."""
 
     token_dim: int
     num_classes: int
     max_tokens: int
     max_bytes: int
+    max_norm: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,36 @@ def parse_relay(arrays: Mapping[str, np.ndarray], limits: WireLimits) -> list[To
     return sorted(entries, key=lambda e: (e.sender, _class_column(e)))
 
 
+def read_relay(
+    arrays: Mapping[str, np.ndarray], limits: WireLimits
+) -> tuple[list[TokenEntry], Counter[str]]:
+    """What the server relayed, without the entries that break a rule, and why each went.
+
+    Never raises on content: a message whose frame does not read (keys, dtypes, shapes, rows)
+    drops every entry it names (at least one); an entry breaking a per-entry rule (tokens,
+    class id, non-finite, norm, a repeated (sender, class), a negative sender) is dropped
+    alone. The counter maps each rule's kind to the entries dropped for it.
+    """
+    dropped: Counter[str] = Counter()
+    if not arrays:
+        return [], dropped
+    try:
+        vectors, index = _frame(arrays, limits, with_sender=True)
+    except WireError as err:
+        shape: tuple[int, ...] = tuple(getattr(arrays.get(INDEX_KEY), "shape", ()))
+        dropped[err.kind] += max(1, shape[0]) if len(shape) == 2 else 1
+        return [], dropped
+    kept: list[TokenEntry] = []
+    seen: set[tuple[int, int]] = set()
+    for sender, column, rows in _rows(vectors, index, with_sender=True):
+        problem = _entry_problem(sender, column, rows, limits, seen)
+        if problem is not None:
+            dropped[problem.kind] += 1
+            continue
+        kept.append(TokenEntry(sender, _class_id(column, limits), rows))
+    return sorted(kept, key=lambda e: (e.sender, _class_column(e))), dropped
+
+
 def _pack(entries: list[TokenEntry], with_sender: bool) -> dict[str, np.ndarray]:
     if not entries:
         return {}
@@ -123,8 +159,26 @@ def _class_column(entry: TokenEntry) -> int:
 def _unpack(
     arrays: Mapping[str, np.ndarray], limits: WireLimits, with_sender: bool
 ) -> list[TokenEntry]:
+    """Every entry of a message, or :class:`WireError` at the first rule broken."""
     if not arrays:
         return []
+    vectors, index = _frame(arrays, limits, with_sender)
+    entries = []
+    for sender, column, rows in _rows(vectors, index, with_sender):
+        if (problem := _entry_problem(sender, column, rows, limits, None)) is not None:
+            raise problem
+        entries.append(TokenEntry(sender, _class_id(column, limits), rows))
+    return entries
+
+
+def _frame(
+    arrays: Mapping[str, np.ndarray], limits: WireLimits, with_sender: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The message's (R, D) float32 vectors and (E, 2|3) int64 index, its frame checked.
+
+    The frame: keys, total size, dtypes, shapes, ``D``, and token counts that are positive
+    and add up to ``R`` (so that every entry's rows can be found).
+    """
     if set(arrays) != {VECTORS_KEY, INDEX_KEY}:
         raise WireError(
             "key", f"arrays {sorted(arrays)}: expected exactly {[INDEX_KEY, VECTORS_KEY]}"
@@ -136,31 +190,68 @@ def _unpack(
         )
     vectors = _check_vectors(arrays[VECTORS_KEY], limits)
     index = _check_index(arrays[INDEX_KEY], 3 if with_sender else 2)
-    counts = _token_counts(index, len(vectors), limits)
+    counts = index[:, -1]  # (E,)
+    if (counts < 1).any():
+        raise WireError(
+            "tokens",
+            f"index: {int(counts[counts < 1][0])} tokens, allowed 1..{limits.max_tokens}"
+            " (tokens.max-tokens)",
+        )
+    if int(counts.sum()) != len(vectors):
+        raise WireError(
+            "index", f"index: {int(counts.sum())} rows named, vectors has {len(vectors)}"
+        )
+    return vectors, index
+
+
+def _rows(
+    vectors: np.ndarray, index: np.ndarray, with_sender: bool
+) -> list[tuple[int, int, np.ndarray]]:
+    """(sender, class column, (n_tokens, D) vectors) per index row; sender -1 in a reply."""
+    counts = index[:, -1]  # (E,)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return [
-        TokenEntry(
-            int(row[0]) if with_sender else -1,
-            _class_id(int(row[-2]), limits),
-            vectors[start : start + count],
-        )
+        (int(row[0]) if with_sender else -1, int(row[-2]), vectors[start : start + count])
         for row, start, count in zip(index, starts, counts, strict=True)
     ]
 
 
-def _token_counts(index: np.ndarray, rows: int, limits: WireLimits) -> np.ndarray:
-    """The index's n_tokens column, each within the limit and summing to ``rows``."""
-    counts = index[:, -1]  # (E,)
-    outside = (counts < 1) | (counts > limits.max_tokens)
-    if outside.any():
-        raise WireError(
+def _entry_problem(
+    sender: int,
+    column: int,
+    rows: np.ndarray,
+    limits: WireLimits,
+    seen: set[tuple[int, int]] | None,
+) -> WireError | None:
+    """The first per-entry rule that one entry breaks, or None.
+
+    ``seen``: the labelled (sender, class) pairs of a relay message kept so far, to which a
+    kept pair is added (None: a reply, whose repeats :func:`_refuse_repeats` checks).
+    """
+    if len(rows) > limits.max_tokens:
+        return WireError(
             "tokens",
-            f"index: {int(counts[outside][0])} tokens, allowed 1..{limits.max_tokens}"
-            " (tokens.max-tokens)",
+            f"index: {len(rows)} tokens, allowed 1..{limits.max_tokens} (tokens.max-tokens)",
         )
-    if int(counts.sum()) != rows:
-        raise WireError("index", f"index: {int(counts.sum())} rows named, vectors has {rows}")
-    return counts
+    if column != NO_CLASS and not 0 <= column < limits.num_classes:
+        return WireError(
+            "class-id", f"index: class id {column} unknown ({limits.num_classes} classes)"
+        )
+    if seen is not None and sender < 0:
+        return WireError("index", "index: a sender id is negative")
+    if not np.isfinite(rows).all():
+        return WireError("non-finite", "vectors: hold NaN or Inf")
+    if (longest := float(np.linalg.norm(rows.astype(np.float64), axis=1).max())) > limits.max_norm:
+        return WireError(
+            "norm",
+            f"vectors: a token of norm {longest:.4g} exceeds {limits.max_norm:.4g} "
+            "(tokens.max-norm-ratio times the backbone's largest pretrained token norm)",
+        )
+    if seen is not None and column != NO_CLASS:
+        if (sender, column) in seen:
+            return WireError("class-id", f"index: class id {column} of sender {sender} twice")
+        seen.add((sender, column))
+    return None
 
 
 def _check_vectors(value: np.ndarray, limits: WireLimits) -> np.ndarray:
@@ -173,8 +264,6 @@ def _check_vectors(value: np.ndarray, limits: WireLimits) -> np.ndarray:
         raise WireError(
             "dim", f"vectors: embedding dim {value.shape[1]}, backbone expects {limits.token_dim}"
         )
-    if not np.isfinite(value).all():
-        raise WireError("non-finite", "vectors: hold NaN or Inf")
     return np.ascontiguousarray(value, dtype=np.float32)
 
 
@@ -188,13 +277,8 @@ def _check_index(value: np.ndarray, columns: int) -> np.ndarray:
 
 
 def _class_id(value: int, limits: WireLimits) -> int | None:
-    if value == NO_CLASS:
-        return None
-    if not 0 <= value < limits.num_classes:
-        raise WireError(
-            "class-id", f"index: class id {value} unknown ({limits.num_classes} classes)"
-        )
-    return value
+    """The class id of an index row's class column (checked by :func:`_entry_problem`)."""
+    return None if value == NO_CLASS else value
 
 
 def _refuse_repeats(entries: list[TokenEntry]) -> None:

@@ -3,8 +3,9 @@
 Each process has its own ports and `FLWR_HOME`; the app runs a relay on the tiny preset. Success
 is proven from the run status (`flwr ls`) and the results the ServerApp wrote, which must hold
 the metrics of every SuperNode. Variants: plain HTTP on loopback, with an operator's faults (a
-SuperNode killed and restarted, two SuperNodes with one partition id); TLS with SuperNode
-authentication, where a SuperNode with an unregistered key gets no work;
+SuperNode killed and restarted, a second SuperNode claiming a partition id another holds: it is
+refused as ``partition-claim``); TLS with SuperNode authentication, where a SuperNode with an
+unregistered key gets no work;
 and (where permitted) every SuperNode in its own network namespace with its own address.
 The Docker files under `docker/` and the commands of its guide are checked statically (no
 Docker engine is needed).
@@ -182,43 +183,50 @@ def _start_nodes(
     return nodes
 
 
-# the default relay, sized as OVERRIDES; a 4th node claims partition 1 again, all 4 start it
+# the default relay, sized as OVERRIDES; the partitions are the NUM_NODES nodes connected at
+# the start, and the two nodes that never fail are enough
 FAULTS = (
     "method='cmfl-relay' generation.steps=2 generation.images-per-class=1 tokens.epochs=1 "
-    "tokens.objective='clip' federation.min-nodes=4 federation.wait-for-nodes=90"
+    f"tokens.objective='clip' federation.min-nodes={NUM_NODES} federation.wait-for-nodes=90 "
+    "federation.min-replies=2"
 )
 
 
 @pytest.mark.e2e
-def test_deployment_survives_a_lost_node_its_restart_and_a_duplicate_partition(tmp_path):
-    """Partitions 0, 1, 2 and a second SuperNode with partition 1, on one host, 4 rounds.
+def test_deployment_survives_a_lost_node_its_restart_and_a_partition_claim(tmp_path):
+    """Partitions 0, 1, 2 on one host, 4 rounds, and an operator's faults.
 
-    Partition 2's SuperNode is killed (SIGKILL, with its ClientApp) once round 1 is recorded
-    and started again, under a new node id, once round 2 is recorded.
+    Once round 1 is recorded, partition 2's SuperNode is killed (SIGKILL, with its ClientApp)
+    and a fourth SuperNode starts claiming partition 1, which the second node holds; once
+    round 2 is recorded, partition 2's SuperNode starts again, under a new node id.
     """
     rounds, run_dir = 4, tmp_path / "runs" / "e2e"
     with ExitStack() as stack:
         link = stack.enter_context(deployment_superlink(tmp_path))
-        nodes = _start_nodes(stack, tmp_path, link, partitions=[0, 1, 2, 1])
+        nodes = _start_nodes(stack, tmp_path, link)
         run_id = _start_run(link, tmp_path, rounds, FAULTS)
         _wait_rounds(link, run_id, run_dir, 1)
         os.killpg(nodes[2].process.pid, signal.SIGKILL)
+        _start_late_node(stack, tmp_path, link, "supernode-claiming-1", 1)
         _wait_rounds(link, run_id, run_dir, 2)
-        restarted = supernode(
-            tmp_path, "supernode-2-restarted", link.address, _node_config(2),
-            port=free_port(), extra_env=ONE_THREAD,
-        )  # fmt: skip
-        stack.enter_context(restarted)
+        _start_late_node(stack, tmp_path, link, "supernode-2-restarted", 2)
         _wait_done(link, run_id)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     summary = json.loads((run_dir / "rounds.json").read_text())
     rows = json.loads((run_dir / "clients.json").read_text())
     by_round = [[row for row in rows if row["round"] == r] for r in range(1, rounds + 1)]
-    # the duplicate: refused, and named, in every round; its twin's replies are used
-    assert [s["refused-duplicate-partition"] for s in summary] == [1] * rounds
-    for round_rows in by_round:
-        refused = [row for row in round_rows if "refused" in row]
-        assert len(refused) == 1 and "partition-id 1 already replied" in refused[0]["refused"]
+    # the claim: refused, naming both nodes, whenever it came; the holder's replies are used
+    holder = next(row["node-id"] for row in by_round[0] if row.get("partition-id") == 1)
+    assert [row["node-id"] for row in rows if row.get("partition-id") == 1] == [holder] * rounds
+    claims = [row for row in rows if "partition-id 1 is bound" in row.get("refused", "")]
+    claimer = claims[0]["node-id"]
+    assert [row["round"] for row in rows if row["node-id"] == claimer][-2:] == [3, 4]
+    for row in (row for row in rows if row["node-id"] == claimer):
+        assert row["refused"] == (
+            f"partition-claim: partition-id 1 is bound to live node {holder}; node {claimer}'s "
+            "claim refused"
+        )
+    assert all(s.get("refused-partition-claim", 0) >= 1 for s in summary[2:])
     # the lost node: round 2 names partition 2 missing, and the run goes on without it
     assert summary[1]["partitions-missing"] == "2" and summary[1]["replies"] == 2
     used = [sorted(row["partition-id"] for row in r if not _failed(row)) for r in by_round]
@@ -233,6 +241,17 @@ def test_deployment_survives_a_lost_node_its_restart_and_a_duplicate_partition(t
     moved = [s.get("partitions-moved", "") for s in summary]
     assert sum(m.startswith("2:") for m in moved) == 1
     assert all("global-acc" in row for r in by_round for row in r if not _failed(row))
+
+
+def _start_late_node(
+    stack: ExitStack, tmp_path: Path, link: SuperLink, name: str, partition: int
+) -> None:
+    """One more SuperNode, for ``partition``, started while a run is under way."""
+    node = supernode(
+        tmp_path, name, link.address, _node_config(partition), port=free_port(),
+        extra_env=ONE_THREAD,
+    )  # fmt: skip
+    stack.enter_context(node)
 
 
 def _failed(row: dict[str, Any]) -> bool:

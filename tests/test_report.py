@@ -180,6 +180,7 @@ def test_server_logs_one_summary_line_per_round(relay_run):
     assert len(lines) == 2
     for line, row in zip(lines, rounds, strict=True):
         assert line.startswith(f"round {row['round']}/2: {NODES}/{NODES} replied, ")
+        assert row["accepted-share"] == 1.0 and ", accepted-share 1.00, " in line
         assert f"acc {row['global-acc-mean']:.3f}" in line
         assert re.search(r", [\d.]+ [kM]?B sent / [\d.]+ [kM]?B received, [\d.]+ s$", line)
     assert any(f"run directory: {run_dir}" in r for r in records)
@@ -196,9 +197,12 @@ def test_round_line_format():
         "round-seconds": 14.06,
     }
     assert report.round_line(2, 3, 4, summary) == (
-        "round 2/3: 3/4 replied, acc 0.972, 1.2 MB sent / 312 B received, 14.1 s, 1 errors"
+        "round 2/3: 3/4 replied, accepted-share 0.75, acc 0.972, 1.2 MB sent / 312 B received, "
+        "14.1 s, 1 errors"
     )
-    assert report.round_line(1, 1, 2, {"replies": 0}).startswith("round 1/1: 0/2 replied, acc n/a")
+    assert report.round_line(1, 1, 2, {"replies": 0}).startswith(
+        "round 1/1: 0/2 replied, accepted-share 0.00, acc n/a"
+    )
 
 
 def test_cmfl_report_compares_two_runs(relay_run, local_run, tmp_path, capsys):
@@ -383,6 +387,32 @@ def test_report_html_of_a_run_that_generates_nothing_has_no_recognised_column(tm
     page = report.write_report(run_dir).read_text()
     assert "generated-recognised" not in page
     assert _table(page, 1)[0]["global-acc-mean"] == "0.400"
+
+
+def test_report_html_flags_rounds_that_kept_few_replies_or_screened_or_quarantined(tmp_path):
+    healthy = {"replies": 4, "sampled": 4, "accepted-share": 1.0, "screened-out": 0}
+    rounds = [
+        _acc(1, 0.9) | healthy | {"replies": 1, "accepted-share": 0.25},
+        _acc(2, 0.9) | healthy | {"replies": 2, "accepted-share": 0.5},  # half: not flagged
+        _acc(3, 0.9) | healthy | {"screened-out": 3},
+        _acc(4, 0.9) | healthy | {"quarantined": "1,3"},
+        _acc(5, 0.9) | healthy | {"quarantined": ""},  # nobody quarantined
+    ]
+    page = report.write_report(_written_run(tmp_path, "flagged", rounds)).read_text()
+    flagged = re.findall(r"<li>(round \d+): (.*?)</li>", page)
+    assert [(where, what.split(":")[0]) for where, what in flagged] == [
+        ("round 1", "accepted-share 0.25"),
+        ("round 3", "screened-out 3"),
+        ("round 4", "quarantined"),
+    ]
+    assert "1 of 4 sampled clients&#x27; replies were accepted" in flagged[0][1]
+    assert "partition(s) 1,3" in flagged[2][1]
+    assert page.index("Rounds to check") < page.index("Final figures")
+    table = _table(page, 1)
+    assert [row["accepted-share"] for row in table] == ["0.250", "0.500", "1.000", "1.000", "1.000"]
+    assert [row["quarantined"] for row in table] == ["", "", "", "1,3", ""]
+    calm = report.write_report(_written_run(tmp_path, "calm", [_acc(1, 0.9) | healthy]))
+    assert "Rounds to check" not in calm.read_text()
 
 
 def _cells(line):

@@ -17,6 +17,7 @@ from flwr.app import (
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
+from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.harness import refusal_kind, run_federation
 from cmfl_flower.weights import weights_problem
@@ -67,10 +68,15 @@ HOSTILE = {
 EXPECTED_KIND = {"nan": "non-finite", "inf": "non-finite", "int-dtype": "dtype"}
 
 
+def _round(message):
+    """The round a server message names (what an honest reply names back)."""
+    return message.content["config"]["server-round"]
+
+
 def _hostile_app(kind):
     def app(message, context):
         pid = context.node_config["partition-id"]
-        metrics = {"partition-id": pid, "num-train": 10}
+        metrics = {"partition-id": pid, "num-train": 10, "server-round": _round(message)}
         if kind == "error":
             return Message(Error(code=7, reason="hostile error reply"), reply_to=message)
         if kind == "missing-metrics":
@@ -120,6 +126,7 @@ def _run(tmp_path, name, hostile):
             "data.partitioner": "pathological",  # one class per client: little to generate
             "data.classes-per-client": 1,
             "data.min-partition-size": 1,
+            "federation.min-replies": HONEST,  # the default asks for half of the nodes
         },
     )
     grid = LoopbackGrid(client_app, cfg, HONEST + len(KINDS), keep_messages=True)
@@ -129,17 +136,17 @@ def _run(tmp_path, name, hostile):
     return grid, run_dir
 
 
-def _honest_view(grid, run_dir):
+def _honest_view(grid, run_dir, honest=range(HONEST)):
     """Honest clients' rows (timings aside) and everything the server sent them."""
     rows = [
         {k: v for k, v in row.items() if not k.startswith("seconds-")}
         for row in json.loads((run_dir / "clients.json").read_text())
-        if row.get("partition-id", -1) < HONEST and "error" not in row and "refused" not in row
+        if row.get("partition-id", -1) in honest and "error" not in row and "refused" not in row
     ]
     sent = [
         {k: v.numpy() for k, v in m.content.array_records.get(ARRAYS_KEY, {}).items()}
         for m in grid.sent
-        if m.metadata.dst_node_id < 1000 + HONEST
+        if m.metadata.dst_node_id - 1000 in honest
     ]
     return rows, sent
 
@@ -256,10 +263,180 @@ def test_a_second_node_claiming_a_partition_is_refused(tmp_path):
     grid.contexts[1002].node_config["partition-id"] = 1  # an operator slip: two nodes say 1
     run_dir = run_federation(grid, cfg)
     (summary,) = json.loads((run_dir / "rounds.json").read_text())
-    assert summary["replies"] == 2 and summary["refused-duplicate-partition"] == 1
+    assert summary["replies"] == 2 and summary["refused-partition-claim"] == 1
     (refused,) = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
-    assert refused["node-id"] == 1002 and "partition-id 1 already replied" in refused["refused"]
+    assert refused["node-id"] == 1002
+    assert "partition-id 1 is bound to live node 1001; node 1002's claim" in refused["refused"]
     assert {entry.sender for message in grid.sent for entry in relayed(message)} <= {0, 1}
+
+
+def _claiming(grid, partition):
+    """Node 1000's ClientApp: silent in round 1, then it claims ``partition`` (bound by then)."""
+    claimed = Context(
+        run_id=1, node_id=1000, state=RecordDict(), run_config=dict(grid.contexts[1000].run_config),
+        node_config={"partition-id": partition, "num-partitions": len(grid.contexts)},
+    )  # fmt: skip
+
+    def app(message, context):
+        if _round(message) == 1:
+            raise RuntimeError("not yet")
+        return client_app(message, claimed)
+
+    return app
+
+
+def test_a_claim_of_a_live_nodes_partition_never_displaces_its_holder(tmp_path):
+    """Node 1000 claims partition 1 from round 2 on; node 1001 holds it since round 1.
+
+    Replies are checked in node order, so a rule that only refused the second of two claims
+    in one round would take 1000's and refuse the honest 1001.
+    """
+    runs = {}
+    for name, app in (("claim", _claiming), ("quiet", lambda grid, _: _raising)):
+        cfg = make_cfg(tmp_path, "cmfl-relay", 2, **{"output.run-name": name})
+        grid = LoopbackGrid(client_app, cfg, 3, keep_messages=True)
+        grid.overrides[1000] = app(grid, 1)
+        runs[name] = grid, run_federation(grid, cfg)
+    grid, run_dir = runs["claim"]
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [(r["replies"], r.get("refused-partition-claim")) for r in rounds] == [
+        (2, None),
+        (2, 1),
+    ]
+    (refused,) = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
+    assert refused["node-id"] == 1000 and refused["refused"] == (
+        "partition-claim: partition-id 1 is bound to live node 1001; node 1000's claim refused"
+    )
+    assert not any("partitions-moved" in r for r in rounds)
+    # the holder's rows, and everything the server sent the honest nodes, as without the claim
+    quiet_rows, quiet_sent = _honest_view(*runs["quiet"], honest=range(1, 3))
+    claim_rows, claim_sent = _honest_view(grid, run_dir, honest=range(1, 3))
+    assert len(claim_rows) == 4 and claim_rows == quiet_rows
+    for a, b in zip(claim_sent, quiet_sent, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _claims(partition):
+    """A ClientApp that trains honestly and names ``partition`` in its reply."""
+
+    def app(message, context):
+        reply = client_app(message, context)
+        metrics = dict(reply.content[METRICS_KEY]) | {"partition-id": partition}
+        return _reply(message, metrics)
+
+    return app
+
+
+def test_partition_ids_outside_the_partitions_are_refused(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 1, **{"federation.num-partitions": 3})
+    grid = LoopbackGrid(client_app, cfg, 4)  # node 1003's own config names partition 3
+    grid.overrides[1002] = _claims(7)
+    run_dir = run_federation(grid, cfg)
+    (summary,) = json.loads((run_dir / "rounds.json").read_text())
+    assert summary["replies"] == 2 and summary["refused-partition-id"] == 2
+    rows = json.loads((run_dir / "clients.json").read_text())
+    refused = {r["node-id"]: r["refused"] for r in rows if "refused" in r}
+    assert refused == {
+        1002: "partition-id: partition-id 7 is outside 0..2 (federation.num-partitions, else "
+        "the nodes connected at the start)",
+        1003: "partition-id: partition-id 3 is outside 0..2 (federation.num-partitions, else "
+        "the nodes connected at the start)",
+    }
+
+
+def test_a_node_keeps_the_one_partition_it_is_bound_to(tmp_path):
+    """Node 1002, bound to partition 2 in round 1, claims the unclaimed partition 3 in round 2."""
+
+    def moving(message, context):
+        return (_claims(3) if _round(message) == 2 else client_app)(message, context)
+
+    cfg = make_cfg(tmp_path, "local-only", 2, **{"federation.num-partitions": 4})
+    grid = LoopbackGrid(client_app, cfg, 3)
+    grid.overrides[1002] = moving
+    run_dir = run_federation(grid, cfg)
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    assert [r.get("refused-partition-claim") for r in rounds] == [None, 1]
+    (refused,) = [r for r in json.loads((run_dir / "clients.json").read_text()) if "refused" in r]
+    assert refused["refused"] == (
+        "partition-claim: node 1002 is bound to partition-id 2; its claim of partition-id 3 refused"
+    )
+    assert rounds[1].get("partitions-missing") == "2"
+
+
+def test_partition_bindings_survive_a_resume(tmp_path):
+    """After a server restart, node 999 (checked first) claims partition 1, bound to 1001."""
+    cfg = make_cfg(tmp_path, "local-only", 1, **{"output.run-name": "bound"})
+    grid = LoopbackGrid(client_app, cfg, 2)
+    run_dir = run_federation(grid, cfg)
+    meta = json.loads((run_dir / "checkpoint" / "latest.json").read_text())["meta"]
+    assert meta["session"] == {"bound": {"0": 1000, "1": 1001}, "num-partitions": 2}
+    resumed = AppConfig.from_run_config(
+        cfg.to_run_config() | {"output.resume": True, "federation.rounds": 2}
+    )
+    grid = LoopbackGrid(client_app, resumed, 2)  # the same SuperNodes, and a new one
+    grid.contexts[999] = Context(
+        run_id=1, node_id=999, state=RecordDict(), run_config=resumed.to_run_config(),
+        node_config={"partition-id": 1, "num-partitions": 2},
+    )  # fmt: skip
+    assert run_federation(grid, resumed) == run_dir
+    rows = [r for r in json.loads((run_dir / "clients.json").read_text()) if r["round"] == 2]
+    assert {r["node-id"]: r.get("refused", "").split(":")[0] for r in rows} == {
+        999: "partition-claim",
+        1000: "",
+        1001: "",
+    }
+
+
+@pytest.mark.parametrize("method", ["local-only", "encoder-lora"])
+def test_replies_naming_another_round_or_none_are_refused_as_stale(tmp_path, method):
+    def stale(message, context):
+        reply = client_app(message, context)
+        metrics = dict(reply.content[METRICS_KEY]) | {"server-round": _round(message) - 1}
+        return _reply(message, metrics, reply.content.array_records.get(ARRAYS_KEY))
+
+    def undated(message, context):
+        reply = client_app(message, context)
+        metrics = {k: v for k, v in reply.content[METRICS_KEY].items() if k != "server-round"}
+        return _reply(message, metrics, reply.content.array_records.get(ARRAYS_KEY))
+
+    evaluate = {"federation.fraction-evaluate": 1.0} if method == "encoder-lora" else {}
+    cfg = make_cfg(tmp_path, method, 1, **{"encoder.epochs": 1}, **evaluate)
+    grid = LoopbackGrid(client_app, cfg, 4, keep_messages=True)
+    grid.overrides |= {1002: stale, 1003: undated}
+    run_dir = run_federation(grid, cfg)
+    (summary,) = json.loads((run_dir / "rounds.json").read_text())
+    assert (summary["replies"], summary["refused"], summary["refused-stale"]) == (2, 2, 2)
+    assert summary["accepted-share"] == 0.5
+    rows = {r["node-id"]: r for r in json.loads((run_dir / "clients.json").read_text())}
+    assert rows[1002]["refused"] == "stale: the reply names server-round 0; round 1 is in progress"
+    assert rows[1003]["refused"] == "stale: the reply names no server-round; round 1 is in progress"
+    # the honest replies' server-round is gone before the strategy and the rows see them
+    honest = [r for r in grid.replies if r.metadata.src_node_id < 1002]  # train, evaluate
+    assert honest and not any("server-round" in r.content[METRICS_KEY] for r in honest)
+    assert not any("server-round" in row for row in rows.values())
+    if method == "encoder-lora":  # a stale evaluation is dropped too
+        assert summary["averaged"] == 2
+        evaluated = {node for node, row in rows.items() if "eval-local-acc" in row}
+        assert evaluated == {1000, 1001} and summary["eval-local-acc-mean"] >= 0.0
+
+
+def test_one_reply_of_four_fails_the_run_at_the_default_min_replies(tmp_path):
+    cfg = make_cfg(tmp_path, "local-only", 2)
+    grid = LoopbackGrid(client_app, cfg, 4)
+    grid.overrides |= dict.fromkeys((1001, 1002, 1003), _raising)
+    message = (
+        "round 1: 1 usable replies, 2 needed: half of the 4 sampled nodes, rounded up (the "
+        "default, federation.min-replies = 0); 3 errors, 0 refused, 0 without reply; first "
+        "problem: RuntimeError('silent node')"
+    )
+    with pytest.raises(RuntimeError) as raised:
+        run_federation(grid, cfg)
+    assert str(raised.value) == message
+    run_dir = tmp_path / "runs" / "local-only"
+    (summary,) = json.loads((run_dir / "rounds.json").read_text())
+    assert summary["accepted-share"] == 0.25
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert "<li>round 1: accepted-share 0.25: 1 of 4" in (run_dir / "report.html").read_text()
 
 
 def test_partitions_not_sampled_are_not_missing(tmp_path):

@@ -1,6 +1,7 @@
 """Strategies driven through the real ServerApp/ClientApp code on an in-process grid."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -293,8 +294,11 @@ def test_received_mean_fallback_averages_vectors_of_equal_shape():
         TokenEntry(2, 3, np.ones((2, 4), np.float32)),  # another token count: left out
         TokenEntry(1, None, a),  # unlabelled: no class to average into
     ]
-    means = _received_means(entries)
-    assert set(means) == {3} and np.allclose(means[3].numpy(), 2 * a)
+    dropped = Counter()
+    means = _received_means(entries, dropped)
+    assert set(means) == {3} and np.allclose(means[3].numpy(), 2 * a) and not dropped
+    huge = [TokenEntry(0, 5, np.full((1, 4), 3e38, np.float32)), TokenEntry(1, 5, 3e38 * a)]
+    assert _received_means(huge, dropped) == {} and dropped == {"non-finite-mean": 1}
 
 
 def test_unseen_classes_can_use_their_pretrained_names(tmp_path):

@@ -11,6 +11,7 @@ from cmfl_flower.wire import (
     WireLimits,
     parse_relay,
     parse_reply,
+    read_relay,
     relay_arrays,
     reply_arrays,
 )
@@ -125,3 +126,34 @@ def test_relay_index_is_checked_on_receipt():
         parse_relay(packed([[-2, 1, 1]]), LIMITS)
     with pytest.raises(WireError, match="class id 1 of sender 4 twice"):
         parse_relay(packed([[4, 1, 1], [4, 1, 1]]), LIMITS)
+
+
+NORM_LIMITS = WireLimits(token_dim=4, num_classes=10, max_tokens=3, max_bytes=10_000, max_norm=5.0)
+
+
+def test_a_reply_with_a_token_beyond_the_norm_bound_is_refused():
+    long = vectors(2)
+    long[1] *= 100  # one token of norm ~100 beside one of ~0.4
+    with pytest.raises(WireError, match=r"norm: vectors: a token of norm .* exceeds 5"):
+        parse_reply({"vectors": long, "index": np.array([[3, 2]], np.int32)}, NORM_LIMITS, True)
+    assert parse_reply(packed([[3, 2]]), NORM_LIMITS, labelled=True)  # within the bound
+
+
+def test_a_receiver_drops_only_the_unusable_entries_and_counts_them_by_rule():
+    rows = np.concatenate([vectors(1), vectors(1) * 100, np.full((1, 4), np.nan), vectors(1)])
+    index = np.array([[0, 1, 1], [1, 2, 1], [2, 3, 1], [0, 1, 1]], np.int32)  # last: a repeat
+    extra = {"vectors": rows.astype(np.float32), "index": index}
+    kept, dropped = read_relay(extra, NORM_LIMITS)
+    assert [(e.sender, e.class_id) for e in kept] == [(0, 1)]
+    assert dropped == {"norm": 1, "non-finite": 1, "class-id": 1}
+    unknown = {"vectors": vectors(2), "index": np.array([[5, 12, 1], [6, 2, 1]], np.int32)}
+    kept, dropped = read_relay(unknown, NORM_LIMITS)
+    assert [(e.sender, e.class_id) for e in kept] == [(6, 2)] and dropped == {"class-id": 1}
+
+
+def test_a_relay_message_whose_frame_does_not_read_drops_every_entry_it_names():
+    kept, dropped = read_relay(packed([[0, 1, 2], [1, 2, 1]], n_vectors=4), NORM_LIMITS)
+    assert kept == [] and dropped == {"index": 2}
+    kept, dropped = read_relay({"weights": vectors(1)}, NORM_LIMITS)
+    assert kept == [] and dropped == {"key": 1}
+    assert read_relay({}, NORM_LIMITS) == ([], {})

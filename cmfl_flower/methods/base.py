@@ -11,8 +11,8 @@ and how its server side is built:
 
 Messages, both ways, hold at most one ``ArrayRecord`` (``arrays``) beside one ``ConfigRecord``
 (``config``: ``server-round``, ``run-name`` and what a strategy adds, such as FedProx's
-``proximal-mu``) or one ``MetricRecord`` (``metrics``). Clients read the run config from
-``context.run_config``; nothing else travels.
+``proximal-mu``) or one ``MetricRecord`` (``metrics``, which names the ``server-round`` it
+answers). Clients read the run config from ``context.run_config``; nothing else travels.
 """
 
 from __future__ import annotations
@@ -103,9 +103,13 @@ def sampling_seed(seed: int, server_round: int) -> str:
     return f"{seed}/{server_round}"
 
 
-def reply(output: RoundOutput, message: Message) -> Message:
-    """The reply to ``message`` carrying a routine's metrics and arrays."""
-    content = RecordDict({METRICS_KEY: MetricRecord(output.metrics)})
+def reply(output: RoundOutput, message: Message, server_round: int) -> Message:
+    """The reply to ``message`` carrying a routine's metrics and arrays.
+
+    Its metrics name the round it answers (``server-round``): the server refuses a reply to
+    any other round and removes the name before its strategy sees the metrics.
+    """
+    content = RecordDict({METRICS_KEY: MetricRecord({**output.metrics, ROUND_KEY: server_round})})
     if output.arrays:
         content[ARRAYS_KEY] = to_record(output.arrays)
     return Message(content, reply_to=message)

@@ -9,11 +9,22 @@ Between it and Flower's Grid sits a :class:`RecordingGrid`, which for every mess
 * checks each reply and refuses a malformed one before the strategy sees it (the reason,
   ``"<kind>: <detail>"``, is logged and counted as ``refused-<kind>``).
 
+Every reply names the round it answers (the metric ``server-round``): a train reply naming
+another round, or none, is refused (``stale``); a usable reply's ``server-round`` is removed
+before the strategy sees its metrics. Partition ids are identities: one is bound, for the
+run, to the first node whose reply for it was used, and the binding is checkpointed. Another
+node's claim is refused while that node is connected (``partition-claim``, naming both) and
+taken over once it is gone (a restarted SuperNode: ``partitions-moved``); an id outside
+``0..N-1`` is refused (``partition-id``), N being ``federation.num-partitions`` or else the
+nodes connected when the run started.
+
 Before each round it seeds Python's ``random`` from the run's seed and the round, and it lists
 the node ids in order, so that Flower's node sampling repeats (as the method strategies' own
 does). After each round (Flower's ``evaluate_fn``) :class:`Session` scores the global arrays of a
-weight method, writes the round's rows and summary, saves the checkpoint, and stops the run
-(``RuntimeError``) when fewer than ``federation.min-replies`` replies were usable.
+weight method, writes the round's rows and summary (with ``accepted-share``, the accepted
+replies over the sampled nodes), saves the checkpoint, and stops the run (``RuntimeError``)
+when fewer than ``federation.min-replies`` replies were usable (its default, 0: half the
+sampled nodes, rounded up).
 """
 
 from __future__ import annotations
@@ -50,28 +61,33 @@ from cmfl_flower.methods.base import (
 from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY, build_strategy
 from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 from cmfl_flower.privacy import round_report
-from cmfl_flower.report import round_line
+from cmfl_flower.report import accepted_share, round_line
 from cmfl_flower.results import Row, RunRecorder
 from cmfl_flower.weights import weights_problem
 from cmfl_flower.workspace import Arrays
 
 SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
-TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received")  # reported as sums
+# reported as sums; screened-out and dropped: received sets and entries a client left out
+TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received", "screened-out", "dropped")
 POLL_SECONDS = 0.5  # how often the server asks the SuperLink for replies
 RESERVED = frozenset({"node-id", "bytes-sent", "bytes-received", "error", "refused"})
+SESSION_META = "session"  # the checkpoint meta's key for the partition bindings
 
 
 class Session:
     """One run of a method: its strategy, what each round sent and received, the recorder."""
 
-    def __init__(self, cfg: AppConfig, recorder: RunRecorder, method: Method) -> None:
+    def __init__(
+        self, cfg: AppConfig, recorder: RunRecorder, method: Method, num_partitions: int
+    ) -> None:
         self.cfg = cfg
         self.recorder = recorder
         self.method = method
+        self.num_partitions = num_partitions  # replies may claim partition ids 0..this - 1
         self.strategy: Strategy | None = None
         self.first_round = 1
         self.train_exchanges = 0  # train rounds sent so far by this session
-        self.partition_home: dict[int, int] = {}  # partition id -> the node it last replied from
+        self.bound: dict[int, int] = {}  # partition id -> its node, for the run (checkpointed)
         self.connected: set[int] = set()  # node ids the grid listed when the round sampled
         self._new_round()
 
@@ -82,6 +98,7 @@ class Session:
         self.reference: Arrays | None = None  # the weights sent this round (weight methods)
         self.metric_keys: set[str] | None = None  # Flower averages only equal key sets
         self.partition_nodes: dict[int, int] = {}  # partition id -> the node it replied from
+        self.moved: dict[int, tuple[int, int]] = {}  # partition id -> (gone node, new node)
         self.round_start = time.perf_counter()
 
     # ----- messages out ----------------------------------------------------------------
@@ -116,17 +133,25 @@ class Session:
                    for m in replies}  # fmt: skip
         for node, message in sorted(by_node.items()):
             if message.metadata.message_type.startswith("evaluate"):
-                self._evaluation(node, message)
-                usable.append(message)
+                if self._evaluation(node, message):
+                    usable.append(message)
             elif self._train_reply(node, message):
                 usable.append(message)
         return usable
 
-    def _evaluation(self, node: int, message: Message) -> None:
+    def _evaluation(self, node: int, message: Message) -> bool:
+        """Record an evaluate reply's metrics; False (dropped, logged) when it is stale."""
         row = self.rows.setdefault(node, {})
-        if not message.has_error() and METRICS_KEY in message.content.metric_records:
-            metrics = message.content.metric_records[METRICS_KEY]
-            row |= {f"eval-{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if message.has_error() or METRICS_KEY not in message.content.metric_records:
+            return True
+        metrics = message.content.metric_records[METRICS_KEY]
+        if reason := self._stale(dict(metrics)):
+            log(WARNING, "round %d: dropped evaluation of node %d: %s", self.round_number,
+                node, reason)  # fmt: skip
+            return False
+        del metrics[ROUND_KEY]
+        row |= {f"eval-{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        return True
 
     def _train_reply(self, node: int, message: Message) -> bool:
         row: Row = {"node-id": node, "bytes-sent": self.sent_bytes.get(node, 0)}
@@ -145,25 +170,21 @@ class Session:
         return True
 
     def _refusal(self, node: int, row: Row, content: RecordDict) -> str | None:
-        """Why a reply cannot be used (``"<kind>: <detail>"``); else fill ``row``."""
-        if extra := sorted(set(content) - {METRICS_KEY, ARRAYS_KEY}):
-            return f"records: unexpected record(s) {extra}"
-        if METRICS_KEY not in content.metric_records:
-            return f"records: no MetricRecord {METRICS_KEY!r}"
-        if ARRAYS_KEY in content and ARRAYS_KEY not in content.array_records:
-            return f"records: {ARRAYS_KEY!r} is not an ArrayRecord"
+        """Why a reply cannot be used (``"<kind>: <detail>"``); else fill ``row``.
+
+        A usable reply's ``server-round`` is removed before the strategy sees it (Flower's
+        strategies average every metric key; the row has its ``round``), and the partition it
+        names is bound to its node (:meth:`_claim_refusal`).
+        """
+        if reason := _records_problem(content):
+            return reason
         metrics = dict(content.metric_records[METRICS_KEY])
-        if clash := sorted(set(metrics) & RESERVED):
-            return f"metrics: reserved name(s) {clash}"
-        if lists := sorted(k for k, v in metrics.items() if not isinstance(v, (int, float))):
-            return f"metrics: non-scalar value(s) {lists}"
+        if reason := _metrics_problem(metrics) or self._stale(metrics):
+            return reason
+        del metrics[ROUND_KEY]
         partition = metrics.get("partition-id")
-        holder = self.partition_nodes.get(partition) if isinstance(partition, int) else None
-        if holder is not None and holder != node:
-            return (
-                f"duplicate-partition: partition-id {partition} already replied from node "
-                f"{holder} this round (two SuperNodes started with the same partition-id?)"
-            )
+        if reason := self._claim_refusal(node, partition):
+            return reason
         record = content.array_records.get(ARRAYS_KEY)
         try:
             arrays = from_record(record) if record is not None else {}
@@ -176,11 +197,57 @@ class Session:
             reason = self.strategy.check_reply(self.round_number, metrics, arrays)
         if reason is None:
             row |= metrics
+            del content.metric_records[METRICS_KEY][ROUND_KEY]
             if isinstance(partition, int):
-                self.partition_nodes[partition] = node
+                self._bind(partition, node)
             if self.method.exchanges_weights and self.cfg.privacy.enabled:
                 content.metric_records[METRICS_KEY][EQUAL_WEIGHT_KEY] = 1  # the accounting's
         return reason
+
+    def _stale(self, metrics: dict[str, Any]) -> str | None:
+        """Why a reply does not answer the round in progress (its ``server-round``), or None."""
+        named = metrics.get(ROUND_KEY)
+        if isinstance(named, int) and named == self.round_number:
+            return None
+        said = f"names {ROUND_KEY} {named}" if named is not None else f"names no {ROUND_KEY}"
+        return f"stale: the reply {said}; round {self.round_number} is in progress"
+
+    def _claim_refusal(self, node: int, partition: Any) -> str | None:
+        """Why ``node`` may not speak for ``partition``, or None.
+
+        A partition id is bound, for the run, to the first node whose reply for it was used;
+        that node keeps it while it is connected, and a node that replaces a gone one takes it
+        over (a restarted SuperNode: a new node id). A node holds one partition. Ids outside
+        ``0..num_partitions - 1`` are refused as ``partition-id``, claims of a live node's
+        partition (or of a second partition) as ``partition-claim``. A reply naming no
+        partition binds nothing (the relay refuses it; a weight method uses it).
+        """
+        if not isinstance(partition, int):
+            return None
+        if not 0 <= partition < self.num_partitions:
+            return (
+                f"partition-id: partition-id {partition} is outside 0..{self.num_partitions - 1}"
+                " (federation.num-partitions, else the nodes connected at the start)"
+            )
+        holder = self.bound.get(partition, node)
+        if holder != node and holder in self.connected:
+            return (
+                f"partition-claim: partition-id {partition} is bound to live node {holder}; "
+                f"node {node}'s claim refused"
+            )
+        if held := sorted(p for p, n in self.bound.items() if n == node and p != partition):
+            return (
+                f"partition-claim: node {node} is bound to partition-id {held[0]}; its claim of "
+                f"partition-id {partition} refused"
+            )
+        return None
+
+    def _bind(self, partition: int, node: int) -> None:
+        """Bind ``partition`` to ``node``, whose reply for it was used this round."""
+        if (old := self.bound.get(partition, node)) != node:
+            self.moved[partition] = (old, node)
+        self.bound[partition] = node
+        self.partition_nodes[partition] = node
 
     def _weights_refusal(self, metrics: dict[str, Any], arrays: Arrays) -> str | None:
         weight = metrics.get("num-examples")
@@ -238,7 +305,6 @@ class Session:
             extra["partitions-missing"] = ",".join(map(str, missing))
         if moved := self._moved_partitions(server_round):
             extra["partitions-moved"] = moved
-        self.partition_home |= self.partition_nodes
         if not self.method.exchanges_weights:
             assert isinstance(self.strategy, RoundStrategy)
             return extra | self.strategy.round_metrics(server_round)
@@ -257,27 +323,39 @@ class Session:
         """
         return sorted(
             partition
-            for partition, node in self.partition_home.items()
+            for partition, node in self.bound.items()
             if partition not in self.partition_nodes
             and (node in self.sent_bytes or node not in self.connected)
         )
 
     def _moved_partitions(self, server_round: int) -> str:
         """``"<partition>:<old node>-><new node>,..."`` for partitions on a new node this round."""
-        moved = {
-            partition: (self.partition_home[partition], node)
-            for partition, node in sorted(self.partition_nodes.items())
-            if self.partition_home.get(partition, node) != node
-        }
+        moved = dict(sorted(self.moved.items()))
         for partition, (old, new) in moved.items():
             log(INFO, "round %d: partition-id %d moved from node %d to node %d (a restarted "
                 "SuperNode)", server_round, partition, old, new)  # fmt: skip
         return ",".join(f"{p}:{old}->{new}" for p, (old, new) in moved.items())
 
     def _state(self, arrays: ArrayRecord) -> tuple[Arrays, dict[str, Any]]:
+        """The checkpoint: the strategy's state, the bindings under :data:`SESSION_META`."""
         if isinstance(self.strategy, RoundStrategy):
-            return self.strategy.state()
-        return from_record(arrays), {}
+            state, meta = self.strategy.state()
+        else:
+            state, meta = from_record(arrays), {}
+        own = {"bound": {str(p): n for p, n in sorted(self.bound.items())}}
+        return state, meta | {SESSION_META: own | {"num-partitions": self.num_partitions}}
+
+    def restore(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Take back what :meth:`_state` saved in ``meta``; return the strategy's own meta.
+
+        Without ``federation.num-partitions`` the run keeps the larger of its saved partition
+        count and the nodes connected now.
+        """
+        own = meta.get(SESSION_META, {})
+        self.bound = {int(p): int(n) for p, n in own.get("bound", {}).items()}
+        if not self.cfg.federation.num_partitions:
+            self.num_partitions = max(self.num_partitions, int(own.get("num-partitions", 0)))
+        return {k: v for k, v in meta.items() if k != SESSION_META}
 
     def record(self, server_round: int, rows: list[Row], extra: Row) -> Row:
         """Store the client rows and the round summary; return the summary."""
@@ -289,7 +367,8 @@ class Session:
         }
         summary |= _refusal_kinds(rows) | _spread(ok) | _totals(rows) | _mean_seconds(ok) | extra
         sampled = max(len(self.sent_bytes), len(rows))
-        summary |= {"sampled": sampled, "round-seconds": time.perf_counter() - self.round_start}
+        summary |= {"sampled": sampled, "accepted-share": accepted_share(len(ok), sampled)}
+        summary["round-seconds"] = time.perf_counter() - self.round_start
         self.recorder.add_clients(server_round, rows)
         self.recorder.add_round(server_round, summary)
         for row in ok:
@@ -298,14 +377,23 @@ class Session:
         return summary
 
     def _check_replies(self, server_round: int, rows: list[Row], summary: Row) -> None:
-        needed = self.cfg.federation.min_replies
+        """Stop the run when fewer than ``federation.min-replies`` replies were usable.
+
+        Its default, 0, asks for half the sampled nodes, rounded up.
+        """
+        needed, sampled = self.cfg.federation.min_replies, summary["sampled"]
+        rule = f"federation.min-replies = {needed}"
+        if not needed:
+            needed = -(-sampled // 2)
+            rule = (f"{needed} needed: half of the {sampled} sampled nodes, rounded up (the "
+                    "default, federation.min-replies = 0)")  # fmt: skip
         if summary["replies"] >= needed:
             return
         reasons = [str(row.get("error") or row["refused"]) for row in rows if _failed(row)]
         raise RuntimeError(
-            f"round {server_round}: {summary['replies']} usable replies, "
-            f"federation.min-replies = {needed} ({summary['errors']} errors, "
-            f"{summary['refused']} refused, {summary['no-reply']} without reply)"
+            f"round {server_round}: {summary['replies']} usable replies, {rule}; "
+            f"{summary['errors']} errors, {summary['refused']} refused, "
+            f"{summary['no-reply']} without reply"
             + (f"; first problem: {reasons[0]}" if reasons else "")
         )
 
@@ -412,10 +500,11 @@ def _restore(session: Session, strategy: Strategy, method: Method) -> tuple[int,
     if cfg.output.resume:
         session.recorder.truncate(done)
         log(INFO, "resuming %s after round %d", run_dir, done)
+    meta = session.restore(checkpoint.meta) if checkpoint is not None else {}
     if isinstance(strategy, RoundStrategy):
         strategy.first_round = done + 1  # its hooks and sampling see the run's rounds
         if checkpoint is not None:
-            strategy.load_state(checkpoint.arrays, checkpoint.meta)
+            strategy.load_state(checkpoint.arrays, meta)
         return done + 1, ArrayRecord()
     assert method.initial_arrays is not None
     arrays = checkpoint.arrays if checkpoint is not None else method.initial_arrays(cfg, run_dir)
@@ -435,7 +524,7 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
         method = resolve_method(cfg.method)
         num_nodes = wait_for_nodes(grid, cfg)
         strategy = _strategy(cfg, method, recorder.run_dir, num_nodes)
-        session = Session(cfg, recorder, method)
+        session = Session(cfg, recorder, method, cfg.federation.num_partitions or num_nodes)
         first_round, initial = _restore(session, strategy, method)
         session.start(strategy, first_round)
         if (rounds := cfg.federation.rounds - first_round + 1) > 0:
@@ -460,6 +549,26 @@ def run_federation(grid: Grid, cfg: AppConfig) -> Path:
 
 def _failed(row: Row) -> bool:
     return "error" in row or "refused" in row
+
+
+def _records_problem(content: RecordDict) -> str | None:
+    """Why a reply's records are not one MetricRecord and at most one ArrayRecord, or None."""
+    if extra := sorted(set(content) - {METRICS_KEY, ARRAYS_KEY}):
+        return f"records: unexpected record(s) {extra}"
+    if METRICS_KEY not in content.metric_records:
+        return f"records: no MetricRecord {METRICS_KEY!r}"
+    if ARRAYS_KEY in content and ARRAYS_KEY not in content.array_records:
+        return f"records: {ARRAYS_KEY!r} is not an ArrayRecord"
+    return None
+
+
+def _metrics_problem(metrics: dict[str, Any]) -> str | None:
+    """Why a reply's metrics cannot be recorded (a reserved name, a list), or None."""
+    if clash := sorted(set(metrics) & RESERVED):
+        return f"metrics: reserved name(s) {clash}"
+    if lists := sorted(k for k, v in metrics.items() if not isinstance(v, (int, float))):
+        return f"metrics: non-scalar value(s) {lists}"
+    return None
 
 
 def refusal_kind(reason: str) -> str:

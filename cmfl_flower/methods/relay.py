@@ -2,26 +2,34 @@
 
 Server: every round the sampled clients receive the latest vectors of every *other* client
 (record ``arrays``, packed as :mod:`cmfl_flower.wire` says); replies are validated against the
-wire limits and kept as their sender's latest. Client (:func:`relay_round`): generate images
-from the received vectors, update the vision LoRA, train its own vectors and send those back.
+wire limits (the norm bound included) and kept as their sender's latest. From the receivers'
+screening reports (``judged-s<id>``, ``rejected-s<id>``) it quarantines a sender that most of
+the receivers that judged it (at least two, never the sender itself) screened out: its vectors
+are not relayed for ``screening.quarantine-rounds`` rounds. Client (:func:`relay_round`):
+generate images from the received vectors, screen them, update the vision LoRA, train its own
+vectors and send those back.
 Only vectors and scalar metrics leave a client: no image, image feature or weight.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from dataclasses import replace
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 
-from cmfl_flower.backbones import resolve_preset
+from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
 from cmfl_flower.methods.base import Method, RoundStrategy
 from cmfl_flower.privacy import round_report
-from cmfl_flower.token_round import token_round
+from cmfl_flower.token_round import norm_bound, token_round
 from cmfl_flower.wire import (
     TokenEntry,
     WireError,
@@ -33,6 +41,7 @@ from cmfl_flower.wire import (
 from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
 
 UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
+_VOTE = re.compile(r"^(judged|rejected)-s(\d+)$")  # a receiver's screening report on one sender
 
 
 class CmflRelay(RoundStrategy):
@@ -46,18 +55,25 @@ class CmflRelay(RoundStrategy):
         self._max_vectors = 0  # most class vectors in one accepted reply this round
         self._checked: dict[int, list[TokenEntry]] = {}  # partition -> its vectors, parsed once
         self.labelled = cfg.tokens.relay == "labelled"
+        preset = resolve_preset(cfg.backbone)
         self.limits = WireLimits(
-            token_dim=resolve_preset(cfg.backbone).token_dim,
+            token_dim=preset.token_dim,
             num_classes=CLASS_COUNTS.get(cfg.data.dataset, UNKNOWN_CLASS_COUNT),
             max_tokens=cfg.tokens.max_tokens,
             max_bytes=cfg.tokens.max_bytes,
+            max_norm=norm_bound(cfg, pretrained_token_norm(preset), preset.token_dim),
         )
+        self.quarantine: dict[int, int] = {}  # sender partition id -> last round it is held
+        self._votes: dict[int, tuple[set[int], set[int]]] = {}  # sender -> (judges, rejecters)
 
     def arrays_for(self, server_round: int, node_id: int) -> Arrays:
         """Other senders' latest vectors: at most ``relay.max-senders-per-class`` per class."""
         own = self.partitions.get(node_id)
         entries = [
-            entry for sender, sent in sorted(self.latest.items()) if sender != own for entry in sent
+            entry
+            for sender, sent in sorted(self.latest.items())
+            if sender != own and self.quarantine.get(sender, 0) < server_round
+            for entry in sent
         ]
         relay = self.cfg.relay
         chosen = cap_senders(
@@ -86,10 +102,46 @@ class CmflRelay(RoundStrategy):
         self.latest[partition] = self._checked.pop(partition)
         self.updated[partition] = server_round
         self._max_vectors = max(self._max_vectors, len(self.latest[partition]))
+        self._count_votes(partition, metrics)
+
+    def _count_votes(self, receiver: int, metrics: Metrics) -> None:
+        """Note whom ``receiver`` judged and whom it rejected (most of that sender's sets)."""
+        counts: dict[int, dict[str, float]] = {}
+        for key, value in metrics.items():
+            if (match := _VOTE.match(key)) and int(match[2]) != receiver:  # never its own
+                counts.setdefault(int(match[2]), {})[match[1]] = float(value)
+        for sender, count in counts.items():
+            judges, rejecters = self._votes.setdefault(sender, (set(), set()))
+            if count.get("judged", 0) > 0:
+                judges.add(receiver)
+                if count.get("rejected", 0) * 2 > count["judged"]:
+                    rejecters.add(receiver)
+
+    def _update_quarantine(self, server_round: int) -> list[int]:
+        """Quarantine the senders most of their judges rejected (at least two); the new ones."""
+        rounds, new = self.cfg.screening.quarantine_rounds, []
+        for sender, (judges, rejecters) in sorted(self._votes.items()):
+            if rounds and len(rejecters) >= 2 and 2 * len(rejecters) > len(judges):
+                if self.quarantine.get(sender, 0) <= server_round:
+                    new.append(sender)
+                self.quarantine[sender] = server_round + rounds
+                log(WARNING, "round %d: sender %d quarantined until round %d: screened out by "
+                    "%d of the %d receivers that judged it", server_round, sender,
+                    server_round + rounds, len(rejecters), len(judges))  # fmt: skip
+        self._votes = {}
+        return new
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
-        """How many senders' vectors the server holds, and (epsilon, delta) under DP."""
+        """Senders' vectors held, senders quarantined for the next round, (epsilon, delta) under DP.
+
+        ``quarantined``: comma-separated partition ids whose vectors the next round does not
+        relay (absent when none).
+        """
+        self._update_quarantine(server_round)
         report: dict[str, Any] = {"senders-known": len(self.latest)}
+        held = sorted(s for s, until in self.quarantine.items() if until > server_round)
+        if held:
+            report["quarantined"] = ",".join(map(str, held))
         if self.cfg.privacy.enabled:
             report |= round_report(self.cfg.privacy, server_round, self._max_vectors)
         self._max_vectors = 0
@@ -102,12 +154,16 @@ class CmflRelay(RoundStrategy):
         replies again it receives every sender's vectors, and drops its own.
         """
         entries = [entry for _, sent in sorted(self.latest.items()) for entry in sent]
-        return relay_arrays(entries), {}
+        return relay_arrays(entries), {
+            "quarantine": {str(s): r for s, r in self.quarantine.items()}
+        }
 
     def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
         """Restore the vectors that :meth:`state` saved."""
         self.latest = {}
-        every_sender = replace(self.limits, max_bytes=sys.maxsize)  # the cap is per message
+        self.quarantine = {int(s): int(r) for s, r in meta.get("quarantine", {}).items()}
+        # the size cap is per message; the norm bound was checked when the vectors arrived
+        every_sender = replace(self.limits, max_bytes=sys.maxsize, max_norm=math.inf)
         try:
             entries = parse_relay(arrays, every_sender)
         except WireError as err:

@@ -317,11 +317,17 @@ def human_bytes(count: float) -> str:
     return f"{int(count)} B"
 
 
+def accepted_share(accepted: int, sampled: int) -> float:
+    """The share of sampled nodes whose replies were accepted (0 when none was sampled)."""
+    return accepted / sampled if sampled else 0.0
+
+
 def round_line(server_round: int, rounds: int, sampled: int, summary: Row) -> str:
     """The one line the server logs per round."""
-    acc = summary.get("global-acc-mean")
+    acc, replies = summary.get("global-acc-mean"), summary.get("replies", 0)
     parts = [
-        f"round {server_round}/{rounds}: {summary.get('replies', 0)}/{sampled} replied",
+        f"round {server_round}/{rounds}: {replies}/{sampled} replied",
+        f"accepted-share {accepted_share(replies, sampled):.2f}",
         f"acc {acc:.3f}" if acc is not None else "acc n/a",
         f"{human_bytes(summary.get('bytes-sent', 0))} sent / "
         f"{human_bytes(summary.get('bytes-received', 0))} received",
@@ -358,6 +364,9 @@ ROUND_COLUMNS = (
     "replies",
     "errors",
     "refused",
+    "accepted-share",
+    "screened-out",
+    "quarantined",
     "global-acc-mean",
     "global-acc-min",
     "global-acc-max",
@@ -381,8 +390,43 @@ STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
     "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f3f3f3}img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0}"
-    ".wide{overflow-x:auto}"
+    ".wide{overflow-x:auto}.flags{background:#fff4e5;border-left:4px solid #e8a33d;"
+    "padding:0.5em 1em}"
 )
+LOW_ACCEPTED_SHARE = 0.5  # rounds whose accepted share is below this are flagged
+
+
+def round_flags(row: Row) -> list[str]:
+    """Why a round's summary needs a second look: few accepted replies, screening, quarantine.
+
+    A round that kept under :data:`LOW_ACCEPTED_SHARE` of its sampled clients' replies reports
+    the survivors' means, not the federation's; screening and quarantine mean that some
+    client sent what others would not train on.
+    """
+    flags = []
+    share = row.get("accepted-share")
+    if isinstance(share, int | float) and share < LOW_ACCEPTED_SHARE:
+        flags.append(
+            f"accepted-share {share:.2f}: {row.get('replies', '?')} of {row.get('sampled', '?')}"
+            " sampled clients' replies were accepted; the round's figures are the survivors'"
+        )
+    if isinstance(screened := row.get("screened-out"), int | float) and screened > 0:
+        flags.append(f"screened-out {screened}: receivers left received sets out of training")
+    if quarantined := str(row.get("quarantined", "")):
+        flags.append(f"quarantined: the server stopped relaying partition(s) {quarantined}")
+    return flags
+
+
+def flags_section(rounds: Sequence[Row]) -> list[str]:
+    """The report's list of flagged rounds (:func:`round_flags`); nothing when none is."""
+    items = [
+        f"<li>round {html.escape(str(row.get('round', '?')))}: {html.escape(flag)}</li>"
+        for row in rounds
+        for flag in round_flags(row)
+    ]
+    if not items:
+        return []
+    return ["<h2>Rounds to check</h2>", f'<div class="flags"><ul>{"".join(items)}</ul></div>']
 
 
 def write_labels(run_dir: Path) -> dict[int, Row]:
@@ -432,6 +476,7 @@ def write_report(run_dir: Path) -> Path:
         f"<p>method <b>{html.escape(run.method)}</b>, status <b>{html.escape(run.status)}"
         f"</b>, {len(run.rounds)} of {run.run_config.get('federation.rounds', '?')} rounds. "
         f"Directory: <code>{html.escape(str(run.run_dir))}</code></p>",
+        *flags_section(run.rounds),
         "<h2>Final figures</h2>",
         html_table([run.final()], list(run.final())),
         *_round_sections(run, accuracy),

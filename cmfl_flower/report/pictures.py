@@ -50,13 +50,16 @@ def sample_grid(
     class_names: Sequence[str],
     title: str,
     columns: int = MAX_COLUMNS,
+    screened: np.ndarray | None = None,
 ) -> Image.Image:
     """One row per class in ``labels`` (sorted), up to ``columns`` of its images per row.
 
-    images: (N, H, W, 3) uint8; labels: (N,) class ids into ``class_names``.
+    images: (N, H, W, 3) uint8; labels: (N,) class ids into ``class_names``; screened: (N,)
+    bool, the images the receiver's screening left out of training, crossed out in red.
     """
     if len(images) == 0:
         raise ValueError("a sample grid needs at least one image")
+    crossed = np.zeros(len(images), bool) if screened is None else np.asarray(screened, bool)
     classes = sorted({int(c) for c in labels})
     width = min(columns, max(int((labels == c).sum()) for c in classes))
     canvas = Image.new("RGB", grid_size(len(classes), width), "white")
@@ -67,12 +70,24 @@ def sample_grid(
         top = TITLE_HEIGHT + row * (CELL + PAD)
         name = class_names[class_id] if class_id < len(class_names) else str(class_id)
         draw.text((PAD, top + CELL // 2), name, fill="black", font=font, anchor="lm")
-        for col, image in enumerate(images[labels == class_id][:width]):
+        rows = labels == class_id
+        for col, (image, out) in enumerate(zip(images[rows][:width], crossed[rows], strict=False)):
             tile = Image.fromarray(image)
             smaller = tile.width < CELL
             tile = tile.resize((CELL, CELL), _UP if smaller else _DOWN)
-            canvas.paste(tile, (LABEL_WIDTH + col * (CELL + PAD), top))
+            left = LABEL_WIDTH + col * (CELL + PAD)
+            canvas.paste(tile, (left, top))
+            if out:
+                _cross(draw, left, top)
     return canvas
+
+
+def _cross(draw: ImageDraw.ImageDraw, left: int, top: int) -> None:
+    """A red frame and cross over the cell at (left, top): screened out."""
+    box = (left, top, left + CELL - 1, top + CELL - 1)
+    draw.rectangle(box, outline="red", width=3)
+    draw.line(box, fill="red", width=3)
+    draw.line((box[0], box[3], box[2], box[1]), fill="red", width=3)
 
 
 def write_sample_grid(
@@ -82,12 +97,19 @@ def write_sample_grid(
     images: np.ndarray,
     labels: np.ndarray,
     class_names: Sequence[str],
+    screened: np.ndarray | None = None,
 ) -> Path:
-    """Save the round's sample grid into a client's artifact directory."""
+    """Save the round's sample grid into a client's artifact directory.
+
+    ``screened``: (N,) bool, images left out of training by screening (crossed out).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / grid_name(server_round)
     title = f"client {partition_id}, round {server_round}: generated from received tokens"
-    sample_grid(images, labels, class_names, title).save(path, optimize=True)
+    if screened is not None and screened.any():
+        title += " (crossed out: screened out)"
+    grid = sample_grid(images, labels, class_names, title, screened=screened)
+    grid.save(path, optimize=True)
     return path
 
 

@@ -1,0 +1,278 @@
+"""Can one hostile client wreck the relay? Attacks with the defences off and on, same seeds.
+
+``python -m benchmarks.robustness`` runs, offline and in process (the real ServerApp strategy
+and ClientApp code through :class:`~benchmarks.loopback.LoopbackGrid`), two settings:
+
+* ``default``: the app's defaults (``tiny`` backbone, digits, Dirichlet 0.1), 4 clients, 4
+  rounds, ``k`` hostile clients (``--hostile``, default 1);
+* ``P1``: the method benchmark's P1 (``tiny-fewshot``, 10 clients with 2 classes each, 10
+  rounds; :mod:`benchmarks.method`), ``k`` hostile clients.
+
+A hostile client runs the honest client routine and then changes its reply (:data:`ATTACKS`):
+
+* ``label-flip``: every class's vectors sent under the next class's id (``c -> c + 1 mod C``);
+* ``targeted-flip``: its first class's vectors sent under the next class's id, the rest honest;
+* ``huge-norm``: its vectors times 1e30 (finite in float32);
+* ``noise``: random vectors with the honest vectors' per-token norms (within the norm bound);
+* ``claimed-partition``: its replies claim honest partition 0's id.
+
+The hostile clients are the last ``k`` partitions. Each attack runs with the defences off
+(``screening.enabled = false``, no quarantine, no norm bound: the relay before them) and on
+(the app's defaults), and a run without attackers gives the reference, both ways. For every run
+it reports the honest clients' mean global-test accuracy after the last round, the honest sets
+screened out (false positives: of the sets honest senders' vectors made at honest receivers),
+the attackers' sets that trained an honest receiver, the refused replies, the quarantines, and
+the share of an honest client's round that screening took. ``--out`` keeps the run directories;
+results go to ``benchmarks/results/robustness.json`` with the command, commit and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+
+from benchmarks.loopback import LoopbackGrid
+from benchmarks.method import CLIENTS as P1_CLIENTS
+from benchmarks.method import ROUNDS as P1_ROUNDS
+from benchmarks.method import config as p1_config
+from client_app import app as client_app
+from cmfl_flower.config import AppConfig
+from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
+from cmfl_flower.methods.harness import run_federation
+
+RESULTS = Path(__file__).resolve().parent / "results" / "robustness.json"
+FIRST_NODE = 1000  # LoopbackGrid's first node id
+DEFENCES_OFF = {
+    "screening.enabled": False,
+    "screening.quarantine-rounds": 0,
+    "tokens.max-norm-ratio": 1e38,
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {"clients": 4, "rounds": 4},
+    "P1": {"clients": P1_CLIENTS, "rounds": P1_ROUNDS},
+}
+Arrays = dict[str, np.ndarray]
+
+
+def _relabelled(arrays: Arrays, new_class: Callable[[int, int], int]) -> Arrays:
+    """A reply whose index row ``i`` of class ``c`` names class ``new_class(i, c)`` instead."""
+    index = arrays["index"].copy()  # (E, 2): class id, n_tokens
+    index[:, 0] = [new_class(i, int(c)) for i, c in enumerate(index[:, 0])]
+    return {"vectors": arrays["vectors"], "index": index}
+
+
+def _noise(arrays: Arrays) -> Arrays:
+    vectors = arrays["vectors"]  # (R, D)
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(vectors.shape).astype(np.float32)
+    noise *= np.linalg.norm(vectors, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1)[:, None]
+    return {"vectors": noise, "index": arrays["index"]}
+
+
+def attack(name: str, num_classes: int) -> Callable[[Arrays], Arrays]:
+    """What attack ``name`` does to a hostile client's reply arrays."""
+    if name == "label-flip":
+        return lambda a: _relabelled(a, lambda i, c: (c + 1) % num_classes)
+    if name == "targeted-flip":
+
+        def targeted(arrays: Arrays) -> Arrays:
+            index = arrays["index"]
+            first, target = int(index[0, 0]), (int(index[0, 0]) + 1) % num_classes
+            keep = [i for i, c in enumerate(index[:, 0]) if i == 0 or c != target]
+            counts = index[:, 1]
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in keep])
+            out = {"vectors": arrays["vectors"][rows], "index": index[keep].copy()}
+            out["index"][0, 0] = target if first != target else first
+            return out
+
+        return targeted
+    if name == "huge-norm":
+        return lambda a: {"vectors": a["vectors"] * np.float32(1e30), "index": a["index"]}
+    if name == "noise":
+        return _noise
+    if name == "claimed-partition":
+        return lambda a: a
+    raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+
+
+ATTACKS = ("label-flip", "targeted-flip", "huge-norm", "noise", "claimed-partition")
+
+
+def hostile_app(name: str, num_classes: int) -> Callable[[Message, Context], Message]:
+    """A ClientApp that runs the honest routine, then attacks with its reply."""
+    change = attack(name, num_classes)
+
+    def app(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if reply.has_error():
+            return reply
+        content = reply.content
+        if name == "claimed-partition":
+            content.metric_records[METRICS_KEY]["partition-id"] = 0
+        elif ARRAYS_KEY in content.array_records:
+            arrays = from_record(content.array_records[ARRAYS_KEY])
+            content[ARRAYS_KEY] = to_record(change(arrays))
+        return reply
+
+    return app
+
+
+def run_config(setting: str, seed: int, root: Path, name: str, extra: dict[str, Any]) -> AppConfig:
+    """The setting's configuration for one run."""
+    threads = {"backbone.threads": torch.get_num_threads()}
+    if setting == "P1":
+        return p1_config("P1", seed, root, name, {"method": "cmfl-relay"} | threads | extra)
+    spec = SETTINGS[setting]
+    return AppConfig.from_run_config(
+        {
+            "seed": seed,
+            "data.seed": seed,
+            "data.dir": str(root / "data"),
+            "federation.rounds": spec["rounds"],
+            "federation.min-nodes": spec["clients"],
+            "output.dir": str(root / "runs"),
+            "output.run-name": name,
+            "output.progress": False,
+        }
+        | threads
+        | extra
+    )
+
+
+def run_one(
+    setting: str, attack_name: str | None, hostile: int, defended: bool, seed: int, root: Path
+) -> dict[str, Any]:
+    """One federation; the figures of :func:`figures`."""
+    clients = SETTINGS[setting]["clients"]
+    name = f"{setting}-{attack_name or 'none'}-k{hostile}-{'on' if defended else 'off'}-s{seed}"
+    cfg = run_config(setting, seed, root, name, {} if defended else DEFENCES_OFF)
+    grid = LoopbackGrid(client_app, cfg, clients)
+    attackers = list(range(clients - hostile, clients)) if attack_name else []
+    num_classes = 10  # digits
+    for pid in attackers:
+        grid.overrides[FIRST_NODE + pid] = hostile_app(attack_name or "", num_classes)
+    start = time.perf_counter()
+    run_dir = run_federation(grid, cfg)
+    out = figures(run_dir, set(range(clients)) - set(attackers), set(attackers))
+    return out | {"run": name, "seconds": time.perf_counter() - start}
+
+
+def figures(run_dir: Path, honest: set[int], attackers: set[int]) -> dict[str, Any]:
+    """Honest accuracy, false positives, attackers' sets through, refusals, screening time."""
+    rows = json.loads((run_dir / "clients.json").read_text())
+    rounds = json.loads((run_dir / "rounds.json").read_text())
+    last = max(row["round"] for row in rows)
+    mine = [r for r in rows if r.get("partition-id") in honest and "refused" not in r]
+    final = [r["global-acc"] for r in mine if r["round"] == last and "global-acc" in r]
+
+    def total(prefix: str, senders: set[int]) -> int:
+        return int(sum(r.get(f"{prefix}-s{s}", 0) for r in mine for s in senders))
+
+    honest_sets = total("kept", honest) + total("rejected", honest)
+    phases = [sum(v for k, v in r.items() if k.startswith("seconds-")) for r in mine]
+    screening = [r.get("seconds-screening", 0.0) for r in mine]
+    return {
+        "honest-acc": float(np.mean(final)) if final else float("nan"),
+        "honest-acc-min": float(np.min(final)) if final else float("nan"),
+        "honest-sets": honest_sets,
+        "honest-screened-out": total("rejected", honest),
+        "attacker-sets-through": total("kept", attackers),
+        "attacker-sets-screened-out": total("rejected", attackers),
+        "refused": int(sum(r.get("refused", 0) for r in rounds)),
+        "refusal-kinds": sorted({k for r in rounds for k in r if k.startswith("refused-")}),
+        "quarantined": [r.get("quarantined", "") for r in rounds],
+        "screening-share": float(np.sum(screening) / np.sum(phases)) if phases else 0.0,
+        "accepted-share": [r.get("accepted-share") for r in rounds],
+    }
+
+
+def commit() -> str:
+    """The checkout's commit (with ``+dirty`` when files differ from it)."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (setting, attack, hostile, defences)."""
+    lines = [
+        "| setting | attack | hostile | defences | honest acc | vs no attack | honest sets "
+        "screened out | attacker sets through | refused | screening share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    base = {
+        (r["setting"], r["defended"], r["seed"]): r["honest-acc"]
+        for r in results
+        if r["attack"] is None
+    }
+    for r in results:
+        ref = base.get((r["setting"], r["defended"], r["seed"]), float("nan"))
+        fp = f"{r['honest-screened-out']}/{r['honest-sets']}"
+        lines.append(
+            f"| {r['setting']} | {r['attack'] or 'none'} | {r['hostile']} | "
+            f"{'on' if r['defended'] else 'off'} | {r['honest-acc']:.3f} | "
+            f"{100 * (r['honest-acc'] - ref):+.1f} pt | {fp} | {r['attacker-sets-through']} | "
+            f"{r['refused']} | {100 * r['screening-share']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen settings and attacks, print the table, write the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated")
+    parser.add_argument("--hostile", type=int, default=1, help="hostile clients (last ids)")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--defences", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
+    parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    attacks = [a for a in args.attacks.split(",") if a]
+    for name in attacks:
+        attack(name, 10)  # unknown names fail before any run
+    modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.defences]
+    root = args.out or Path(tempfile.mkdtemp(prefix="robustness-"))
+    results = []
+    for seed in range(args.seeds):
+        for attack_name in [None, *attacks]:
+            for defended in modes:
+                hostile = args.hostile if attack_name else 0
+                if attack_name == "claimed-partition" and not defended:
+                    continue  # identity binding has no off switch
+                out = run_one(args.setting, attack_name, hostile, defended, seed, root)
+                where = {"setting": args.setting, "attack": attack_name, "hostile": hostile}
+                results.append(where | {"defended": defended, "seed": seed} | out)
+                print(json.dumps(results[-1]), flush=True)
+    print(table(results))
+    record = {
+        "command": "python -m benchmarks.robustness "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit(),
+        "threads": args.threads,
+        "settings": SETTINGS[args.setting],
+        "results": results,
+    }
+    stored = json.loads(args.results.read_text()) if args.results.exists() else {}
+    stored[f"{args.setting}-k{args.hostile}"] = record
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Screening of relayed knowledge: every received (sender, class) set is judged before it trains.
+
+A receiver generates images from each peer's class vectors; a peer that lies (vectors of one
+class sent under another's id, noise, vectors tuned to make harmful images) would have those
+images train its encoder under a wrong label. So, after generation and before any training,
+each set of images generated from one sender's vectors of one class is judged, and a set whose
+score is below ``screening.min-score`` is left out (its images are still drawn in the sample
+grid, crossed out). Every judge that applies scores the set, and the lowest score counts:
+
+* ``own``: the receiver holds images of the class (at least ``tokens.min-images``). Prototypes
+  in the frozen judge's image-feature space: the mean feature of its own images of each class
+  it holds, and for every other class the mean feature of the images generated for it.
+* ``names``: class names mean something (``data.class-names = real``): the frozen pretrained
+  CLIP with the class-name prompts (zero-shot), for every class.
+* ``consensus``: opaque names and a class the receiver lacks, sent by at least
+  ``screening.consensus-senders`` senders: the ``own`` judge's prototypes, where the claimed
+  class's prototype comes from the other senders only, so an outlier sender stands out.
+* otherwise the set is *unjudged*: kept, and counted as such (there is nothing to compare with).
+
+A set's score is the judge's mean class probability of the claimed class over that of the most
+probable class (softmax of the CLIP-scaled cosine similarities, averaged over the set's
+images): 1 when the claimed class is the judge's first choice. The judge is the pretrained CLIP
+without the client's LoRA, so that nothing a peer sent can have moved it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cmfl_flower.config import ScreeningConfig
+
+OWN, NAMES, CONSENSUS, NONE = "own", "names", "consensus", "none"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one received (sender, class) set."""
+
+    sender: int
+    class_id: int
+    judge: str  # the judge of the lowest score: OWN, NAMES, CONSENSUS, or NONE (unjudged)
+    score: float  # NaN when unjudged
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the judges see, all in the frozen judge's unit-norm feature space (width E)."""
+
+    features: torch.Tensor  # (N, E) the generated images
+    labels: np.ndarray  # (N,) int64 the class each image was generated for
+    senders: np.ndarray  # (N,) int64 the sender of the vectors it came from
+    own: dict[int, torch.Tensor]  # class id -> (E,) mean feature of the receiver's own images
+    names: torch.Tensor | None  # (C, E) class-name text features; None: names are opaque
+    scale: float  # the CLIP's logit scale
+
+
+def sets_of(labels: np.ndarray, senders: np.ndarray) -> list[tuple[int, int]]:
+    """The (sender, class) sets among generated images' (N,) labels and senders, in order."""
+    return sorted({(int(s), int(c)) for s, c in zip(senders, labels, strict=True)})
+
+
+def unscreened(labels: np.ndarray, senders: np.ndarray) -> list[Verdict]:
+    """Every set kept, unjudged: what a receiver does with screening off."""
+    return [Verdict(s, c, NONE, math.nan, True) for s, c in sets_of(labels, senders)]
+
+
+def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
+    """One verdict per (sender, class) set of generated images, in (sender, class) order."""
+    labels, senders = evidence.labels, evidence.senders
+    sets = sets_of(labels, senders)
+    senders_of = Counter(class_id for _, class_id in sets)
+    verdicts = []
+    for sender, class_id in sets:
+        members = torch.from_numpy((senders == sender) & (labels == class_id))
+        features = evidence.features[members.to(evidence.features.device)]  # (n, E)
+        scores = {}  # judge -> score
+        if class_id in evidence.own:
+            scores[OWN] = _prototype_score(evidence, sender, class_id, features)
+        if evidence.names is not None:
+            scores[NAMES] = _score(features, evidence.names, class_id, evidence.scale)
+        elif class_id not in evidence.own and senders_of[class_id] >= cfg.consensus_senders:
+            scores[CONSENSUS] = _prototype_score(evidence, sender, class_id, features)
+        scores = {name: score for name, score in scores.items() if not math.isnan(score)}
+        judge = min(scores, key=lambda name: scores[name]) if scores else NONE
+        score = scores.get(judge, math.nan)
+        accepted = judge == NONE or score >= cfg.min_score
+        verdicts.append(Verdict(sender, class_id, judge, score, accepted))
+    return verdicts
+
+
+def _score(features: torch.Tensor, prototypes: torch.Tensor, target: int, scale: float) -> float:
+    """Mean probability of row ``target`` of ``prototypes`` (K, E) over the most probable's."""
+    probabilities = torch.softmax(scale * features @ prototypes.T, dim=1).mean(0)  # (K,)
+    return float(probabilities[target] / probabilities.max())
+
+
+def _prototype_score(
+    evidence: Evidence, sender: int, class_id: int, features: torch.Tensor
+) -> float:
+    """:func:`_score` against class prototypes; the claimed class's is not ``sender``'s own.
+
+    A class the receiver holds: the mean of its own images. Any other class: the mean of the
+    images generated for it, for the claimed class only from other senders' vectors (a sender
+    cannot vouch for itself). Classes with neither have no prototype.
+    """
+    device = evidence.features.device
+    others = torch.from_numpy(evidence.senders != sender).to(device)
+    classes, rows = [], []
+    for candidate in sorted(set(evidence.own) | {int(c) for c in evidence.labels}):
+        if candidate in evidence.own:
+            rows.append(evidence.own[candidate])
+        else:
+            members = torch.from_numpy(evidence.labels == candidate).to(device)
+            if candidate == class_id:
+                members &= others
+            if not members.any():
+                continue
+            rows.append(evidence.features[members].mean(0))
+        classes.append(candidate)
+    if class_id not in classes:  # no other sender of the class: nothing to compare with
+        return math.nan
+    prototypes = torch.nn.functional.normalize(torch.stack(rows), dim=1)  # (K, E)
+    return _score(features, prototypes, classes.index(class_id), evidence.scale)
+
+
+def screening_metrics(verdicts: list[Verdict]) -> dict[str, int]:
+    """``screened-out`` (sets left out), ``judged``, ``unjudged`` and per sender ``s<id>``.
+
+    Per sender ``id``: ``kept-s<id>``, its sets this receiver trained on; ``judged-s<id>`` and
+    ``rejected-s<id>``, those it judged and those it left out (the server's quarantine reads
+    them; absent when none was judged).
+    """
+    judged = [v for v in verdicts if v.judge != NONE]
+    metrics = {
+        "screened-out": sum(not v.accepted for v in verdicts),
+        "judged": len(judged),
+        "unjudged": len(verdicts) - len(judged),
+    }
+    for sender in sorted({v.sender for v in verdicts}):
+        metrics[f"kept-s{sender}"] = sum(v.accepted for v in verdicts if v.sender == sender)
+        if mine := [v for v in judged if v.sender == sender]:
+            metrics[f"judged-s{sender}"] = len(mine)
+            metrics[f"rejected-s{sender}"] = sum(not v.accepted for v in mine)
+    return metrics

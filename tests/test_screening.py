@@ -1,0 +1,167 @@
+"""Screening of relayed knowledge: each judge leaves out a lying set and keeps honest ones."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmfl_flower.config import ScreeningConfig
+from cmfl_flower.screening import (
+    CONSENSUS,
+    NAMES,
+    NONE,
+    OWN,
+    Evidence,
+    judge_sets,
+    screening_metrics,
+    unscreened,
+)
+
+E = 8  # feature width: class j's images point along axis j
+SCALE = 100.0  # CLIP's logit scale
+CFG = ScreeningConfig()
+
+
+def _images(class_ids, per_set=4, seed=0):
+    """(N, E) unit features: per_set noisy images around each class's axis."""
+    rng = np.random.default_rng(seed)
+    rows = [np.eye(E)[c] + 0.2 * rng.standard_normal(E) for c in class_ids for _ in range(per_set)]
+    return torch.nn.functional.normalize(torch.tensor(np.array(rows), dtype=torch.float32), dim=1)
+
+
+def _evidence(sets, own=(), names=True, per_set=4):
+    """``sets``: (sender, claimed class, class its images really show)."""
+    features = _images([shown for _, _, shown in sets], per_set)
+    labels = np.repeat([claimed for _, claimed, _ in sets], per_set).astype(np.int64)
+    senders = np.repeat([sender for sender, _, _ in sets], per_set).astype(np.int64)
+    axes = torch.eye(E)
+    return Evidence(
+        features=features,
+        labels=labels,
+        senders=senders,
+        own={c: axes[c] for c in own},
+        names=axes if names else None,  # a perfect name judge: class j's text feature is axis j
+        scale=SCALE,
+    )
+
+
+def _verdicts(evidence, cfg=CFG):
+    return {(v.sender, v.class_id): v for v in judge_sets(evidence, cfg)}
+
+
+def test_the_names_judge_leaves_out_a_flipped_set_and_keeps_the_honest_ones():
+    verdicts = _verdicts(_evidence([(1, 2, 2), (1, 3, 3), (2, 2, 3), (2, 3, 4)]))
+    assert {key: v.judge for key, v in verdicts.items()} == dict.fromkeys(verdicts, NAMES)
+    assert verdicts[(1, 2)].accepted and verdicts[(1, 3)].accepted
+    assert not verdicts[(2, 2)].accepted and not verdicts[(2, 3)].accepted
+    assert verdicts[(1, 2)].score == pytest.approx(1.0) and verdicts[(2, 2)].score < 0.01
+
+
+def test_the_own_judge_uses_the_receivers_images_of_a_class_it_holds():
+    # opaque names: only the receiver's own images of class 2 (and 5) say what 2 looks like
+    evidence = _evidence([(1, 2, 2), (3, 2, 5)], own=(2, 5), names=False)
+    verdicts = _verdicts(evidence)
+    assert verdicts[(1, 2)].judge == OWN and verdicts[(1, 2)].accepted
+    assert verdicts[(3, 2)].judge == OWN and not verdicts[(3, 2)].accepted
+
+
+def test_consensus_finds_the_outlier_among_three_senders_of_a_class_the_receiver_lacks():
+    evidence = _evidence([(1, 6, 6), (2, 6, 6), (3, 6, 1), (3, 1, 1)], names=False)
+    verdicts = _verdicts(evidence)
+    assert verdicts[(1, 6)].judge == CONSENSUS and verdicts[(1, 6)].accepted
+    assert verdicts[(2, 6)].accepted
+    assert not verdicts[(3, 6)].accepted  # its "6" looks like the 1s it also sent
+
+
+def test_two_senders_and_opaque_names_are_reported_unjudged_and_kept():
+    verdicts = _verdicts(_evidence([(1, 6, 6), (2, 6, 1)], names=False))
+    assert all(v.judge == NONE and v.accepted and math.isnan(v.score) for v in verdicts.values())
+    metrics = screening_metrics(list(verdicts.values()))
+    assert metrics == {"screened-out": 0, "judged": 0, "unjudged": 2, "kept-s1": 1, "kept-s2": 1}
+
+
+def test_the_threshold_is_the_documented_key():
+    evidence = _evidence([(1, 2, 2), (2, 2, 3)])
+    assert not _verdicts(evidence)[(2, 2)].accepted
+    assert _verdicts(evidence, ScreeningConfig(min_score=0.0))[(2, 2)].accepted
+
+
+def test_metrics_name_the_senders_screened_out():
+    verdicts = judge_sets(_evidence([(1, 2, 2), (2, 2, 3), (2, 4, 4)]), CFG)
+    assert screening_metrics(verdicts) == {
+        "screened-out": 1,
+        "judged": 3,
+        "unjudged": 0,
+        "kept-s1": 1,
+        "judged-s1": 1,
+        "rejected-s1": 0,
+        "kept-s2": 1,
+        "judged-s2": 2,
+        "rejected-s2": 1,
+    }
+    labels, senders = np.array([2, 2, 4]), np.array([1, 2, 2])
+    assert [v.accepted for v in unscreened(labels, senders)] == [True, True, True]
+
+
+# ----- the server's quarantine -------------------------------------------------------------
+
+
+def _relay_server(tmp_path, **extra):
+    from cmfl_flower.methods.relay import CmflRelay
+    from tests.test_strategies import make_cfg
+
+    every_sender = {"relay.max-senders-per-class": 0}
+    return CmflRelay(make_cfg(tmp_path, "cmfl-relay", **every_sender, **extra), tmp_path)
+
+
+def _report(server, server_round, receiver, votes):
+    """Receiver ``receiver`` replies, having judged ``votes``: sender -> (judged, rejected)."""
+    metrics = {"partition-id": receiver}
+    for sender, (judged, rejected) in votes.items():
+        metrics |= {f"judged-s{sender}": judged, f"rejected-s{sender}": rejected}
+    vectors = {"vectors": np.zeros((1, 64), np.float32), "index": np.array([[0, 1]], np.int32)}
+    assert server.check_reply(server_round, metrics, vectors) is None
+    server.absorb(server_round, 100 + receiver, metrics, vectors)
+
+
+def _senders_relayed(server, server_round, node):
+    from cmfl_flower.wire import parse_relay
+
+    return {e.sender for e in parse_relay(server.arrays_for(server_round, node), server.limits)}
+
+
+def test_a_sender_most_receivers_reject_is_quarantined_for_the_configured_rounds(tmp_path):
+    server = _relay_server(tmp_path, **{"screening.quarantine-rounds": 2})
+    for receiver in (0, 1, 2):
+        _report(server, 1, receiver, {3: (2, 2)} if receiver else {3: (2, 0)})
+    _report(server, 1, 3, {0: (2, 2), 1: (2, 2)})  # the liar's word on others counts once
+    assert server.round_metrics(1)["quarantined"] == "3"
+    assert _senders_relayed(server, 2, 100) == {1, 2}  # 3's vectors held back
+    assert _senders_relayed(server, 3, 100) == {1, 2}
+    assert server.round_metrics(2)["quarantined"] == "3"  # held in round 3 too
+    assert "quarantined" not in server.round_metrics(3)
+    assert _senders_relayed(server, 4, 100) == {1, 2, 3}
+    arrays, meta = server.state()
+    fresh = _relay_server(tmp_path)
+    fresh.load_state(arrays, meta)
+    assert fresh.quarantine == server.quarantine
+
+
+def test_one_liar_cannot_quarantine_and_nobody_judges_itself(tmp_path):
+    server = _relay_server(tmp_path)
+    _report(server, 1, 3, {0: (2, 2)})  # one receiver rejects 0
+    _report(server, 1, 0, {0: (2, 2), 1: (2, 0)})  # 0's verdict on itself is ignored
+    _report(server, 1, 1, {0: (2, 0)})
+    assert "quarantined" not in server.round_metrics(1)
+    _report(server, 2, 3, {0: (2, 2)})
+    _report(server, 2, 2, {0: (2, 2)})  # two of three judges reject: a majority
+    _report(server, 2, 1, {0: (2, 0)})
+    assert server.round_metrics(2)["quarantined"] == "0"
+
+
+def test_no_quarantine_when_switched_off(tmp_path):
+    server = _relay_server(tmp_path, **{"screening.quarantine-rounds": 0})
+    for receiver in (0, 1, 2):
+        _report(server, 1, receiver, {3: (1, 1)})
+    assert "quarantined" not in server.round_metrics(1)
