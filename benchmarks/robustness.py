@@ -4,9 +4,11 @@
 and ClientApp code through :class:`~benchmarks.loopback.LoopbackGrid`), two settings:
 
 * ``default``: the app's defaults (``tiny`` backbone, digits, Dirichlet 0.1), 4 clients, 4
-  rounds, ``k`` hostile clients (``--hostile``, default 1);
+  rounds;
 * ``P1``: the method benchmark's P1 (``tiny-fewshot``, 10 clients with 2 classes each, 10
-  rounds; :mod:`benchmarks.method`), ``k`` hostile clients.
+  rounds, the relay's tuned setting, which is the app's default; :mod:`benchmarks.method`).
+
+``--hostile 2,3`` runs every attack with 2 and with 3 hostile clients (default 1).
 
 A hostile client runs the honest client routine and then changes its reply (:data:`ATTACKS`):
 
@@ -23,12 +25,15 @@ it reports the honest clients' mean global-test accuracy after the last round, t
 screened out (false positives: of the sets honest senders' vectors made at honest receivers),
 the attackers' sets that trained an honest receiver, the refused replies, the quarantines, and
 the share of an honest client's round that screening took. ``--out`` keeps the run directories;
-results go to ``benchmarks/results/robustness.json`` with the command, commit and settings.
+results go to ``benchmarks/results/robustness.json`` under ``--tag`` (default: the setting's
+name) with the command, commit and settings, and the chart to ``docs/robustness.png``;
+``--show`` prints the stored tables and redraws the chart without running.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -38,6 +43,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from flwr.app import Context, Message
@@ -50,8 +59,10 @@ from client_app import app as client_app
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.results import output_root
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness.json"
+CHART = Path(__file__).resolve().parents[1] / "docs" / "robustness.png"
 FIRST_NODE = 1000  # LoopbackGrid's first node id
 DEFENCES_OFF = {
     "screening.enabled": False,
@@ -154,7 +165,11 @@ def run_config(setting: str, seed: int, root: Path, name: str, extra: dict[str, 
 def run_one(
     setting: str, attack_name: str | None, hostile: int, defended: bool, seed: int, root: Path
 ) -> dict[str, Any]:
-    """One federation; the figures of :func:`figures`."""
+    """One federation; the figures of :func:`figures`, and ``failed`` (why) if it stopped.
+
+    A run stops (``RuntimeError``) when a round keeps fewer than ``federation.min-replies``
+    replies: what it recorded until then is scored, and the honest accuracy is NaN.
+    """
     clients = SETTINGS[setting]["clients"]
     name = f"{setting}-{attack_name or 'none'}-k{hostile}-{'on' if defended else 'off'}-s{seed}"
     cfg = run_config(setting, seed, root, name, {} if defended else DEFENCES_OFF)
@@ -164,18 +179,32 @@ def run_one(
     for pid in attackers:
         grid.overrides[FIRST_NODE + pid] = hostile_app(attack_name or "", num_classes)
     start = time.perf_counter()
-    run_dir = run_federation(grid, cfg)
-    out = figures(run_dir, set(range(clients)) - set(attackers), set(attackers))
-    return out | {"run": name, "seconds": time.perf_counter() - start}
+    failed = {}
+    try:
+        run_federation(grid, cfg)
+    except RuntimeError as err:
+        failed = {"failed": str(err)}
+    run_dir = output_root(cfg.output) / name
+    out = figures(run_dir, set(range(clients)) - set(attackers), set(attackers), bool(failed))
+    return out | failed | {"run": name, "seconds": time.perf_counter() - start}
 
 
-def figures(run_dir: Path, honest: set[int], attackers: set[int]) -> dict[str, Any]:
-    """Honest accuracy, false positives, attackers' sets through, refusals, screening time."""
+def figures(
+    run_dir: Path, honest: set[int], attackers: set[int], failed: bool = False
+) -> dict[str, Any]:
+    """Honest accuracy, false positives, attackers' sets through, refusals, screening time.
+
+    ``failed``: the run stopped early, so it has no last-round accuracy.
+    """
     rows = json.loads((run_dir / "clients.json").read_text())
     rounds = json.loads((run_dir / "rounds.json").read_text())
-    last = max(row["round"] for row in rows)
+    last = -1 if failed else max(row["round"] for row in rows)
     mine = [r for r in rows if r.get("partition-id") in honest and "refused" not in r]
-    final = [r["global-acc"] for r in mine if r["round"] == last and "global-acc" in r]
+    final = {
+        str(r["partition-id"]): r["global-acc"]
+        for r in mine
+        if r["round"] == last and "global-acc" in r
+    }
 
     def total(prefix: str, senders: set[int]) -> int:
         return int(sum(r.get(f"{prefix}-s{s}", 0) for r in mine for s in senders))
@@ -184,8 +213,9 @@ def figures(run_dir: Path, honest: set[int], attackers: set[int]) -> dict[str, A
     phases = [sum(v for k, v in r.items() if k.startswith("seconds-")) for r in mine]
     screening = [r.get("seconds-screening", 0.0) for r in mine]
     return {
-        "honest-acc": float(np.mean(final)) if final else float("nan"),
-        "honest-acc-min": float(np.min(final)) if final else float("nan"),
+        "honest-acc": float(np.mean(list(final.values()))) if final else float("nan"),
+        "honest-acc-min": float(min(final.values())) if final else float("nan"),
+        "final-acc": final,  # partition id -> its global-test accuracy after the last round
         "honest-sets": honest_sets,
         "honest-screened-out": total("rejected", honest),
         "attacker-sets-through": total("kept", attackers),
@@ -206,6 +236,18 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def reference(results: list[dict[str, Any]], run: dict[str, Any]) -> float:
+    """The run without attackers' mean accuracy over ``run``'s honest clients.
+
+    Same setting, seed and defences (on or off) as ``run``.
+    """
+    for other in results:
+        same = other["setting"] == run["setting"] and other["seed"] == run["seed"]
+        if same and other["attack"] is None and other["defended"] == run["defended"]:
+            return float(np.mean([other["final-acc"][pid] for pid in run["final-acc"]]))
+    return float("nan")
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per (setting, attack, hostile, defences)."""
     lines = [
@@ -213,21 +255,67 @@ def table(results: list[dict[str, Any]]) -> str:
         "screened out | attacker sets through | refused | screening share |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = {
-        (r["setting"], r["defended"], r["seed"]): r["honest-acc"]
-        for r in results
-        if r["attack"] is None
-    }
     for r in results:
-        ref = base.get((r["setting"], r["defended"], r["seed"]), float("nan"))
+        ref = reference(results, r)
         fp = f"{r['honest-screened-out']}/{r['honest-sets']}"
+        acc, delta = f"{r['honest-acc']:.3f}", f"{100 * (r['honest-acc'] - ref):+.1f} pt"
+        if "failed" in r:
+            acc, delta = "run failed", r["failed"].split(":")[0]  # "round N"
         lines.append(
             f"| {r['setting']} | {r['attack'] or 'none'} | {r['hostile']} | "
-            f"{'on' if r['defended'] else 'off'} | {r['honest-acc']:.3f} | "
-            f"{100 * (r['honest-acc'] - ref):+.1f} pt | {fp} | {r['attacker-sets-through']} | "
+            f"{'on' if r['defended'] else 'off'} | {acc} | {delta} | {fp} | "
+            f"{r['attacker-sets-through']} | "
             f"{r['refused']} | {100 * r['screening-share']:.1f} % |"
         )
     return "\n".join(lines)
+
+
+def draw(stored: dict[str, Any], path: Path) -> None:
+    """One panel per stored setting: honest accuracy per attack, defences off and on."""
+    keys = sorted(stored)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        results = [r for r in stored[key]["results"] if r["seed"] == 0]
+        attacks = sorted(
+            {(r["attack"], r["hostile"]) for r in results if r["attack"]},
+            key=lambda a: (a[1], ATTACKS.index(a[0])),
+        )
+        for offset, (defended, colour) in enumerate(((False, "0.6"), (True, "tab:blue"))):
+            bars = {
+                (r["attack"], r["hostile"]): r["honest-acc"]
+                for r in results
+                if r["defended"] == defended
+            }
+            xs = [i + (offset - 0.5) * 0.38 for i, a in enumerate(attacks) if a in bars]
+            heights = [bars[a] for a in attacks if a in bars]
+            label = "defences on (defaults)" if defended else "defences off"
+            ax.bar(xs, np.nan_to_num(heights), 0.36, color=colour, label=label)
+            for x, height in zip(xs, heights, strict=True):
+                if np.isnan(height):  # the run stopped: too few replies were usable
+                    ax.text(
+                        x, 0.02, "run failed", rotation=90, ha="center", va="bottom", fontsize=7
+                    )
+        none = [r for r in results if r["attack"] is None and r["defended"]]
+        if none:
+            ax.axhline(none[0]["honest-acc"], color="black", ls="--", lw=1, label="no attacker")
+        ax.set_xticks(range(len(attacks)), [f"{a}\n{k} hostile" for a, k in attacks], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("honest clients' global accuracy")
+        ax.set_title(f"{key}: last round, seed 0")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def show(path: Path, chart: Path) -> None:
+    """Print the stored tables and redraw the chart, without running."""
+    stored = json.loads(path.read_text())
+    for key, record in sorted(stored.items()):
+        print(f"### {key}\n\n`{record['command']}` at {record['commit']}\n")
+        print(table(record["results"]) + "\n")
+    draw(stored, chart)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,30 +323,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated")
-    parser.add_argument("--hostile", type=int, default=1, help="hostile clients (last ids)")
+    parser.add_argument(
+        "--hostile", default="1", help="hostile clients (the last ids); comma-separated counts"
+    )
+    parser.add_argument("--tag", default="", help="key of the stored record (default: setting)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--defences", choices=("both", "on", "off"), default="both")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--chart", type=Path, default=CHART)
+    parser.add_argument("--show", action="store_true", help="print stored tables, redraw chart")
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results, args.chart)
+        return
     torch.set_num_threads(args.threads)
     attacks = [a for a in args.attacks.split(",") if a]
     for name in attacks:
         attack(name, 10)  # unknown names fail before any run
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.defences]
     root = args.out or Path(tempfile.mkdtemp(prefix="robustness-"))
+    counts = [int(k) for k in args.hostile.split(",")]
+    runs = [(None, 0)] + [(name, k) for k in counts for name in attacks]
     results = []
     for seed in range(args.seeds):
-        for attack_name in [None, *attacks]:
-            for defended in modes:
-                hostile = args.hostile if attack_name else 0
-                if attack_name == "claimed-partition" and not defended:
-                    continue  # identity binding has no off switch
-                out = run_one(args.setting, attack_name, hostile, defended, seed, root)
-                where = {"setting": args.setting, "attack": attack_name, "hostile": hostile}
-                results.append(where | {"defended": defended, "seed": seed} | out)
-                print(json.dumps(results[-1]), flush=True)
+        for (attack_name, hostile), defended in itertools.product(runs, modes):
+            if attack_name == "claimed-partition" and not defended:
+                continue  # identity binding has no off switch
+            out = run_one(args.setting, attack_name, hostile, defended, seed, root)
+            where = {"setting": args.setting, "attack": attack_name, "hostile": hostile}
+            results.append(where | {"defended": defended, "seed": seed} | out)
+            print(json.dumps(results[-1]), flush=True)
     print(table(results))
     record = {
         "command": "python -m benchmarks.robustness "
@@ -269,9 +365,10 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
     }
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
-    stored[f"{args.setting}-k{args.hostile}"] = record
+    stored[args.tag or args.setting] = record
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(stored, indent=1) + "\n")
+    draw(stored, args.chart)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,10 @@ def test_round_line_format():
     assert report.round_line(1, 1, 2, {"replies": 0}).startswith(
         "round 1/1: 0/2 replied, accepted-share 0.00, acc n/a"
     )
+    screened = {"replies": 4, "screened-out": 5, "dropped": 2, "quarantined": "3"}
+    assert report.round_line(3, 3, 4, screened).endswith(
+        "0.0 s, 5 screened-out, 2 dropped, quarantined 3"
+    )
 
 
 def test_cmfl_report_compares_two_runs(relay_run, local_run, tmp_path, capsys):

@@ -333,7 +333,10 @@ def round_line(server_round: int, rounds: int, sampled: int, summary: Row) -> st
         f"{human_bytes(summary.get('bytes-received', 0))} received",
         f"{summary.get('round-seconds', 0.0):.1f} s",
     ]
-    problems = [f"{summary[k]} {k}" for k in ("errors", "refused") if summary.get(k)]
+    counted = ("errors", "refused", "screened-out", "dropped")
+    problems = [f"{summary[k]} {k}" for k in counted if summary.get(k)]
+    if summary.get("quarantined"):
+        problems.append(f"quarantined {summary['quarantined']}")
     return ", ".join(parts + problems)
 
 
