@@ -241,6 +241,8 @@ def reference(results: list[dict[str, Any]], run: dict[str, Any]) -> float:
 
     Same setting, seed and defences (on or off) as ``run``.
     """
+    if not run["final-acc"]:  # the run stopped early
+        return float("nan")
     for other in results:
         same = other["setting"] == run["setting"] and other["seed"] == run["seed"]
         if same and other["attack"] is None and other["defended"] == run["defended"]:
@@ -271,8 +273,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def draw(stored: dict[str, Any], path: Path) -> None:
-    """One panel per stored setting: honest accuracy per attack, defences off and on."""
-    keys = sorted(stored)
+    """One panel per stored record with attacks: honest accuracy per attack, defences off and on."""
+    keys = [key for key in sorted(stored) if any(r["attack"] for r in stored[key]["results"])]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         results = [r for r in stored[key]["results"] if r["seed"] == 0]
@@ -302,8 +304,9 @@ def draw(stored: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_ylabel("honest clients' global accuracy")
         ax.set_title(f"{key}: last round, seed 0")
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -195,8 +195,9 @@ class TokensConfig(_Section):
         4.0,
         gt=0,
         description="Largest L2 norm of one received token vector, as a multiple of the largest "
-        "token norm of the backbone's pretrained vocabulary; checked by the server on every "
-        "reply and again by every receiver (a longer vector is refused or dropped).",
+        "token norm of the backbone's pretrained vocabulary (plus the room a DP release needs); "
+        "checked by the server on every reply and again by every receiver (a longer vector is "
+        "refused or dropped). Costs one norm per token; the server loads the preset's CLIP once.",
     )
 
     @field_validator("template")
@@ -231,15 +232,17 @@ class ScreeningConfig(_Section):
         True,
         description="Each receiver judges every received (sender, class) set of generated images"
         " before it trains anything, and leaves out a set whose score is below `min-score` "
-        "(see the README's Robustness section for the judges).",
+        "(see the README's Hostile clients section for the judges). Costs one pass of the "
+        "frozen CLIP over the generated and the client's own images: 1.2-1.3 % of a client's "
+        "round on the default settings (`benchmarks/results/robustness.json`).",
     )
     min_score: float = Field(
-        0.5,
+        0.05,
         ge=0,
         le=1,
         description="Lowest accepted score of a set: the judge's mean probability of the claimed"
         " class over the most probable class's (1 = the claimed class is the judge's first "
-        "choice).",
+        "choice). Chosen on the scores of honest and label-flipped sets, not on test data.",
     )
     consensus_senders: int = Field(
         3,
@@ -251,7 +254,7 @@ class ScreeningConfig(_Section):
         3,
         ge=0,
         description="Rounds the server stops relaying a sender's vectors once most receivers "
-        "that judged them (at least two) screened them out (0 = no quarantine).",
+        "that judged them (at least two) screened them out (0 = no quarantine); costs nothing.",
     )
 
 

@@ -4,8 +4,9 @@ Server: every round the sampled clients receive the latest vectors of every *oth
 (record ``arrays``, packed as :mod:`cmfl_flower.wire` says); replies are validated against the
 wire limits (the norm bound included) and kept as their sender's latest. From the receivers'
 screening reports (``judged-s<id>``, ``rejected-s<id>``) it quarantines a sender that most of
-the receivers that judged it (at least two, never the sender itself) screened out: its vectors
-are not relayed for ``screening.quarantine-rounds`` rounds. Client (:func:`relay_round`):
+the receivers that judged it (at least two, never the sender itself) rejected, a receiver
+rejecting a sender when it screened out at least half of that sender's sets: its vectors are
+not relayed for ``screening.quarantine-rounds`` rounds. Client (:func:`relay_round`):
 generate images from the received vectors, screen them, update the vision LoRA, train its own
 vectors and send those back.
 Only vectors and scalar metrics leave a client: no image, image feature or weight.
@@ -105,7 +106,7 @@ class CmflRelay(RoundStrategy):
         self._count_votes(partition, metrics)
 
     def _count_votes(self, receiver: int, metrics: Metrics) -> None:
-        """Note whom ``receiver`` judged and whom it rejected (most of that sender's sets)."""
+        """Note whom ``receiver`` judged and whom it rejected (at least half of its sets)."""
         counts: dict[int, dict[str, float]] = {}
         for key, value in metrics.items():
             if (match := _VOTE.match(key)) and int(match[2]) != receiver:  # never its own
@@ -114,7 +115,7 @@ class CmflRelay(RoundStrategy):
             judges, rejecters = self._votes.setdefault(sender, (set(), set()))
             if count.get("judged", 0) > 0:
                 judges.add(receiver)
-                if count.get("rejected", 0) * 2 > count["judged"]:
+                if count.get("rejected", 0) * 2 >= count["judged"]:
                     rejecters.add(receiver)
 
     def _update_quarantine(self, server_round: int) -> list[int]:
