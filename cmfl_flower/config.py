@@ -237,12 +237,14 @@ class ScreeningConfig(_Section):
         "round on the default settings (`benchmarks/results/robustness.json`).",
     )
     min_score: float = Field(
-        0.05,
+        0.02,
         ge=0,
         le=1,
         description="Lowest accepted score of a set: the judge's mean probability of the claimed"
-        " class over the most probable class's (1 = the claimed class is the judge's first "
-        "choice). Chosen on the scores of honest and label-flipped sets, not on test data.",
+        " class over the most probable class's, each divided by the judge's mean over the "
+        "round's images for the name judge (1 = the claimed class is the judge's first choice)."
+        " Chosen on the scores of honest and label-flipped sets (`benchmarks.screening_scores`),"
+        " not on test data.",
     )
     consensus_senders: int = Field(
         3,

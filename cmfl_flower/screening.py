@@ -19,8 +19,11 @@ grid, crossed out). Every judge that applies scores the set, and the lowest scor
 
 A set's score is the judge's mean class probability of the claimed class over that of the most
 probable class (softmax of the CLIP-scaled cosine similarities, averaged over the set's
-images): 1 when the claimed class is the judge's first choice. The judge is the pretrained CLIP
-without the client's LoRA, so that nothing a peer sent can have moved it.
+images): 1 when the claimed class is the judge's first choice. The name judge first divides
+each class's probability by its mean over every image judged that round, so that a weak
+zero-shot CLIP's bias towards a few classes does not count against the sets of the others.
+The judge is the pretrained CLIP without the client's LoRA, so that nothing a peer sent can
+have moved it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
     labels, senders = evidence.labels, evidence.senders
     sets = sets_of(labels, senders)
     senders_of = Counter(class_id for _, class_id in sets)
+    prior = None
+    if evidence.names is not None:
+        prior = _probabilities(evidence.features, evidence.names, evidence.scale)
     verdicts = []
     for sender, class_id in sets:
         members = torch.from_numpy((senders == sender) & (labels == class_id))
@@ -83,7 +89,7 @@ def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
         if class_id in evidence.own:
             scores[OWN] = _prototype_score(evidence, sender, class_id, features)
         if evidence.names is not None:
-            scores[NAMES] = _score(features, evidence.names, class_id, evidence.scale)
+            scores[NAMES] = _score(features, evidence.names, class_id, evidence.scale, prior)
         elif class_id not in evidence.own and senders_of[class_id] >= cfg.consensus_senders:
             scores[CONSENSUS] = _prototype_score(evidence, sender, class_id, features)
         scores = {name: score for name, score in scores.items() if not math.isnan(score)}
@@ -94,9 +100,27 @@ def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
     return verdicts
 
 
-def _score(features: torch.Tensor, prototypes: torch.Tensor, target: int, scale: float) -> float:
-    """Mean probability of row ``target`` of ``prototypes`` (K, E) over the most probable's."""
-    probabilities = torch.softmax(scale * features @ prototypes.T, dim=1).mean(0)  # (K,)
+def _probabilities(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
+    """(K,) the judge's class probabilities averaged over ``features`` (n, E)."""
+    return torch.softmax(scale * features @ prototypes.T, dim=1).mean(0)
+
+
+def _score(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    target: int,
+    scale: float,
+    prior: torch.Tensor | None = None,
+) -> float:
+    """Mean probability of row ``target`` of ``prototypes`` (K, E) over the most probable's.
+
+    ``prior``: (K,) the judge's mean probabilities over every image it judges this round; the
+    probabilities are divided by it first, so that a judge's bias towards some classes does
+    not count against the sets of the others.
+    """
+    probabilities = _probabilities(features, prototypes, scale)  # (K,)
+    if prior is not None:
+        probabilities = probabilities / prior
     return float(probabilities[target] / probabilities.max())
 
 

@@ -1,0 +1,121 @@
+"""Where should ``screening.min-score`` sit? Scores of honest and label-flipped sets.
+
+``python -m benchmarks.screening_scores RUN_DIR --round R --receivers 0,3`` takes a finished
+relay run without attackers and with screening off (one that ``benchmarks.robustness --out``
+kept, e.g. ``<out>/runs/P1-none-k0-off-s0``), reads every client's saved class vectors and
+vision LoRA after round ``R``, and lets each named receiver judge, as round ``R + 1`` would,
+every other client's vectors twice: honestly labelled and label-flipped (class ``c`` sent as
+``c + 1``, as the robustness benchmark's attacker does). It prints the sorted scores per judge
+for honest and flipped sets, and for candidate thresholds the share of honest sets screened out
+and of flipped sets let through; ``--results`` stores them with the command and commit. No
+test image is used: the judges see generated images and the receivers' training images only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.robustness import commit
+from cmfl_flower.client_round import open_workspace
+from cmfl_flower.client_state import read_state
+from cmfl_flower.config import AppConfig
+from cmfl_flower.screening import Verdict
+from cmfl_flower.token_round import _generate, relayed_knowledge, screen
+from cmfl_flower.wire import TokenEntry, relay_arrays
+from cmfl_flower.workspace import ClientTask
+
+THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+FLIPPED = 1000  # sender ids of the flipped copies: FLIPPED + the honest sender's id
+RESULTS = Path(__file__).resolve().parent / "results" / "screening-scores.json"
+
+
+def state_path(run_dir: Path, pid: int, after: int) -> Path:
+    """The file of partition ``pid``'s state saved after round ``after``."""
+    found = sorted((run_dir / "clients" / f"partition-{pid}" / "state").glob(f"*/round-{after}.*"))
+    if not found:
+        raise ValueError(f"{run_dir}: partition {pid} saved no state after round {after}")
+    return found[0]
+
+
+def banks(run_dir: Path, clients: int, after: int) -> dict[int, dict[int, torch.Tensor]]:
+    """Every client's class vectors (class id -> (n, D)) saved after round ``after``."""
+    out = {}
+    for pid in range(clients):
+        tokens = read_state(state_path(run_dir, pid, after)).tokens or {}
+        out[pid] = {int(key[1:]): vectors for key, vectors in tokens.items()}
+    return out
+
+
+def judge(cfg: AppConfig, run_dir: Path, clients: int, after: int, receiver: int) -> list[Verdict]:
+    """Receiver ``receiver``'s verdicts on every other client's honest and flipped vectors."""
+    vectors = banks(run_dir, clients, after)
+    entries = []
+    for sender, bank in vectors.items():
+        if sender == receiver:
+            continue
+        for class_id, rows in sorted(bank.items()):
+            entries.append(TokenEntry(sender, class_id, rows.numpy()))
+            flipped = (class_id + 1) % 10
+            entries.append(TokenEntry(FLIPPED + sender, flipped, rows.numpy()))
+    state = read_state(state_path(run_dir, receiver, after))
+    ws = open_workspace(cfg, ClientTask(receiver, clients, after + 1), state.lora)
+    knowledge = relayed_knowledge(ws, relay_arrays(entries))
+    generated = _generate(ws, knowledge.requests)
+    return screen(ws, generated, cfg.tokens.min_images)
+
+
+def summary(verdicts: list[Verdict]) -> dict[str, object]:
+    """Sorted scores per (honest | flipped, judge) and the shares at each threshold."""
+    out: dict[str, object] = {}
+    for kind, flipped in (("honest", False), ("flipped", True)):
+        mine = [v for v in verdicts if (v.sender >= FLIPPED) == flipped]
+        for name in sorted({v.judge for v in mine}):
+            out[f"{kind}-{name}"] = sorted(round(v.score, 4) for v in mine if v.judge == name)
+        scores = [v.score for v in mine if v.judge != "none"]
+        below = {t: sum(s < t for s in scores) / max(len(scores), 1) for t in THRESHOLDS}
+        label = "screened-out share" if not flipped else "let-through share"
+        out[f"{kind} {label}"] = {
+            str(t): round(share if not flipped else 1 - share, 4) for t, share in below.items()
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Judge, print, store."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--round", type=int, required=True, help="saved round to start from")
+    parser.add_argument("--receivers", default="0", help="comma-separated partition ids")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="key in the results file (default: run name)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = json.loads((args.run_dir / "config.json").read_text())
+    flat = config["run_config"]
+    cfg = AppConfig.from_run_config(flat | {"output.run-name": ""})
+    clients = len(list((args.run_dir / "clients").glob("partition-*")))
+    verdicts = [
+        verdict
+        for receiver in (int(r) for r in args.receivers.split(","))
+        for verdict in judge(cfg, args.run_dir, clients, args.round, receiver)
+    ]
+    found = summary(verdicts)
+    print(json.dumps(found, indent=1))
+    stored = json.loads(args.results.read_text()) if args.results.exists() else {}
+    stored[args.tag or args.run_dir.name] = {
+        "command": "python -m benchmarks.screening_scores " + " ".join(argv or sys.argv[1:]),
+        "commit": commit(),
+        "min-score": cfg.screening.min_score,
+        **found,
+    }
+    args.results.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
