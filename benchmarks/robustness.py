@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         show(args.results, args.chart)
         return
     torch.set_num_threads(args.threads)
+    code = commit()  # the code that runs: later edits to the checkout do not change it
     attacks = [a for a in args.attacks.split(",") if a]
     for name in attacks:
         attack(name, 10)  # unknown names fail before any run
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": "python -m benchmarks.robustness "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": commit(),
+        "commit": code,
         "threads": args.threads,
         "settings": SETTINGS[args.setting],
         "results": results,

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="key in the results file (default: run name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    code = commit()  # the code that runs
     config = json.loads((args.run_dir / "config.json").read_text())
     flat = config["run_config"]
     cfg = AppConfig.from_run_config(flat | {"output.run-name": ""})
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}
     stored[args.tag or args.run_dir.name] = {
         "command": "python -m benchmarks.screening_scores " + " ".join(argv or sys.argv[1:]),
-        "commit": commit(),
+        "commit": code,
         "min-score": cfg.screening.min_score,
         **found,
     }
