@@ -165,3 +165,15 @@ def test_no_quarantine_when_switched_off(tmp_path):
     for receiver in (0, 1, 2):
         _report(server, 1, receiver, {3: (1, 1)})
     assert "quarantined" not in server.round_metrics(1)
+
+
+def test_the_norm_bound_scales_the_tiny_vocabularys_longest_token(tmp_path):
+    from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
+    from cmfl_flower.config import BackboneConfig
+
+    longest = pretrained_token_norm(resolve_preset(BackboneConfig()))
+    assert round(longest, 2) == 0.46  # the README's figure
+    server = _relay_server(tmp_path)
+    assert server.limits.max_norm == pytest.approx(4.0 * longest)
+    private = _relay_server(tmp_path, **{"privacy.enabled": True})
+    assert private.limits.max_norm > server.limits.max_norm  # room for the DP noise
