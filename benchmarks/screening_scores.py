@@ -25,7 +25,7 @@ from cmfl_flower.client_round import open_workspace
 from cmfl_flower.client_state import read_state
 from cmfl_flower.config import AppConfig
 from cmfl_flower.screening import Verdict
-from cmfl_flower.token_round import _generate, relayed_knowledge, screen
+from cmfl_flower.token_round import _generate, judge_features, relayed_knowledge, screen
 from cmfl_flower.wire import TokenEntry, relay_arrays
 from cmfl_flower.workspace import ClientTask
 
@@ -66,7 +66,7 @@ def judge(cfg: AppConfig, run_dir: Path, clients: int, after: int, receiver: int
     ws = open_workspace(cfg, ClientTask(receiver, clients, after + 1), state.lora)
     knowledge = relayed_knowledge(ws, relay_arrays(entries))
     generated = _generate(ws, knowledge.requests)
-    return screen(ws, generated, cfg.tokens.min_images)
+    return screen(ws, generated, judge_features(ws, generated), cfg.tokens.min_images)
 
 
 def summary(verdicts: list[Verdict]) -> dict[str, object]:

@@ -23,7 +23,7 @@ import torch
 from cmfl_flower.backbones import largest_token_norm, resolve_preset
 from cmfl_flower.client_round import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
-from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
+from cmfl_flower.encoder import TrainingSet, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.paths import CACHE_DIR
@@ -201,30 +201,39 @@ def own_bank(ws: Workspace, state: ClientState) -> ClassTokenBank:
     return ClassTokenBank.from_names(ws.text, learned, ws.class_names)
 
 
-def generated_recognised(ws: Workspace, generated: GeneratedImages) -> Metrics:
+def judge_features(ws: Workspace, generated: GeneratedImages) -> torch.Tensor:
+    """(N, E) the generated images' features under the pretrained CLIP (no LoRA), once a round.
+
+    Both :func:`screen` and :func:`generated_recognised` judge with them.
+    """
+    with ws.encoder.pretrained(), torch.no_grad():
+        return image_features(ws.encoder, generated.images, ws.cfg.encoder.eval_batch_size)
+
+
+def generated_recognised(
+    ws: Workspace, generated: GeneratedImages, features: torch.Tensor
+) -> Metrics:
     """Share of the generated images the judge labels as the class they were generated for.
 
     The judge is the preset's pretrained CLIP (no LoRA) with prompts of the real class names,
-    also when clients only know opaque ids: it measures, it never trains.
+    also when clients only know opaque ids: it measures, it never trains. ``features``: the
+    images' :func:`judge_features`.
     """
     if not len(generated.labels):
         return {}
     with ws.encoder.pretrained(), torch.no_grad():
-        names = ws.name_features(ws.global_test.class_names)  # the real names, always
-        share = accuracy(
-            ws.encoder,
-            generated.images,
-            generated.labels,
-            names,
-            ws.cfg.encoder.eval_batch_size,
-        )
-    return {"generated-recognised": share}
+        names = ws.name_features(ws.global_test.class_names)  # (C, E) the real names, always
+    predicted = (features @ names.T).argmax(dim=1).cpu().numpy()  # (N,)
+    return {"generated-recognised": float((predicted == generated.labels).mean())}
 
 
-def screen(ws: Workspace, generated: GeneratedImages, min_images: int) -> list[Verdict]:
+def screen(
+    ws: Workspace, generated: GeneratedImages, features: torch.Tensor, min_images: int
+) -> list[Verdict]:
     """Verdicts on every (sender, class) set of ``generated`` (:mod:`cmfl_flower.screening`).
 
-    ``min_images``: the fewest own training images of a class for the ``own`` judge.
+    ``features``: the images' :func:`judge_features`; ``min_images``: the fewest own training
+    images of a class for the ``own`` judge.
     """
     if not len(generated.labels):
         return []
@@ -233,7 +242,6 @@ def screen(ws: Workspace, generated: GeneratedImages, min_images: int) -> list[V
     counts = np.bincount(train.labels, minlength=len(ws.class_names))
     held = [c for c, n in enumerate(counts) if n >= min_images]
     with encoder.pretrained(), torch.no_grad():
-        features = image_features(encoder, generated.images, batch)  # (N, E)
         mine = image_features(encoder, train.images[np.isin(train.labels, held)], batch)
         names = ws.name_features() if ws.cfg.data.class_names == "real" else None  # (C, E)
     own_labels = train.labels[np.isin(train.labels, held)]
@@ -338,10 +346,11 @@ def token_round(
 
     with ws.phase("generation"):
         generated = _generate(ws, knowledge.requests)
+    judged = judge_features(ws, generated) if len(generated.labels) else torch.zeros(0)
     verdicts = unscreened(generated.labels, generated.senders)
     if source == "relay" and cfg.screening.enabled:
         with ws.phase("screening"):
-            verdicts = screen(ws, generated, cfg.tokens.min_images)
+            verdicts = screen(ws, generated, judged, cfg.tokens.min_images)
         knowledge = knowledge.without(verdicts, ws)
     kept = _kept(generated, verdicts)  # (N,) bool
     ws.save_artifacts(generated, screened=~kept)
@@ -358,7 +367,7 @@ def token_round(
     with ws.phase("tokens"):
         token_metrics = _train_tokens(ws, bank, knowledge)
     metrics = evaluate(ws, text_features()) | base_metrics(ws) | token_metrics
-    metrics |= generated_recognised(ws, generated)
+    metrics |= generated_recognised(ws, generated, judged)
     if source == "relay":
         metrics |= _dropped_metrics(knowledge.dropped) | screening_metrics(verdicts)
     metrics |= {
