@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,15 @@ def _relabelled(arrays: Arrays, new_class: Callable[[int, int], int]) -> Arrays:
     return {"vectors": arrays["vectors"], "index": index}
 
 
-def _noise(arrays: Arrays) -> Arrays:
-    vectors = arrays["vectors"]  # (R, D)
-    rng = np.random.default_rng(0)
+def noise_like(vectors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(R, D) random vectors with the per-row norms of ``vectors`` (R, D)."""
     noise = rng.standard_normal(vectors.shape).astype(np.float32)
     noise *= np.linalg.norm(vectors, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1)[:, None]
+    return noise
+
+
+def _noise(arrays: Arrays) -> Arrays:
+    noise = noise_like(arrays["vectors"], np.random.default_rng(0))  # (R, D)
     return {"vectors": noise, "index": arrays["index"]}
 
 
@@ -163,16 +168,24 @@ def run_config(setting: str, seed: int, root: Path, name: str, extra: dict[str, 
 
 
 def run_one(
-    setting: str, attack_name: str | None, hostile: int, defended: bool, seed: int, root: Path
+    setting: str,
+    attack_name: str | None,
+    hostile: int,
+    defended: bool,
+    seed: int,
+    root: Path,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One federation; the figures of :func:`figures`, and ``failed`` (why) if it stopped.
 
     A run stops (``RuntimeError``) when a round keeps fewer than ``federation.min-replies``
     replies: what it recorded until then is scored, and the honest accuracy is NaN.
+    ``overrides``: run-config keys set in every run (``--set``), after the defences' switches.
     """
     clients = SETTINGS[setting]["clients"]
     name = f"{setting}-{attack_name or 'none'}-k{hostile}-{'on' if defended else 'off'}-s{seed}"
-    cfg = run_config(setting, seed, root, name, {} if defended else DEFENCES_OFF)
+    switches = {} if defended else DEFENCES_OFF
+    cfg = run_config(setting, seed, root, name, switches | (overrides or {}))
     grid = LoopbackGrid(client_app, cfg, clients)
     attackers = list(range(clients - hostile, clients)) if attack_name else []
     num_classes = 10  # digits
@@ -321,6 +334,21 @@ def show(path: Path, chart: Path) -> None:
     draw(stored, chart)
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (VALUE in TOML) as run-config entries; a bad pair fails naming it."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError("expected KEY=VALUE")
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise SystemExit(f"--set {pair!r}: {err}") from err
+    AppConfig.from_run_config(out)  # an unknown key or a bad value fails before any run
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen settings and attacks, print the table, write the results file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -337,6 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--chart", type=Path, default=CHART)
     parser.add_argument("--show", action="store_true", help="print stored tables, redraw chart")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config key for every run, as a TOML value (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.show:
         show(args.results, args.chart)
@@ -346,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     attacks = [a for a in args.attacks.split(",") if a]
     for name in attacks:
         attack(name, 10)  # unknown names fail before any run
+    overrides = parse_overrides(args.set)
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.defences]
     root = args.out or Path(tempfile.mkdtemp(prefix="robustness-"))
     counts = [int(k) for k in args.hostile.split(",")]
@@ -355,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         for (attack_name, hostile), defended in itertools.product(runs, modes):
             if attack_name == "claimed-partition" and not defended:
                 continue  # identity binding has no off switch
-            out = run_one(args.setting, attack_name, hostile, defended, seed, root)
+            out = run_one(args.setting, attack_name, hostile, defended, seed, root, overrides)
             where = {"setting": args.setting, "attack": attack_name, "hostile": hostile}
             results.append(where | {"defended": defended, "seed": seed} | out)
             print(json.dumps(results[-1]), flush=True)
@@ -366,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "commit": code,
         "threads": args.threads,
         "settings": SETTINGS[args.setting],
+        "overrides": overrides,
         "results": results,
     }
     stored = json.loads(args.results.read_text()) if args.results.exists() else {}

@@ -1,14 +1,17 @@
-"""Where should ``screening.min-score`` sit? Scores of honest and label-flipped sets.
+"""Where should the screening thresholds sit? Scores of honest, label-flipped and noise sets.
 
 ``python -m benchmarks.screening_scores RUN_DIR --round R --receivers 0,3`` takes a finished
 relay run without attackers and with screening off (one that ``benchmarks.robustness --out``
 kept, e.g. ``<out>/runs/P1-none-k0-off-s0``), reads every client's saved class vectors and
 vision LoRA after round ``R``, and lets each named receiver judge, as round ``R + 1`` would,
-every other client's vectors twice: honestly labelled and label-flipped (class ``c`` sent as
-``c + 1``, as the robustness benchmark's attacker does). It prints the sorted scores per judge
-for honest and flipped sets, and for candidate thresholds the share of honest sets screened out
-and of flipped sets let through; ``--results`` stores them with the command and commit. No
-test image is used: the judges see generated images and the receivers' training images only.
+every other client's vectors three ways: honestly labelled, label-flipped (class ``c`` sent as
+``c + 1``, as the robustness benchmark's attacker does) and replaced by noise of the same
+norms (its ``noise`` attack). Both judgements are scored apart: the images generated from the
+vectors (``screening.min-score``) and the vectors' text features (``screening.min-token-score``).
+It prints the sorted scores per judge for each kind, and for candidate thresholds the share of
+honest sets screened out and of flipped and noise sets let through; ``--results`` stores them
+with the command and commit. No test image is used: the judges see generated images, the
+receivers' training images and vectors only.
 """
 
 from __future__ import annotations
@@ -18,19 +21,27 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from benchmarks.robustness import commit
+from benchmarks.robustness import commit, noise_like
 from cmfl_flower.client_round import open_workspace
 from cmfl_flower.client_state import read_state
 from cmfl_flower.config import AppConfig
-from cmfl_flower.screening import Verdict
-from cmfl_flower.token_round import _generate, judge_features, relayed_knowledge, screen
+from cmfl_flower.screening import NONE, TOKEN, Verdict, judge_sets
+from cmfl_flower.token_round import (
+    _generate,
+    image_evidence,
+    judge_features,
+    own_bank,
+    relayed_knowledge,
+    token_evidence,
+)
 from cmfl_flower.wire import TokenEntry, relay_arrays
 from cmfl_flower.workspace import ClientTask
 
-THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-FLIPPED = 1000  # sender ids of the flipped copies: FLIPPED + the honest sender's id
+THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+KINDS = {"honest": 0, "flipped": 1000, "noise": 2000}  # kind -> offset added to sender ids
 RESULTS = Path(__file__).resolve().parent / "results" / "screening-scores.json"
 
 
@@ -51,37 +62,65 @@ def banks(run_dir: Path, clients: int, after: int) -> dict[int, dict[int, torch.
     return out
 
 
-def judge(cfg: AppConfig, run_dir: Path, clients: int, after: int, receiver: int) -> list[Verdict]:
-    """Receiver ``receiver``'s verdicts on every other client's honest and flipped vectors."""
-    vectors = banks(run_dir, clients, after)
+def kind_of(sender: int) -> str:
+    """The kind of a judged set from its sender id (:data:`KINDS`)."""
+    return max((k for k in KINDS if sender >= KINDS[k]), key=KINDS.__getitem__)
+
+
+def copies(vectors: dict[int, dict[int, torch.Tensor]], receiver: int) -> list[TokenEntry]:
+    """Every other client's vectors: honest, label-flipped and noise (sender ids per KINDS)."""
     entries = []
     for sender, bank in vectors.items():
         if sender == receiver:
             continue
+        rng = np.random.default_rng(sender)
         for class_id, rows in sorted(bank.items()):
-            entries.append(TokenEntry(sender, class_id, rows.numpy()))
+            honest = rows.numpy()
+            entries.append(TokenEntry(sender, class_id, honest))
             flipped = (class_id + 1) % 10
-            entries.append(TokenEntry(FLIPPED + sender, flipped, rows.numpy()))
+            entries.append(TokenEntry(KINDS["flipped"] + sender, flipped, honest))
+            entries.append(TokenEntry(KINDS["noise"] + sender, class_id, noise_like(honest, rng)))
+    return entries
+
+
+def judge(cfg: AppConfig, run_dir: Path, clients: int, after: int, receiver: int) -> list[Verdict]:
+    """Receiver ``receiver``'s image and token verdicts on every other client's copies."""
+    vectors = banks(run_dir, clients, after)
     state = read_state(state_path(run_dir, receiver, after))
     ws = open_workspace(cfg, ClientTask(receiver, clients, after + 1), state.lora)
-    knowledge = relayed_knowledge(ws, relay_arrays(entries))
+    knowledge = relayed_knowledge(ws, relay_arrays(copies(vectors, receiver)))
     generated = _generate(ws, knowledge.requests)
-    return screen(ws, generated, judge_features(ws, generated), cfg.tokens.min_images)
+    bank = own_bank(ws, state)
+    with ws.encoder.pretrained(), torch.no_grad():
+        names = ws.name_features() if cfg.data.class_names == "real" else None
+    scale = float(ws.encoder.bundle.model.logit_scale.exp())
+    features = judge_features(ws, generated)
+    images = image_evidence(ws, generated, features, names, scale)
+    tokens = token_evidence(ws, bank, knowledge.entries, names, scale)
+    return [
+        *(judge_sets(images, cfg.screening, 0.0) if images else []),
+        *(judge_sets(tokens, cfg.screening, 0.0, TOKEN) if tokens else []),
+    ]
 
 
 def summary(verdicts: list[Verdict]) -> dict[str, object]:
-    """Sorted scores per (honest | flipped, judge) and the shares at each threshold."""
+    """Sorted scores per (kind, judge) and, per space, the shares at each threshold."""
     out: dict[str, object] = {}
-    for kind, flipped in (("honest", False), ("flipped", True)):
-        mine = [v for v in verdicts if (v.sender >= FLIPPED) == flipped]
+    for kind in KINDS:
+        mine = [v for v in verdicts if kind_of(v.sender) == kind]
         for name in sorted({v.judge for v in mine}):
             out[f"{kind}-{name}"] = sorted(round(v.score, 4) for v in mine if v.judge == name)
-        scores = [v.score for v in mine if v.judge != "none"]
-        below = {t: sum(s < t for s in scores) / max(len(scores), 1) for t in THRESHOLDS}
-        label = "screened-out share" if not flipped else "let-through share"
-        out[f"{kind} {label}"] = {
-            str(t): round(share if not flipped else 1 - share, 4) for t, share in below.items()
-        }
+        for space, tokens in (("images", False), ("tokens", True)):
+            scores = [
+                v.score for v in mine if v.judge != NONE and v.judge.startswith(TOKEN) == tokens
+            ]
+            below = {t: sum(s < t for s in scores) / max(len(scores), 1) for t in THRESHOLDS}
+            if kind == "honest":
+                shares = {str(t): round(share, 4) for t, share in below.items()}
+                out[f"honest {space} screened-out share"] = shares
+            else:
+                shares = {str(t): round(1 - share, 4) for t, share in below.items()}
+                out[f"{kind} {space} let-through share"] = shares
     return out
 
 
@@ -113,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m benchmarks.screening_scores " + " ".join(argv or sys.argv[1:]),
         "commit": code,
         "min-score": cfg.screening.min_score,
+        "min-token-score": cfg.screening.min_token_score,
         **found,
     }
     args.results.write_text(json.dumps(stored, indent=1) + "\n")

@@ -230,21 +230,31 @@ class ScreeningConfig(_Section):
 
     enabled: bool = Field(
         True,
-        description="Each receiver judges every received (sender, class) set of generated images"
-        " before it trains anything, and leaves out a set whose score is below `min-score` "
-        "(see the README's Hostile clients section for the judges). Costs one pass of the "
-        "frozen CLIP over the generated and the client's own images: 1.2-1.3 % of a client's "
-        "round on the default settings (`benchmarks/results/robustness.json`).",
+        description="Each receiver judges every received (sender, class) set before it trains "
+        "anything, its generated images against `min-score` and its vectors against "
+        "`min-token-score`, and leaves out a set either rejects (see the README's Hostile "
+        "clients section for the judges). Costs one pass of the frozen CLIP over the generated "
+        "and the client's own images and of its text tower over the received vectors: the share"
+        " of a client's round is in `benchmarks/results/robustness.json`.",
     )
     min_score: float = Field(
-        0.02,
+        0.005,
         ge=0,
         le=1,
-        description="Lowest accepted score of a set: the judge's mean probability of the claimed"
-        " class over the most probable class's, each divided by the judge's mean over the "
-        "round's images for the name judge (1 = the claimed class is the judge's first choice)."
-        " Chosen on the scores of honest and label-flipped sets (`benchmarks.screening_scores`),"
-        " not on test data.",
+        description="Lowest accepted score of a set's images: the judge's mean probability of "
+        "the claimed class over the most probable class's, each divided by the judge's mean over"
+        " the round's images for the name judge (1 = the claimed class is the judge's first "
+        "choice). Chosen on the scores of honest, label-flipped and noise sets "
+        "(`benchmarks.screening_scores`), not on test data.",
+    )
+    min_token_score: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Lowest accepted score of a set's vectors: the same score as `min-score`, "
+        "for the text feature of the class prompt with the received vectors in the name's "
+        "place. Chosen, as `min-score`, on the scores of honest, label-flipped and noise sets "
+        "(`benchmarks.screening_scores`).",
     )
     consensus_senders: int = Field(
         3,
@@ -256,7 +266,8 @@ class ScreeningConfig(_Section):
         3,
         ge=0,
         description="Rounds the server stops relaying a sender's vectors once most receivers "
-        "that judged them (at least two) screened them out (0 = no quarantine); costs nothing.",
+        "that judged them (at least two) screened them out, doubled at each repeat of the same "
+        "sender (0 = no quarantine); costs nothing.",
     )
 
 

@@ -1,29 +1,40 @@
 """Screening of relayed knowledge: every received (sender, class) set is judged before it trains.
 
-A receiver generates images from each peer's class vectors; a peer that lies (vectors of one
-class sent under another's id, noise, vectors tuned to make harmful images) would have those
-images train its encoder under a wrong label. So, after generation and before any training,
-each set of images generated from one sender's vectors of one class is judged, and a set whose
-score is below ``screening.min-score`` is left out (its images are still drawn in the sample
-grid, crossed out). Every judge that applies scores the set, and the lowest score counts:
+A receiver generates images from each peer's class vectors and, for the classes it lacks, uses
+the received vectors as the text side of its classifier (``tokens.unseen = received-mean``). A
+peer that lies (vectors of one class sent under another's id, noise, vectors tuned to make
+harmful images) would train the receiver's encoder under wrong labels and move its classifier.
+So, after generation and before any training, every received (sender, class) set is judged
+twice, by the frozen pretrained CLIP, in two feature spaces:
 
-* ``own``: the receiver holds images of the class (at least ``tokens.min-images``). Prototypes
-  in the frozen judge's image-feature space: the mean feature of its own images of each class
-  it holds, and for every other class the mean feature of the images generated for it.
-* ``names``: class names mean something (``data.class-names = real``): the frozen pretrained
-  CLIP with the class-name prompts (zero-shot), for every class.
+* its **images**: the images generated from the sender's vectors of the class, against
+  ``screening.min-score``;
+* its **tokens**: the text features of the sender's vectors themselves (the class-name prompt
+  with the received vectors in the name's place), against ``screening.min-token-score``.
+
+A set that either judgement rejects is left out of training and of the received mean; its
+images are still drawn in the sample grid, crossed out. In each space every judge that applies
+scores the set, and the lowest score counts:
+
+* ``own``: the receiver holds the class. Prototypes: for the images, the mean feature of its
+  own images of each class it holds (at least ``tokens.min-images``); for the tokens, the text
+  feature of its own learned vectors of each class. Every other class: the mean feature of the
+  sets received for it, for the claimed class only from other senders (a sender cannot vouch
+  for itself).
+* ``names``: class names mean something (``data.class-names = real``): the pretrained CLIP's
+  text features of the class-name prompts, for every class.
 * ``consensus``: opaque names and a class the receiver lacks, sent by at least
   ``screening.consensus-senders`` senders: the ``own`` judge's prototypes, where the claimed
-  class's prototype comes from the other senders only, so an outlier sender stands out.
-* otherwise the set is *unjudged*: kept, and counted as such (there is nothing to compare with).
+  class's comes from the other senders only, so an outlier sender stands out.
+* otherwise the set is *unjudged* in that space: kept (there is nothing to compare with).
 
 A set's score is the judge's mean class probability of the claimed class over that of the most
 probable class (softmax of the CLIP-scaled cosine similarities, averaged over the set's
-images): 1 when the claimed class is the judge's first choice. The name judge first divides
-each class's probability by its mean over every image judged that round, so that a weak
-zero-shot CLIP's bias towards a few classes does not count against the sets of the others.
-The judge is the pretrained CLIP without the client's LoRA, so that nothing a peer sent can
-have moved it.
+images, or over its one token feature): 1 when the claimed class is the judge's first choice.
+The name judge first divides each class's probability by its mean over everything it judges
+that round, so that a weak zero-shot CLIP's bias towards a few classes does not count against
+the sets of the others. The judge is the pretrained CLIP without the client's LoRA, so that
+nothing a peer sent can have moved it.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import torch
 from cmfl_flower.config import ScreeningConfig
 
 OWN, NAMES, CONSENSUS, NONE = "own", "names", "consensus", "none"
+TOKEN = "token-"  # prefix of the token judges' names: token-own, token-names, token-consensus
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ class Verdict:
 
     sender: int
     class_id: int
-    judge: str  # the judge of the lowest score: OWN, NAMES, CONSENSUS, or NONE (unjudged)
+    judge: str  # the deciding judge: OWN, NAMES, CONSENSUS (TOKEN-prefixed), or NONE (unjudged)
     score: float  # NaN when unjudged
     accepted: bool
 
@@ -55,10 +67,10 @@ class Verdict:
 class Evidence:
     """What the judges see, all in the frozen judge's unit-norm feature space (width E)."""
 
-    features: torch.Tensor  # (N, E) the generated images
-    labels: np.ndarray  # (N,) int64 the class each image was generated for
+    features: torch.Tensor  # (N, E) the generated images, or one text feature per set
+    labels: np.ndarray  # (N,) int64 the class each image was generated for (or set claims)
     senders: np.ndarray  # (N,) int64 the sender of the vectors it came from
-    own: dict[int, torch.Tensor]  # class id -> (E,) mean feature of the receiver's own images
+    own: dict[int, torch.Tensor]  # class id -> (E,) the receiver's own prototype of the class
     names: torch.Tensor | None  # (C, E) class-name text features; None: names are opaque
     scale: float  # the CLIP's logit scale
 
@@ -73,8 +85,14 @@ def unscreened(labels: np.ndarray, senders: np.ndarray) -> list[Verdict]:
     return [Verdict(s, c, NONE, math.nan, True) for s, c in sets_of(labels, senders)]
 
 
-def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
-    """One verdict per (sender, class) set of generated images, in (sender, class) order."""
+def judge_sets(
+    evidence: Evidence, cfg: ScreeningConfig, min_score: float, prefix: str = ""
+) -> list[Verdict]:
+    """One verdict per (sender, class) set in ``evidence``, in (sender, class) order.
+
+    ``min_score``: the lowest accepted score; ``prefix``: put before the judges' names
+    (:data:`TOKEN` for the token judges).
+    """
     labels, senders = evidence.labels, evidence.senders
     sets = sets_of(labels, senders)
     senders_of = Counter(class_id for _, class_id in sets)
@@ -93,11 +111,32 @@ def judge_sets(evidence: Evidence, cfg: ScreeningConfig) -> list[Verdict]:
         elif class_id not in evidence.own and senders_of[class_id] >= cfg.consensus_senders:
             scores[CONSENSUS] = _prototype_score(evidence, sender, class_id, features)
         scores = {name: score for name, score in scores.items() if not math.isnan(score)}
-        judge = min(scores, key=lambda name: scores[name]) if scores else NONE
-        score = scores.get(judge, math.nan)
-        accepted = judge == NONE or score >= cfg.min_score
-        verdicts.append(Verdict(sender, class_id, judge, score, accepted))
+        if not scores:
+            verdicts.append(Verdict(sender, class_id, NONE, math.nan, True))
+            continue
+        judge = min(scores, key=lambda name: scores[name])
+        score = scores[judge]
+        verdicts.append(Verdict(sender, class_id, prefix + judge, score, score >= min_score))
     return verdicts
+
+
+def combine(*judgements: list[Verdict]) -> list[Verdict]:
+    """One verdict per set from several judgements (images, tokens) of the same sets.
+
+    A set is accepted only if no judgement rejected it. The verdict kept is the first rejecting
+    one, else the first judged one, else unjudged.
+    """
+    by_set: dict[tuple[int, int], list[Verdict]] = {}
+    for verdicts in judgements:
+        for verdict in verdicts:
+            by_set.setdefault((verdict.sender, verdict.class_id), []).append(verdict)
+    out = []
+    for key in sorted(by_set):
+        verdicts = by_set[key]
+        rejecting = [v for v in verdicts if not v.accepted]
+        judged = [v for v in verdicts if v.judge != NONE]
+        out.append((rejecting or judged or verdicts)[0])
+    return out
 
 
 def _probabilities(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:

@@ -29,8 +29,10 @@ from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.paths import CACHE_DIR
 from cmfl_flower.privacy import denoise, norm_allowance, privatise
 from cmfl_flower.screening import (
+    TOKEN,
     Evidence,
     Verdict,
+    combine,
     judge_sets,
     screening_metrics,
     unscreened,
@@ -228,33 +230,82 @@ def generated_recognised(
 
 
 def screen(
-    ws: Workspace, generated: GeneratedImages, features: torch.Tensor, min_images: int
+    ws: Workspace,
+    generated: GeneratedImages,
+    features: torch.Tensor,
+    bank: ClassTokenBank,
+    entries: list[TokenEntry],
 ) -> list[Verdict]:
-    """Verdicts on every (sender, class) set of ``generated`` (:mod:`cmfl_flower.screening`).
+    """Verdicts on every received (sender, class) set (:mod:`cmfl_flower.screening`).
 
-    ``features``: the images' :func:`judge_features`; ``min_images``: the fewest own training
-    images of a class for the ``own`` judge.
+    Its images (``generated``, with their :func:`judge_features` ``features``) and its vectors
+    (labelled ``entries``) are judged apart; a set either rejects is left out. ``bank``: the
+    receiver's own vectors, the token judges' ``own`` prototypes.
     """
+    cfg = ws.cfg.screening
+    names = None
+    with ws.encoder.pretrained(), torch.no_grad():
+        if ws.cfg.data.class_names == "real":
+            names = ws.name_features()  # (C, E)
+    scale = float(ws.encoder.bundle.model.logit_scale.exp())
+    images = image_evidence(ws, generated, features, names, scale)
+    tokens = token_evidence(ws, bank, entries, names, scale)
+    return combine(
+        judge_sets(images, cfg, cfg.min_score) if images else [],
+        judge_sets(tokens, cfg, cfg.min_token_score, TOKEN) if tokens else [],
+    )
+
+
+def image_evidence(
+    ws: Workspace,
+    generated: GeneratedImages,
+    features: torch.Tensor,
+    names: torch.Tensor | None,
+    scale: float,
+) -> Evidence | None:
+    """The image judges' evidence; ``own``: the mean features of the client's own images."""
     if not len(generated.labels):
-        return []
-    encoder, batch = ws.encoder, ws.cfg.encoder.eval_batch_size
-    train = ws.data.train
+        return None
+    train, min_images = ws.data.train, ws.cfg.tokens.min_images
     counts = np.bincount(train.labels, minlength=len(ws.class_names))
-    held = [c for c, n in enumerate(counts) if n >= min_images]
-    with encoder.pretrained(), torch.no_grad():
-        mine = image_features(encoder, train.images[np.isin(train.labels, held)], batch)
-        names = ws.name_features() if ws.cfg.data.class_names == "real" else None  # (C, E)
-    own_labels = train.labels[np.isin(train.labels, held)]
-    own = {c: mine[torch.from_numpy(own_labels == c)].mean(0) for c in held}  # c -> (E,)
-    evidence = Evidence(
-        features=features,
-        labels=generated.labels,
-        senders=generated.senders,
+    held = np.isin(train.labels, [c for c, n in enumerate(counts) if n >= min_images])
+    with ws.encoder.pretrained(), torch.no_grad():
+        mine = image_features(ws.encoder, train.images[held], ws.cfg.encoder.eval_batch_size)
+    own_labels = train.labels[held]
+    own = {int(c): mine[torch.from_numpy(own_labels == c)].mean(0) for c in np.unique(own_labels)}
+    return Evidence(features, generated.labels, generated.senders, own, names, scale)
+
+
+def token_evidence(
+    ws: Workspace,
+    bank: ClassTokenBank,
+    entries: list[TokenEntry],
+    names: torch.Tensor | None,
+    scale: float,
+) -> Evidence | None:
+    """The token judges' evidence: one text feature per labelled received entry.
+
+    ``own``: the text features of the client's own vectors. Unlabelled entries are not judged
+    here: their class is the one their vectors are nearest to.
+    """
+    labelled = [e for e in entries if e.class_id is not None]
+    if not labelled:
+        return None
+    device = ws.encoder.bundle.device
+    with torch.no_grad():
+        received = ws.text.encode([torch.from_numpy(e.vectors).to(device) for e in labelled])
+        own = {}
+        if bank.class_ids:
+            mine = ws.text.encode([bank.get(c).to(device) for c in bank.class_ids])  # (B, E)
+            own = dict(zip(bank.class_ids, mine, strict=True))
+    return Evidence(
+        features=received,  # (S, E)
+        labels=np.array([e.class_id for e in labelled], np.int64),
+        senders=np.array([e.sender for e in labelled], np.int64),
         own=own,
         names=names,
-        scale=float(encoder.bundle.model.logit_scale.exp()),
+        scale=scale,
     )
-    return judge_sets(evidence, ws.cfg.screening)
 
 
 def _kept(generated: GeneratedImages, verdicts: list[Verdict]) -> np.ndarray:
@@ -350,7 +401,7 @@ def token_round(
     verdicts = unscreened(generated.labels, generated.senders)
     if source == "relay" and cfg.screening.enabled:
         with ws.phase("screening"):
-            verdicts = screen(ws, generated, judged, cfg.tokens.min_images)
+            verdicts = screen(ws, generated, judged, bank, knowledge.entries)
         knowledge = knowledge.without(verdicts, ws)
     kept = _kept(generated, verdicts)  # (N,) bool
     ws.save_artifacts(generated, screened=~kept)

@@ -12,7 +12,10 @@ from cmfl_flower.screening import (
     NAMES,
     NONE,
     OWN,
+    TOKEN,
     Evidence,
+    Verdict,
+    combine,
     judge_sets,
     screening_metrics,
     unscreened,
@@ -47,7 +50,7 @@ def _evidence(sets, own=(), names=True, per_set=4):
 
 
 def _verdicts(evidence, cfg=CFG):
-    return {(v.sender, v.class_id): v for v in judge_sets(evidence, cfg)}
+    return {(v.sender, v.class_id): v for v in judge_sets(evidence, cfg, cfg.min_score)}
 
 
 def test_the_names_judge_leaves_out_a_flipped_set_and_keeps_the_honest_ones():
@@ -88,7 +91,7 @@ def test_the_threshold_is_the_documented_key():
 
 
 def test_metrics_name_the_senders_screened_out():
-    verdicts = judge_sets(_evidence([(1, 2, 2), (2, 2, 3), (2, 4, 4)]), CFG)
+    verdicts = judge_sets(_evidence([(1, 2, 2), (2, 2, 3), (2, 4, 4)]), CFG, CFG.min_score)
     assert screening_metrics(verdicts) == {
         "screened-out": 1,
         "judged": 3,
@@ -102,6 +105,33 @@ def test_metrics_name_the_senders_screened_out():
     }
     labels, senders = np.array([2, 2, 4]), np.array([1, 2, 2])
     assert [v.accepted for v in unscreened(labels, senders)] == [True, True, True]
+
+
+def test_a_set_either_judgement_rejects_is_left_out():
+    images = [Verdict(1, 2, NAMES, 0.9, True), Verdict(2, 2, NAMES, 0.8, True)]
+    tokens = [Verdict(1, 2, TOKEN + NAMES, 1.0, True), Verdict(2, 2, TOKEN + NAMES, 0.01, False)]
+    combined = {(v.sender, v.class_id): v for v in combine(images, tokens)}
+    assert combined[(1, 2)] == images[0]  # both accept: the images' verdict
+    assert combined[(2, 2)] == tokens[1]  # the tokens reject it, though its images look right
+    unjudged = Verdict(3, 4, NONE, math.nan, True)
+    assert combine([unjudged], [Verdict(3, 4, TOKEN + OWN, 0.5, True)])[0].judge == TOKEN + OWN
+
+
+def test_noise_vectors_with_honest_looking_images_are_caught_by_the_token_judge():
+    # one text feature per set: sender 2's "2" points nowhere near class 2's name
+    features = _images([2, 3, 2, 3], per_set=1)
+    features[2] = torch.nn.functional.normalize(torch.ones(E) - 2 * torch.eye(E)[2], dim=0)
+    tokens = Evidence(
+        features=features,
+        labels=np.array([2, 3, 2, 3]),
+        senders=np.array([1, 1, 2, 2]),
+        own={},
+        names=torch.eye(E),
+        scale=SCALE,
+    )
+    verdicts = judge_sets(tokens, CFG, CFG.min_token_score, TOKEN)
+    assert [v.accepted for v in verdicts] == [True, True, False, True]
+    assert verdicts[2].judge == TOKEN + NAMES
 
 
 # ----- the server's quarantine -------------------------------------------------------------
@@ -177,3 +207,21 @@ def test_the_norm_bound_scales_the_tiny_vocabularys_longest_token(tmp_path):
     assert server.limits.max_norm == pytest.approx(4.0 * longest)
     private = _relay_server(tmp_path, **{"privacy.enabled": True})
     assert private.limits.max_norm > server.limits.max_norm  # room for the DP noise
+
+
+def test_a_sender_quarantined_again_is_held_twice_as_long(tmp_path):
+    server = _relay_server(tmp_path, **{"screening.quarantine-rounds": 2})
+
+    def everyone_rejects_3(server_round):
+        for receiver in (0, 1, 2):
+            _report(server, server_round, receiver, {3: (2, 2)})
+        return server.round_metrics(server_round).get("quarantined")
+
+    assert everyone_rejects_3(1) == "3"
+    assert server.quarantine[3] == 3  # held in rounds 2 and 3
+    assert everyone_rejects_3(4) == "3"  # released in round 4, it lied again
+    assert server.quarantine[3] == 8  # held in rounds 5 to 8
+    arrays, meta = server.state()
+    fresh = _relay_server(tmp_path, **{"screening.quarantine-rounds": 2})
+    fresh.load_state(arrays, meta)
+    assert fresh.offences == {3: 2}

@@ -6,7 +6,7 @@ wire limits (the norm bound included) and kept as their sender's latest. From th
 screening reports (``judged-s<id>``, ``rejected-s<id>``) it quarantines a sender that most of
 the receivers that judged it (at least two, never the sender itself) rejected, a receiver
 rejecting a sender when it screened out at least half of that sender's sets: its vectors are
-not relayed for ``screening.quarantine-rounds`` rounds. Client (:func:`relay_round`):
+not relayed for ``screening.quarantine-rounds`` rounds, twice as long at each repeat. Client (:func:`relay_round`):
 generate images from the received vectors, screen them, update the vision LoRA, train its own
 vectors and send those back.
 Only vectors and scalar metrics leave a client: no image, image feature or weight.
@@ -65,6 +65,7 @@ class CmflRelay(RoundStrategy):
             max_norm=norm_bound(cfg, pretrained_token_norm(preset), preset.token_dim),
         )
         self.quarantine: dict[int, int] = {}  # sender partition id -> last round it is held
+        self.offences: dict[int, int] = {}  # sender partition id -> times it was quarantined
         self._votes: dict[int, tuple[set[int], set[int]]] = {}  # sender -> (judges, rejecters)
 
     def arrays_for(self, server_round: int, node_id: int) -> Arrays:
@@ -119,16 +120,23 @@ class CmflRelay(RoundStrategy):
                     rejecters.add(receiver)
 
     def _update_quarantine(self, server_round: int) -> list[int]:
-        """Quarantine the senders most of their judges rejected (at least two); the new ones."""
+        """Quarantine the senders most of their judges rejected (at least two); the new ones.
+
+        The ``n``-th quarantine of a sender lasts ``screening.quarantine-rounds`` times
+        ``2 ** (n - 1)`` rounds: a sender that lies again after its release is held longer.
+        """
         rounds, new = self.cfg.screening.quarantine_rounds, []
         for sender, (judges, rejecters) in sorted(self._votes.items()):
             if rounds and len(rejecters) >= 2 and 2 * len(rejecters) > len(judges):
                 if self.quarantine.get(sender, 0) <= server_round:
                     new.append(sender)
-                self.quarantine[sender] = server_round + rounds
-                log(WARNING, "round %d: sender %d quarantined until round %d: screened out by "
-                    "%d of the %d receivers that judged it", server_round, sender,
-                    server_round + rounds, len(rejecters), len(judges))  # fmt: skip
+                    self.offences[sender] = self.offences.get(sender, 0) + 1
+                term = rounds * 2 ** (self.offences[sender] - 1)
+                self.quarantine[sender] = server_round + term
+                log(WARNING, "round %d: sender %d quarantined until round %d (quarantine %d): "
+                    "screened out by %d of the %d receivers that judged it", server_round,
+                    sender, server_round + term, self.offences[sender], len(rejecters),
+                    len(judges))  # fmt: skip
         self._votes = {}
         return new
 
@@ -156,13 +164,15 @@ class CmflRelay(RoundStrategy):
         """
         entries = [entry for _, sent in sorted(self.latest.items()) for entry in sent]
         return relay_arrays(entries), {
-            "quarantine": {str(s): r for s, r in self.quarantine.items()}
+            "quarantine": {str(s): r for s, r in self.quarantine.items()},
+            "offences": {str(s): n for s, n in self.offences.items()},
         }
 
     def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
         """Restore the vectors that :meth:`state` saved."""
         self.latest = {}
         self.quarantine = {int(s): int(r) for s, r in meta.get("quarantine", {}).items()}
+        self.offences = {int(s): int(n) for s, n in meta.get("offences", {}).items()}
         # the size cap is per message; the norm bound was checked when the vectors arrived
         every_sender = replace(self.limits, max_bytes=sys.maxsize, max_norm=math.inf)
         try:
