@@ -6,9 +6,9 @@ wire limits (the norm bound included) and kept as their sender's latest. From th
 screening reports (``judged-s<id>``, ``rejected-s<id>``) it quarantines a sender that most of
 the receivers that judged it (at least two, never the sender itself) rejected, a receiver
 rejecting a sender when it screened out at least half of that sender's sets: its vectors are
-not relayed for ``screening.quarantine-rounds`` rounds, twice as long at each repeat. Client (:func:`relay_round`):
-generate images from the received vectors, screen them, update the vision LoRA, train its own
-vectors and send those back.
+not relayed for ``screening.quarantine-rounds`` rounds, twice as long at each repeat. Client
+(:func:`relay_round`): generate images from the received vectors, screen them, update the
+vision LoRA, train its own vectors and send those back.
 Only vectors and scalar metrics leave a client: no image, image feature or weight.
 """
 
