@@ -266,9 +266,9 @@ def reference(results: list[dict[str, Any]], run: dict[str, Any]) -> float:
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown: one row per (setting, attack, hostile, defences)."""
     lines = [
-        "| setting | attack | hostile | defences | honest acc | vs no attack | honest sets "
+        "| setting | seed | attack | hostile | defences | honest acc | vs no attack | honest sets "
         "screened out | attacker sets through | refused | screening share |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         ref = reference(results, r)
@@ -277,7 +277,7 @@ def table(results: list[dict[str, Any]]) -> str:
         if "failed" in r:
             acc, delta = "run failed", r["failed"].split(":")[0]  # "round N"
         lines.append(
-            f"| {r['setting']} | {r['attack'] or 'none'} | {r['hostile']} | "
+            f"| {r['setting']} | {r['seed']} | {r['attack'] or 'none'} | {r['hostile']} | "
             f"{'on' if r['defended'] else 'off'} | {acc} | {delta} | {fp} | "
             f"{r['attacker-sets-through']} | "
             f"{r['refused']} | {100 * r['screening-share']:.1f} % |"
@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         "--hostile", default="1", help="hostile clients (the last ids); comma-separated counts"
     )
     parser.add_argument("--tag", default="", help="key of the stored record (default: setting)")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of the seeds")
     parser.add_argument("--defences", choices=("both", "on", "off"), default="both")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--out", type=Path, default=None, help="keep run directories here")
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(k) for k in args.hostile.split(",")]
     runs = [(None, 0)] + [(name, k) for k in counts for name in attacks]
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for (attack_name, hostile), defended in itertools.product(runs, modes):
             if attack_name == "claimed-partition" and not defended:
                 continue  # identity binding has no off switch

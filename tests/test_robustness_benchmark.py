@@ -72,7 +72,20 @@ def test_figures_reference_table_and_chart(tmp_path):
     results = [where | {"attack": None} | clean, where | {"attack": "label-flip"} | attacked]
     assert reference(results, results[1]) == pytest.approx(0.9)  # over partitions 0-2 only
     text = table(results)
-    assert "| default | label-flip | " in text and "-10.0 pt" in text and "| 3/12 |" in text
+    assert "| default | 0 | label-flip | " in text and "-10.0 pt" in text and "| 3/12 |" in text
     stored = {"default-k1": {"results": results}}
     draw(stored, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+def test_the_readme_tables_are_the_stored_records():
+    """Every stored robustness record's table appears in the README, row for row."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    stored = json.loads((root / "benchmarks" / "results" / "robustness.json").read_text())
+    for key, record in stored.items():
+        assert record["command"] in readme, f"{key}: README lacks its command"
+        for row in table(record["results"]).splitlines()[2:]:
+            assert row in readme, f"{key}: README lacks {row}"
