@@ -66,6 +66,7 @@ def test_huge_vectors_are_refused_by_the_server_and_no_honest_reply_is_lost(tmp_
 def test_noise_vectors_are_screened_out(tmp_path):
     honest, _ = _federation(tmp_path, "noise")
     assert _total(honest, f"rejected-s{HOSTILE}") > 0
+    assert all(_total(honest, f"rejected-s{s}") == 0 for s in range(HOSTILE))
 
 
 @pytest.fixture(scope="module")
