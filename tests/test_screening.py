@@ -225,3 +225,10 @@ def test_a_sender_quarantined_again_is_held_twice_as_long(tmp_path):
     fresh = _relay_server(tmp_path, **{"screening.quarantine-rounds": 2})
     fresh.load_state(arrays, meta)
     assert fresh.offences == {3: 2}
+
+
+def test_one_misjudged_set_of_two_does_not_count_as_a_rejection(tmp_path):
+    server = _relay_server(tmp_path)
+    for receiver in (0, 1, 2):
+        _report(server, 1, receiver, {3: (2, 1)})  # every receiver left out one of 3's two sets
+    assert "quarantined" not in server.round_metrics(1)

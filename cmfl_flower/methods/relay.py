@@ -5,7 +5,7 @@ Server: every round the sampled clients receive the latest vectors of every *oth
 wire limits (the norm bound included) and kept as their sender's latest. From the receivers'
 screening reports (``judged-s<id>``, ``rejected-s<id>``) it quarantines a sender that most of
 the receivers that judged it (at least two, never the sender itself) rejected, a receiver
-rejecting a sender when it screened out at least half of that sender's sets: its vectors are
+rejecting a sender when it screened out more than half of that sender's sets: its vectors are
 not relayed for ``screening.quarantine-rounds`` rounds, twice as long at each repeat. Client
 (:func:`relay_round`): generate images from the received vectors, screen them, update the
 vision LoRA, train its own vectors and send those back.
@@ -107,7 +107,11 @@ class CmflRelay(RoundStrategy):
         self._count_votes(partition, metrics)
 
     def _count_votes(self, receiver: int, metrics: Metrics) -> None:
-        """Note whom ``receiver`` judged and whom it rejected (at least half of its sets)."""
+        """Note whom ``receiver`` judged and whom it rejected (more than half of its sets).
+
+        More than half, so that one misjudged set of an honest sender's two does not count
+        against the sender's other classes.
+        """
         counts: dict[int, dict[str, float]] = {}
         for key, value in metrics.items():
             if (match := _VOTE.match(key)) and int(match[2]) != receiver:  # never its own
@@ -116,7 +120,7 @@ class CmflRelay(RoundStrategy):
             judges, rejecters = self._votes.setdefault(sender, (set(), set()))
             if count.get("judged", 0) > 0:
                 judges.add(receiver)
-                if count.get("rejected", 0) * 2 >= count["judged"]:
+                if count.get("rejected", 0) * 2 > count["judged"]:
                     rejecters.add(receiver)
 
     def _update_quarantine(self, server_round: int) -> list[int]:
