@@ -286,11 +286,20 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def draw(stored: dict[str, Any], path: Path) -> None:
-    """One panel per stored record with attacks: honest accuracy per attack, defences off and on."""
-    keys = [key for key in sorted(stored) if any(r["attack"] for r in stored[key]["results"])]
+    """One panel per setting with attacks: honest accuracy per attack, defences off and on.
+
+    A setting's panel gathers the seed-0 runs of every stored record of that setting (the
+    defences off and on may come from two records).
+    """
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for key in sorted(stored):
+        for r in stored[key]["results"]:
+            if r["seed"] == 0:
+                by_setting.setdefault(r["setting"], []).append(r)
+    keys = [key for key in sorted(by_setting) if any(r["attack"] for r in by_setting[key])]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        results = [r for r in stored[key]["results"] if r["seed"] == 0]
+        results = by_setting[key]
         attacks = sorted(
             {(r["attack"], r["hostile"]) for r in results if r["attack"]},
             key=lambda a: (a[1], ATTACKS.index(a[0])),
