@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -43,6 +44,7 @@ class Preset:
     clip_pretrained: str  # open_clip pretrained tag or checkpoint file ("" = none)
     diffusion: str  # diffusers hub id or local directory ("" = build from configs)
     token_dim: int  # width of the shared token embeddings
+    download: bool = False  # may loading download hub weights (``backbone.download``)?
 
 
 ZOO = "zoo:"  # a path inside the project's own zoo (see cmfl_flower.zoo.locate)
@@ -85,6 +87,7 @@ def resolve_preset(cfg: BackboneConfig) -> Preset:
         preset = replace(preset, clip_pretrained=cfg.clip_pretrained)
     if cfg.diffusion:
         preset = replace(preset, diffusion=cfg.diffusion)
+    preset = replace(preset, download=cfg.download)
     if preset.clip.startswith(ZOO):
         preset = replace(preset, clip=f"{LOCAL_DIR}{locate(preset.clip.removeprefix(ZOO))}")
     if preset.diffusion.startswith(ZOO):
@@ -120,6 +123,58 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+FETCH_COMMAND = "cmfl-fetch-weights"
+
+
+@contextmanager
+def hub_access(source: Preset | str, what: str, allowed: bool) -> Iterator[None]:
+    """While active, the Hugging Face Hub is offline unless ``allowed``.
+
+    Offline, a weight missing from the host's cache fails with a ``ValueError`` that names
+    ``source`` (a preset or a hub id) and the command that fetches it.
+    """
+    if allowed:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    before, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(source, Preset):
+            name, fetch = f"preset {source.name!r}", fetch_command(source)
+        else:
+            name, fetch = f"{source!r}", f"{FETCH_COMMAND} --diffusion {source}"
+        raise ValueError(
+            f"the {what} weights of {name} are not in this host's Hugging Face cache "
+            f"({hub_cache()}), and backbone.download is off: run `{fetch}` on a host with "
+            "network access (and copy the cache here), or set backbone.download = true"
+        ) from err
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def fetch_command(preset: Preset) -> str:
+    """The ``cmfl-fetch-weights`` command line that fetches ``preset`` as it is configured."""
+    named = PRESETS[preset.name]
+    parts = [FETCH_COMMAND, "--preset", preset.name]
+    if preset.clip != named.clip and not preset.clip.startswith(LOCAL_DIR):
+        parts += ["--clip", preset.clip]
+    if preset.clip_pretrained != named.clip_pretrained:
+        parts += ["--clip-pretrained", preset.clip_pretrained]
+    if preset.diffusion != named.diffusion and not Path(preset.diffusion).is_absolute():
+        parts += ["--diffusion", preset.diffusion]
+    return " ".join(parts)
+
+
+def hub_cache() -> Path:
+    """The Hugging Face Hub cache of this process: ``HF_HUB_CACHE``, else ``HF_HOME``/hub."""
+    import huggingface_hub.constants as hub
+
+    return Path(hub.HF_HUB_CACHE)
+
+
 def _check_local_clip(preset: Preset) -> None:
     """Fail early and precisely on a local CLIP directory that cannot load."""
     directory = Path(preset.clip.removeprefix(LOCAL_DIR))
@@ -141,6 +196,12 @@ def clip_tokenizer(clip: str) -> Any:
     import open_clip
 
     return open_clip.get_tokenizer(clip)
+
+
+def preset_tokenizer(preset: Preset) -> Any:
+    """:func:`clip_tokenizer` of ``preset``'s CLIP; an ``hf-hub:`` CLIP reads its cached config."""
+    with hub_access(preset, "CLIP", preset.download or preset.clip.startswith(LOCAL_DIR)):
+        return clip_tokenizer(preset.clip)
 
 
 def _skipped_init(skip: bool) -> AbstractContextManager[Any]:
@@ -167,7 +228,12 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
         _check_local_clip(preset)
     torch.manual_seed(seed)
     checkpoint = local or bool(preset.clip_pretrained)
-    with warnings.catch_warnings(), torch.device(device_name), _skipped_init(checkpoint):
+    with (
+        warnings.catch_warnings(),
+        torch.device(device_name),
+        _skipped_init(checkpoint),
+        hub_access(preset, "CLIP", preset.download or local),
+    ):
         warnings.simplefilter("ignore", UserWarning)
         model = open_clip.create_model(
             preset.clip, pretrained=preset.clip_pretrained or None, device=device_name
@@ -177,7 +243,7 @@ def load_clip(preset: Preset, device_name: str, seed: int) -> ClipBundle:
     image_size = int(size[0] if isinstance(size, tuple) else size)
     return ClipBundle(
         model=model,
-        tokenizer=clip_tokenizer(preset.clip),
+        tokenizer=preset_tokenizer(preset),
         image_size=image_size,
         mean=tuple(model.visual.image_mean),
         std=tuple(model.visual.image_std),
@@ -200,12 +266,15 @@ def pretrained_token_norm(preset: Preset) -> float:
     return largest_token_norm(load_clip(preset, "cpu", 0))
 
 
-def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+def load_pipeline(
+    source: str, device: torch.device, dtype: torch.dtype = torch.float32, download: bool = False
+) -> Any:
     """Load a Stable Diffusion pipeline from a hub id or a local directory (diffusers' loader).
 
     Weights are read in ``dtype`` and straight onto the device where diffusers can (its
     ``device_map``: ``cpu`` and the accelerator, no index, in recent versions); elsewhere the
-    pipeline moves there after loading.
+    pipeline moves there after loading. A hub id is read from the host's Hugging Face cache
+    only, unless ``download`` (``backbone.download``).
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.pipeline_utils import SUPPORTED_DEVICE_MAP
@@ -218,12 +287,15 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype = torch.
             "pipeline directory or a hub id"
         )
     direct = device.type in SUPPORTED_DEVICE_MAP and device.index is None
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        str(path) if path.is_absolute() else source,
-        dtype=dtype,
-        device_map=device.type if direct else None,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    online = download or path.is_absolute()
+    with hub_access(source, "diffusion pipeline", online):
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(path) if path.is_absolute() else source,
+            dtype=dtype,
+            device_map=device.type if direct else None,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=not online,
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)  # no copy where it was loaded in place

@@ -124,6 +124,14 @@ class BackboneConfig(_Section):
     diffusion: str = Field(
         "", description="Override the preset's diffusion pipeline: hub id or local directory."
     )
+    download: bool = Field(
+        False,
+        description="May a process download hub weights (CLIP, pipeline) while it loads them, "
+        "inside a round? Off: they must already be in the Hugging Face cache of its host "
+        "(`HF_HUB_CACHE`, else `HF_HOME`/hub), put there by `cmfl-fetch-weights`; a missing "
+        "weight fails at the first message, naming that command. Presets in the package "
+        "(`tiny`) and local directories never download.",
+    )
     device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:N` or `mps`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

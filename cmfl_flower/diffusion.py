@@ -162,7 +162,7 @@ class LatentModel:
 def latent_model(preset: Preset, device_name: str, purpose: str) -> LatentModel:
     """The preset's pipeline, loaded once per process and ``purpose`` (separate copies)."""
     device = torch.device(device_name)
-    pipeline = load_pipeline(preset.diffusion, device, torch.float32)
+    pipeline = load_pipeline(preset.diffusion, device, torch.float32, preset.download)
     pipeline.unet.requires_grad_(False)
     pipeline.vae.requires_grad_(False)
     pipeline.text_encoder.requires_grad_(False)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 import numpy as np
 import torch
 
-from cmfl_flower.backbones import Preset, clip_tokenizer, load_pipeline, resolve_dtype
+from cmfl_flower.backbones import Preset, load_pipeline, preset_tokenizer, resolve_dtype
 from cmfl_flower.config import GenerationConfig, SchedulerName
 from cmfl_flower.images import to_uint8
 from cmfl_flower.progress import QUIET, Progress
@@ -250,7 +250,8 @@ def load_generator(
     ``dtype_name`` is ``backbone.dtype`` (see :func:`cmfl_flower.backbones.resolve_dtype`).
     """
     device = torch.device(device_name)
-    pipeline = load_pipeline(preset.diffusion, device, resolve_dtype(dtype_name, device))
-    tokenizer = clip_tokenizer(preset.clip)  # the CLIP itself is not needed here
+    dtype = resolve_dtype(dtype_name, device)
+    pipeline = load_pipeline(preset.diffusion, device, dtype, preset.download)
+    tokenizer = preset_tokenizer(preset)  # the CLIP itself is not needed here
     pipeline.set_progress_bar_config(disable=True)
     return Generator(pipeline, PromptTemplate.build(tokenizer, template))
