@@ -65,6 +65,16 @@ class DataConfig(_Section):
         "",
         description="Absolute root of prepared partitions; empty = `~/.cache/cmfl-flower/data`.",
     )
+    image_size: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Side in pixels at which `folder` images are stored when partitions are "
+        "prepared (centre-cropped and resized once); the CLIP and the generator resize from "
+        "there to their own input sizes. Each stored image costs side x side x 3 bytes in "
+        "memory: 64 suits the tiny presets, the CLIP's 224 real photographs on `bk-sdm-*`. "
+        "Other datasets keep their own size (digits 8, CIFAR 32, tiny-imagenet 64).",
+    )
     partitioner: PartitionerName = Field(
         "dirichlet", description="How the training pool is split over clients."
     )

@@ -359,6 +359,32 @@ def test_prepare_from_folder(tmp_path: Path) -> None:
     assert ensure_partitions(spec, tmp_path / "data") == out
 
 
+def test_folder_images_are_stored_at_the_configured_size(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", per_class=10)
+    spec = PartitionSpec(
+        dataset="folder", path=str(root), num_partitions=2, partitioner="iid", image_size=96
+    )
+    assert spec.slug().endswith("-i96")  # apart from the 64-px preparation of the same folder
+    out = prepare_partitions(spec, tmp_path / "data" / spec.slug())
+    assert load_global_test(out).images.shape == (6, 96, 96, 3)
+    assert load_partition(out, 1).train.images.shape[1:] == (96, 96, 3)
+    assert "--image-size=96" in store.prep_command(spec, out)
+    with pytest.raises(ValueError, match="image_size must be 64 .* for dataset 'cifar10'"):
+        PartitionSpec(dataset="cifar10", image_size=96)
+    with pytest.raises(ValueError, match=r"data.image-size|image_size"):
+        PartitionSpec(dataset="folder", path=str(root), image_size=4)
+
+
+def test_a_folder_prepared_before_image_size_existed_still_matches(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", per_class=10)
+    spec = PartitionSpec(dataset="folder", path=str(root), num_partitions=2, partitioner="iid")
+    out = prepare_partitions(spec, tmp_path / "data" / spec.slug())
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["spec"]["image_size"]  # as an earlier version wrote it
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert ensure_partitions(spec, tmp_path / "data") == out
+
+
 def test_default_data_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CMFL_FLOWER_DATA", str(tmp_path / "d"))
     assert default_data_root() == tmp_path / "d"

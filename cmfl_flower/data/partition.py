@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cmfl_flower.config import PartitionerName
-from cmfl_flower.data.sources import DATASETS
+from cmfl_flower.data.sources import DATASETS, FOLDER_IMAGE_SIZE
 
 if TYPE_CHECKING:  # imported where used: a ClientApp process pays its imports every message
     import datasets
@@ -52,6 +52,7 @@ class PartitionSpec:
     min_partition_size: int = 10
     test_fraction: float = 0.25
     seed: int = 0
+    image_size: int = FOLDER_IMAGE_SIZE  # side of stored ``folder`` images
 
     @classmethod
     def from_settings(cls, settings: Any, num_partitions: int) -> PartitionSpec:
@@ -78,6 +79,12 @@ class PartitionSpec:
         _check(self.min_partition_size >= 0, "min_partition_size", self.min_partition_size, ">= 0")
         _check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "in (0, 1)")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        _check(8 <= self.image_size <= 1024, "image_size", self.image_size, "in [8, 1024]")
+        if self.dataset != "folder":
+            default = FOLDER_IMAGE_SIZE
+            _check(self.image_size == default, "image_size", self.image_size,
+                   f"{default} (the default) for dataset {self.dataset!r}, which keeps its own "
+                   "image size: only 'folder' images are resized")  # fmt: skip
         if self.dataset == "folder":
             _check(bool(self.path), "path", self.path, "a directory for dataset 'folder'")
         if self.dataset == "digits":
@@ -100,6 +107,8 @@ class PartitionSpec:
         ]
         if self.path:
             parts.append("p" + hashlib.sha256(self.path.encode()).hexdigest()[:8])
+        if self.image_size != FOLDER_IMAGE_SIZE:
+            parts.append(f"i{self.image_size}")
         return "-".join(parts)
 
 

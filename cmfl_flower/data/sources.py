@@ -31,7 +31,7 @@ SPLITS: tuple[str, ...] = ("train", "test")
 DIGIT_NAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )  # fmt: skip
-FOLDER_IMAGE_SIZE = 64  # `folder` images are centre-cropped and resized to 64x64
+FOLDER_IMAGE_SIZE = 64  # `folder` images: centre-cropped and resized to 64x64 by default
 FOLDER_TEST_FRACTION = 0.2  # `folder` without train/test sub-folders: stratified 80/20
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TINY_IMAGENET_CLASSES = Path(__file__).with_name("tiny_imagenet_classes.tsv")
@@ -92,8 +92,13 @@ def holdout(data: LabeledImages, fraction: float, seed: int) -> tuple[LabeledIma
     return data.subset(np.sort(order[held:])), data.subset(np.sort(order[:held]))
 
 
-def load_source(dataset: str, split: str, path: str = "") -> LabeledImages:
-    """One split of a dataset; ``path`` is a local source (folder or ``save_to_disk`` dir)."""
+def load_source(
+    dataset: str, split: str, path: str = "", image_size: int = FOLDER_IMAGE_SIZE
+) -> LabeledImages:
+    """One split of a dataset; ``path`` is a local source (folder or ``save_to_disk`` dir).
+
+    ``image_size``: the side ``folder`` images are resized to (other datasets keep theirs).
+    """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     allowed = DIGITS_SPLITS if dataset == "digits" else SPLITS
@@ -104,7 +109,7 @@ def load_source(dataset: str, split: str, path: str = "") -> LabeledImages:
             raise ValueError(f"path must be empty for dataset 'digits', got {path!r}")
         return _load_digits(split)
     if dataset == "folder":
-        return _load_folder(path, split)
+        return _load_folder(path, split, image_size)
     return _load_hub(dataset, split, path)
 
 
@@ -265,7 +270,7 @@ def _wordnet_to_names(wnids: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(table[w] for w in wnids)
 
 
-def _load_folder(path: str, split: str) -> LabeledImages:
+def _load_folder(path: str, split: str, image_size: int) -> LabeledImages:
     """Class sub-folders under ``path`` (or under ``path/train`` and ``path/test``).
 
     Read through ``datasets``' own ``imagefolder`` builder, which names the classes by their
@@ -281,7 +286,7 @@ def _load_folder(path: str, split: str) -> LabeledImages:
     table = _imagefolder(root, split if has_splits else "train")
     names = tuple(table.features["label"].names)
     labels = np.asarray(table["label"], dtype=np.int64)  # (N,)
-    images = np.stack([_read_image(Path(item["path"])) for item in table["image"]])
+    images = np.stack([_read_image(Path(item["path"]), image_size) for item in table["image"]])
     whole = LabeledImages(images, labels, names)
     if has_splits:
         return whole
@@ -328,9 +333,9 @@ def _check_subset(test: Path, train: Path) -> None:
         raise ValueError(f"class folders {unknown} in {str(test)!r} are not in {sorted(known)}")
 
 
-def _read_image(file: Path) -> npt.NDArray[np.uint8]:
-    """One image, centre-cropped and resized to FOLDER_IMAGE_SIZE, as (S, S, 3) uint8."""
-    size = (FOLDER_IMAGE_SIZE, FOLDER_IMAGE_SIZE)
+def _read_image(file: Path, side: int) -> npt.NDArray[np.uint8]:
+    """One image, centre-cropped and resized to ``side`` pixels, as (side, side, 3) uint8."""
+    size = (side, side)
     try:
         with Image.open(file) as image:
             fitted = ImageOps.fit(image.convert("RGB"), size, Image.Resampling.BICUBIC)

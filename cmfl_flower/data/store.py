@@ -67,6 +67,7 @@ def prep_command(spec: PartitionSpec, out_dir: Path) -> str:
         f"--min-partition-size={spec.min_partition_size}",
         f"--test-fraction={spec.test_fraction:g}",
         f"--seed={spec.seed}",
+        *([f"--image-size={spec.image_size}"] if spec.dataset == "folder" else []),
         f"--output={out_dir}",
     ]
     return shlex.join(args)
@@ -174,8 +175,11 @@ def _check_matches(meta: dict[str, object], spec: PartitionSpec, out_dir: Path) 
     """Refuse a prepared directory whose settings differ from ``spec``."""
     stored = _meta_field(meta, "spec", dict)
     wanted = asdict(spec)
+    defaults = asdict(PartitionSpec())  # a field added later: its default, as it was
     differing = [
-        f"{k}: {stored.get(k)!r} != {v!r}" for k, v in wanted.items() if stored.get(k) != v
+        f"{k}: {stored.get(k, defaults[k])!r} != {v!r}"
+        for k, v in wanted.items()
+        if stored.get(k, defaults[k]) != v
     ]
     if differing:
         raise ValueError(
@@ -231,8 +235,8 @@ def _publish(tmp: Path, out_dir: Path, replace: bool) -> None:
 def _compute(spec: PartitionSpec, show_progress: bool) -> _Prepared:
     """Load the source, partition its train split and split each client into train/test."""
     _progress(show_progress, f"loading {spec.dataset} ...")
-    pool = load_source(spec.dataset, "train", spec.path)
-    global_test = load_source(spec.dataset, "test", spec.path)
+    pool = load_source(spec.dataset, "train", spec.path, spec.image_size)
+    global_test = load_source(spec.dataset, "test", spec.path, spec.image_size)
     if global_test.images.shape[1:] != pool.images.shape[1:]:
         raise ValueError(
             f"test images are {global_test.images.shape[1:]}, train images "
