@@ -390,7 +390,7 @@ def test_compose_files_define_one_superlink_and_three_supernodes(files):
         assert named <= declared, named - declared
         for mount in (v.split(":")[0] for v in spec["volumes"] if v.startswith(".")):
             assert mount.startswith(("./certs", "./keys")), mount
-    # every command parses with flwr 1.41's own argument parsers
+    # every command parses with the installed flwr's own argument parsers
     link = services["superlink"]
     _parse_args_run_superlink().parse_args(link["command"])
     assert link["ports"] == ["8000:8000"] and _flag(link["command"], "port") == "8000"
