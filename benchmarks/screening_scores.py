@@ -40,7 +40,7 @@ from cmfl_flower.token_round import (
 from cmfl_flower.wire import TokenEntry, relay_arrays
 from cmfl_flower.workspace import ClientTask
 
-THRESHOLDS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+THRESHOLDS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 KINDS = {"honest": 0, "flipped": 1000, "noise": 2000}  # kind -> offset added to sender ids
 RESULTS = Path(__file__).resolve().parent / "results" / "screening-scores.json"
 

@@ -256,7 +256,7 @@ class ScreeningConfig(_Section):
         " of a client's round is in `benchmarks/results/robustness.json`.",
     )
     min_score: float = Field(
-        0.005,
+        0.001,
         ge=0,
         le=1,
         description="Lowest accepted score of a set's images: the judge's mean probability of "
