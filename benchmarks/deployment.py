@@ -1,7 +1,7 @@
 """A deployment round's wall time against the work its clients report.
 
 ``python -m benchmarks.deployment`` starts a SuperLink and ``--nodes`` SuperNodes as processes on
-loopback (as ``docker/README.md``'s bare-metal section does; the process helpers of the
+loopback (as ``docs/deployment.md``'s bare-metal section does; the process helpers of the
 end-to-end tests), runs the default ``cmfl-relay`` for ``--rounds`` rounds and prints, per round,
 the round's wall time (the server's ``round-seconds``), the clients' mean summed phase seconds
 (``seconds-tokens + -generation + -encoder + -eval``) and their ratio. In a deployment every
@@ -9,7 +9,7 @@ message starts a fresh ClientApp process, so the ratio shows what start-up, poll
 shared CPUs add to the work itself. Each SuperNode gets ``num-cpus`` in its node config.
 
 Before the nodes start, the host's partitions are written with ``cmfl-data-prep``, as
-``docker/README.md`` asks of an operator; ``--first-use`` leaves that to the clients' first
+``docs/deployment.md`` asks of an operator; ``--first-use`` leaves that to the clients' first
 message instead (the digits are partitioned on first use), which round 1 then pays.
 """
 

@@ -471,8 +471,8 @@ def test_generate_certs_script_makes_what_flower_loads(tmp_path):
 
 
 def test_guide_commands_parse_with_flower():
-    """Every `flower-superlink` / `flower-supernode` command of docker/README.md is valid."""
-    guide = (DOCKER / "README.md").read_text().replace("\\\n", " ")
+    """Every `flower-superlink` / `flower-supernode` command of the deployment guide is valid."""
+    guide = (ROOT / "docs" / "deployment.md").read_text().replace("\\\n", " ")
     parsers = {
         "flower-superlink": _parse_args_run_superlink,
         "flower-supernode": _parse_args_run_supernode,
