@@ -6,7 +6,7 @@ Flower hands an app a flat mapping with dotted, hyphenated keys (``data.min-part
 values raise ``ValueError`` naming the key, the value and what is allowed.
 
 ``python -m cmfl_flower.config --toml`` prints the ``[tool.flwr.app.config]`` block of
-``pyproject.toml``; ``--markdown`` prints the README's config reference.
+``pyproject.toml``; ``--markdown`` prints the config reference of ``docs/configuration.md``.
 """
 
 from __future__ import annotations
@@ -250,8 +250,8 @@ class ScreeningConfig(_Section):
         True,
         description="Each receiver judges every received (sender, class) set before it trains "
         "anything, its generated images against `min-score` and its vectors against "
-        "`min-token-score`, and leaves out a set either rejects (see the README's Hostile "
-        "clients section for the judges). Costs one pass of the frozen CLIP over the generated "
+        "`min-token-score`, and leaves out a set either rejects (the judges: "
+        "`docs/robustness.md`). Costs one pass of the frozen CLIP over the generated "
         "and the client's own images and of its text tower over the received vectors: the share"
         " of a client's round is in `benchmarks/results/robustness.json`.",
     )
@@ -534,7 +534,7 @@ class AppConfig(_Section):
 
     method: str = Field(
         "cmfl-relay",
-        description="What clients train and send: a built-in method (see the README) or"
+        description="What clients train and send: a built-in method (`docs/methods.md`) or"
         " `package.module:Name` of a plug-in.",
     )
     strategy: str = Field(
@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print the TOML defaults or the Markdown reference."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toml", action="store_true", help="print [tool.flwr.app.config]")
-    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' table")
     args = parser.parse_args(argv)
     print(render_markdown() if args.markdown else render_toml())
 

@@ -1,4 +1,4 @@
-"""The README's table of what each method sends matches every real message of a run."""
+"""The docs' table of what each method sends (docs/methods.md) matches every real message."""
 
 import re
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ import pytest
 from cmfl_flower.methods.base import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record
 from tests.test_strategies import run
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 MARKER = "<!-- data-minimisation table"
 
 
