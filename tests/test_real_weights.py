@@ -1,7 +1,7 @@
 """The real presets, on their real weights (``pytest -m slow``; none of this runs by default).
 
 The weights come from this host's Hugging Face cache: fetch them first with
-``cmfl-fetch-weights --preset bk-sdm-small`` (about 4 GB); a missing weight fails naming that
+``cmfl-fetch-weights --preset bk-sdm-small`` (a few GB); a missing weight fails naming that
 command. On a CPU one 512x512 image at 2 steps takes under a minute; a GPU is used if present.
 """
 
