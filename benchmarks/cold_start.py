@@ -43,6 +43,7 @@ from open_clip.transform import PreprocessCfg
 from benchmarks import ROOT
 from benchmarks.cold_start_child import LOADERS, dumps
 from benchmarks.loopback import LoopbackGrid
+from cmfl_flower.aliases import Row
 from cmfl_flower.archs import build_clip, build_pipeline, clip_config
 from cmfl_flower.backbones import resolve_device, resolve_dtype
 from cmfl_flower.client_round import data_dir
@@ -63,7 +64,6 @@ HEADINGS = {
 }
 TORCH_REPEATS = 3
 TORCH_PROBE = "import time; s = time.perf_counter(); import torch; print(time.perf_counter() - s)"
-Row = dict[str, Any]
 
 
 def _spawn(tree: Path, job: Path) -> Row:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import ROOT
-from tests.flower_procs import (
+from benchmarks.flower_procs import (
     BIN,
     SuperLink,
     deployment_superlink,

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks import ROOT
-from tests.flower_procs import BIN, flower_env, stop
+from benchmarks.flower_procs import BIN, flower_env, stop
 
 
 def spin() -> None:

@@ -57,6 +57,7 @@ from benchmarks.method import CLIENTS as P1_CLIENTS
 from benchmarks.method import ROUNDS as P1_ROUNDS
 from benchmarks.method import config as p1_config
 from client_app import app as client_app
+from cmfl_flower.aliases import Arrays
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 from cmfl_flower.methods.harness import run_federation
@@ -74,7 +75,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {"clients": 4, "rounds": 4},
     "P1": {"clients": P1_CLIENTS, "rounds": P1_ROUNDS},
 }
-Arrays = dict[str, np.ndarray]
 
 
 def _relabelled(arrays: Arrays, new_class: Callable[[int, int], int]) -> Arrays:

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from cmfl_flower.aliases import Arrays
 from cmfl_flower.client_state import train_with_state
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
@@ -34,7 +35,7 @@ from cmfl_flower.methods.base import (
     reply,
 )
 from cmfl_flower.threads import pin_threads
-from cmfl_flower.workspace import Arrays, ClientTask, RoundOutput, client_task
+from cmfl_flower.workspace import ClientTask, RoundOutput, client_task
 
 app = ClientApp()
 Handler = Callable[[Method, Message, Context], Message]

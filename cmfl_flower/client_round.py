@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from cmfl_flower.aliases import Metrics
 from cmfl_flower.backbones import resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DataConfig
 from cmfl_flower.data import (
@@ -45,7 +46,7 @@ from cmfl_flower.progress import Progress
 from cmfl_flower.report import write_label_counts, write_sample_grid
 from cmfl_flower.results import output_root
 from cmfl_flower.tokens import TextSide
-from cmfl_flower.workspace import ClientTask, Metrics, client_seed
+from cmfl_flower.workspace import ClientTask, client_seed
 
 if TYPE_CHECKING:
     from cmfl_flower.generation import GeneratedImages

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
+from cmfl_flower.aliases import Arrays
 from cmfl_flower.backbones import Preset, load_pipeline, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig, DiffusionConfig
 from cmfl_flower.images import to_uint8, to_unit_range
 from cmfl_flower.weights import weights_problem
 
-Arrays = dict[str, np.ndarray]
 OptimizerState = dict[str, torch.Tensor]  # "<parameter index>.<AdamW buffer>" -> tensor
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

@@ -25,11 +25,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cmfl_flower.aliases import Arrays
 from cmfl_flower.backbones import Preset, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import LabeledImages, load_source
 from cmfl_flower.diffusion import (
-    Arrays,
     LatentModel,
     attach_lora,
     build_ddpm_unet,

@@ -19,13 +19,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 from cmfl_flower import report
+from cmfl_flower.aliases import Row
 from cmfl_flower.config import AppConfig, OutputConfig
 from cmfl_flower.paths import CLIENT_ROWS, CONFIG_JSON, ROUNDS, STATUS_JSON, cache_root
 
-Row = dict[str, Any]
 REPORT_INTERVAL_S = 5.0  # at most one report rewrite per this many seconds, until the end
 RESUMABLE_KEYS = frozenset(
     {"output.resume", "federation.rounds", "federation.round-timeout", "federation.wait-for-nodes"}

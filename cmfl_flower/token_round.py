@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import largest_token_norm, resolve_preset
 from cmfl_flower.client_round import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
@@ -46,7 +47,7 @@ from cmfl_flower.tokens import (
     train_bank,
 )
 from cmfl_flower.wire import TokenEntry, WireLimits, read_relay, reply_arrays
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
+from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 Source = Literal["relay", "names", "none"]
 

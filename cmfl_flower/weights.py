@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from cmfl_flower.aliases import Arrays
 
 
 def weights_problem(arrays: Arrays, expected: Arrays, exact_dtype: bool = True) -> str | None:

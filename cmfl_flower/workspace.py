@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from cmfl_flower.aliases import Arrays as Arrays  # re-exported: plug-ins import them here
+from cmfl_flower.aliases import Metrics as Metrics
 from cmfl_flower.config import AppConfig
 
 if TYPE_CHECKING:
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from cmfl_flower.encoder import LoraState
     from cmfl_flower.tokens import TokenState
 
-Metrics = dict[str, Any]  # scalar values: int | float
-Arrays = dict[str, np.ndarray]
 Scalar = int | float | str | bool
 
 

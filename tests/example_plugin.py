@@ -8,10 +8,10 @@ peer that had the best local accuracy in the previous round.
 
 from __future__ import annotations
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.methods import Method
 from cmfl_flower.methods.relay import CmflRelay, relay_round
 from cmfl_flower.wire import relay_arrays
-from cmfl_flower.workspace import Arrays, Metrics
 
 
 class BestPeerRelay(CmflRelay):

@@ -36,7 +36,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from tests.flower_procs import (
+from benchmarks.flower_procs import (
     SuperLink,
     SuperNodeProcess,
     deployment_superlink,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flower_procs import flwr, run_status, simulation_superlink
+from benchmarks.flower_procs import flwr, run_status, simulation_superlink
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e

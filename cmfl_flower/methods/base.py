@@ -38,8 +38,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.config import AppConfig
-from cmfl_flower.workspace import Arrays, ClientRoutine, ClientTask, Metrics, RoundOutput
+from cmfl_flower.workspace import ClientRoutine, ClientTask, RoundOutput
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: token vectors or weights, per method
 CONFIG_KEY = "config"  # ConfigRecord: ROUND_KEY, RUN_NAME_KEY and what a strategy adds

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.client_round import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import load_partition
@@ -40,7 +41,7 @@ from cmfl_flower.diffusion import (
     round_lr,
 )
 from cmfl_flower.methods.base import Method
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput, client_seed
+from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput, client_seed
 
 if TYPE_CHECKING:  # the server's side, which clients do not import
     from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind

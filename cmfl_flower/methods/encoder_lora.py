@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import resolve_device, resolve_preset
 from cmfl_flower.client_round import base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
@@ -24,7 +25,7 @@ from cmfl_flower.data import LabeledImages, load_source, opaque_names
 from cmfl_flower.encoder import ClipEncoder, LoraSpec, accuracy, load_encoder, train_encoder
 from cmfl_flower.methods.base import Method
 from cmfl_flower.tokens import TextSide
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
+from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 
 def _encoder(cfg: AppConfig) -> ClipEncoder:

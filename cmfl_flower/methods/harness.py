@@ -43,6 +43,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from cmfl_flower.aliases import Arrays, Row
 from cmfl_flower.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import action, resolve_method
@@ -62,9 +63,8 @@ from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY, build_strategy
 from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 from cmfl_flower.privacy import round_report
 from cmfl_flower.report import accepted_share, round_line
-from cmfl_flower.results import Row, RunRecorder
+from cmfl_flower.results import RunRecorder
 from cmfl_flower.weights import weights_problem
-from cmfl_flower.workspace import Arrays
 
 SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
 # reported as sums; screened-out and dropped: received sets and entries a client left out

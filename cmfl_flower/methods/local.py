@@ -13,11 +13,12 @@ baselines import :mod:`cmfl_flower.token_round` (and with it diffusers) when the
 
 from __future__ import annotations
 
+from cmfl_flower.aliases import Arrays
 from cmfl_flower.client_round import base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import train_encoder
 from cmfl_flower.methods.base import Method, RoundStrategy
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, RoundOutput
+from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 
 class CollectMetrics(RoundStrategy):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
@@ -39,7 +40,7 @@ from cmfl_flower.wire import (
     parse_reply,
     relay_arrays,
 )
-from cmfl_flower.workspace import Arrays, ClientState, ClientTask, Metrics, RoundOutput
+from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
 _VOTE = re.compile(r"^(judged|rejected)-s(\d+)$")  # a receiver's screening report on one sender

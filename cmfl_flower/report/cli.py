@@ -6,8 +6,8 @@ import argparse
 import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
+from cmfl_flower.aliases import Row
 from cmfl_flower.report.page import (
     RECOGNISED,
     STYLE,
@@ -19,9 +19,6 @@ from cmfl_flower.report.page import (
     load_run,
     png_bytes,
 )
-
-Row = dict[str, Any]
-
 
 # ----- cmfl-report ------------------------------------------------------------------------
 COMPARE_COLUMNS = (

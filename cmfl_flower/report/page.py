@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from cmfl_flower.aliases import Row
 from cmfl_flower.paths import (
     ACCURACY_PNG,
     CLIENT_ROWS,
@@ -40,8 +41,6 @@ from cmfl_flower.paths import (
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-
-Row = dict[str, Any]
 
 
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -18,9 +17,6 @@ from cmfl_flower.paths import (
     LABELS_FILE,
     grid_name,
 )
-
-Row = dict[str, Any]
-
 
 CELL = 96  # pixels of one image in a sample grid
 PAD = 4  # pixels between grid cells

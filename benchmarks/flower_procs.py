@@ -37,6 +37,7 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -44,6 +45,8 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class SuperLink:
+    """A running SuperLink: where it listens and how `flwr` reaches it."""
+
     address: str  # host:port of the SuperLink's HTTP API (Control, Fleet and runtime)
     env: dict[str, str]  # environment for `flwr` commands against this SuperLink
     connection: str  # name of the SuperLink connection in FLWR_HOME/config.toml
@@ -51,6 +54,7 @@ class SuperLink:
 
 
 def flower_env(home: Path) -> dict[str, str]:
+    """The environment of a Flower process with its own ``FLWR_HOME`` ``home``."""
     return {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -181,6 +185,8 @@ def wait_finished(link: SuperLink, run_id: int, timeout: float) -> str:
 
 @dataclass(frozen=True)
 class TlsFiles:
+    """The certificates of a TLS deployment."""
+
     ca_cert: Path  # PEM CA certificate: SuperNodes and `flwr` verify the SuperLink with it
     server_cert: Path  # PEM server certificate of the SuperLink, signed by the CA
     server_key: Path
@@ -290,6 +296,8 @@ def deployment_superlink(
 
 @dataclass(frozen=True)
 class SuperNodeProcess:
+    """A started SuperNode and its log file."""
+
     process: subprocess.Popen[bytes]
     log: Path
 
@@ -339,6 +347,8 @@ def supernode(
 
 @dataclass(frozen=True)
 class NetnsLan:
+    """Network namespaces joined by a bridge: one per node."""
+
     hub: str  # address of the host end (a bridge): the SuperLink listens here
     nodes: tuple[tuple[str, str], ...]  # (namespace, address) of every node
 
