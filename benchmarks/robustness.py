@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     record = {
         "command": "python -m benchmarks.robustness "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": code,
         "threads": args.threads,
         "settings": SETTINGS[args.setting],
