@@ -96,7 +96,8 @@ def judge(cfg: AppConfig, run_dir: Path, clients: int, after: int, receiver: int
     scale = float(ws.encoder.bundle.model.logit_scale.exp())
     features = judge_features(ws, generated)
     images = image_evidence(ws, generated, features, names, scale)
-    tokens = token_evidence(ws, bank, knowledge.entries, names, scale)
+    past = {int(key[1:]): feature for key, feature in (state.screening or {}).items()}
+    tokens = token_evidence(ws, bank, knowledge.entries, names, scale, past)
     return [
         *(judge_sets(images, cfg.screening, 0.0) if images else []),
         *(judge_sets(tokens, cfg.screening, 0.0, TOKEN) if tokens else []),

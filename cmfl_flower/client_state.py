@@ -8,8 +8,10 @@ run directory on its own node (where its pictures go, :func:`cmfl_flower.paths.c
 
 ``<output root>`` is the node's ``output.dir`` (as for run directories) and ``<run name>`` the
 resolved ``output.run-name`` the server sends with every message. Each file holds the state
-*after* round ``r`` (``lora/<key>``, ``tokens/<key>`` and ``optimizer/<key>`` tensors, the
-last a diffusion client's AdamW state), written to a temporary file and renamed into place.
+*after* round ``r`` (``lora/<key>``, ``tokens/<key>``, ``optimizer/<key>`` and
+``screening/<key>`` tensors: a diffusion client's AdamW state, and the text features of the
+relayed sets a receiver accepted, its screening history), written to a temporary file and
+renamed into place.
 Every node writes only its own ``node-<id>`` folder, so two SuperNodes on one host started
 with the same partition id never overwrite each other's state (the server refuses the second
 one's replies). Round ``r`` starts from the newest file of a
@@ -33,7 +35,7 @@ from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.results import output_root
 from cmfl_flower.workspace import ClientRoutine, ClientState, ClientTask, RoundOutput
 
-FIELDS = ("lora", "tokens", "optimizer")
+FIELDS = ("lora", "tokens", "optimizer", "screening")
 NODE_PREFIX = "node-"
 KEEP_ROUNDS = 2
 _FILE = re.compile(r"^round-(\d+)\.safetensors$")

@@ -22,7 +22,12 @@ scores the set, and the lowest score counts:
   sets received for it, for the claimed class only from other senders (a sender cannot vouch
   for itself).
 * ``names``: class names mean something (``data.class-names = real``): the pretrained CLIP's
-  text features of the class-name prompts, for every class.
+  text features of the class-name prompts, for every class. In the token space each class has
+  a second reference, its *history*: the mean text feature of the sets of the class this
+  receiver accepted in the last round it accepted any (:func:`history`), kept in its state. A
+  class's similarity is the nearer of its two references, so honest vectors that drift away
+  from their name over the run stay near what they were a round before, while vectors sent
+  under another class's id sit near that class's name and history.
 * ``consensus``: opaque names and a class the receiver lacks, sent by at least
   ``screening.consensus-senders`` senders: the ``own`` judge's prototypes, where the claimed
   class's comes from the other senders only, so an outlier sender stands out.
@@ -71,7 +76,7 @@ class Evidence:
     labels: np.ndarray  # (N,) int64 the class each image was generated for (or set claims)
     senders: np.ndarray  # (N,) int64 the sender of the vectors it came from
     own: dict[int, torch.Tensor]  # class id -> (E,) the receiver's own prototype of the class
-    names: torch.Tensor | None  # (C, E) class-name text features; None: names are opaque
+    names: torch.Tensor | None  # (C, E) class-name features, or (R, C, E) R references each
     scale: float  # the CLIP's logit scale
 
 
@@ -139,9 +144,42 @@ def combine(*judgements: list[Verdict]) -> list[Verdict]:
     return out
 
 
+def references(names: torch.Tensor, history: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(2, C, E): each class's name feature (C, E) and its history, the name where it has none."""
+    past = names.clone()
+    for class_id, feature in history.items():
+        past[class_id] = feature.to(past)
+    return torch.stack([names, past])
+
+
+def history(
+    evidence: Evidence, verdicts: list[Verdict], before: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Class id -> (E,) the unit mean of the accepted sets' features of the class this round.
+
+    ``evidence``: the token evidence the ``verdicts`` judged. Classes with no accepted set this
+    round keep their feature from ``before``.
+    """
+    accepted = {(v.sender, v.class_id) for v in verdicts if v.accepted}
+    pairs = zip(evidence.senders.tolist(), evidence.labels.tolist(), strict=True)
+    keep = torch.tensor([pair in accepted for pair in pairs], dtype=torch.bool)
+    out = dict(before)
+    for class_id in np.unique(evidence.labels[keep.numpy()]):
+        members = keep & torch.from_numpy(evidence.labels == class_id)
+        mean = evidence.features[members.to(evidence.features.device)].mean(0)  # (E,)
+        out[int(class_id)] = torch.nn.functional.normalize(mean, dim=0).cpu()
+    return out
+
+
 def _probabilities(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
-    """(K,) the judge's class probabilities averaged over ``features`` (n, E)."""
-    return torch.softmax(scale * features @ prototypes.T, dim=1).mean(0)
+    """(K,) the judge's class probabilities averaged over ``features`` (n, E).
+
+    ``prototypes``: (K, E), or (R, K, E) R references per class, of which the nearest counts.
+    """
+    similarities = features @ prototypes.transpose(-1, -2)  # (n, K) or (R, n, K)
+    if similarities.dim() == 3:
+        similarities = similarities.amax(0)  # (n, K)
+    return torch.softmax(scale * similarities, dim=1).mean(0)
 
 
 def _score(
@@ -151,7 +189,9 @@ def _score(
     scale: float,
     prior: torch.Tensor | None = None,
 ) -> float:
-    """Mean probability of row ``target`` of ``prototypes`` (K, E) over the most probable's.
+    """Mean probability of class ``target`` over the most probable's.
+
+    ``prototypes``: (K, E), or (R, K, E) R references per class (:func:`_probabilities`).
 
     ``prior``: (K,) the judge's mean probabilities over every image it judges this round; the
     probabilities are divided by it first, so that a judge's bias towards some classes does

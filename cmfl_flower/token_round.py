@@ -34,13 +34,16 @@ from cmfl_flower.screening import (
     Evidence,
     Verdict,
     combine,
+    history,
     judge_sets,
+    references,
     screening_metrics,
     unscreened,
 )
 from cmfl_flower.tokens import (
     ClassTokenBank,
     TokenObjective,
+    TokenState,
     class_vectors,
     image_features,
     token_drift,
@@ -236,12 +239,15 @@ def screen(
     features: torch.Tensor,
     bank: ClassTokenBank,
     entries: list[TokenEntry],
-) -> list[Verdict]:
+    past: TokenState,
+) -> tuple[list[Verdict], TokenState]:
     """Verdicts on every received (sender, class) set (:mod:`cmfl_flower.screening`).
 
     Its images (``generated``, with their :func:`judge_features` ``features``) and its vectors
     (labelled ``entries``) are judged apart; a set either rejects is left out. ``bank``: the
-    receiver's own vectors, the token judges' ``own`` prototypes.
+    receiver's own vectors, the token judges' ``own`` prototypes. ``past``: the token name
+    judge's history (``c<id>`` -> (E,), :func:`cmfl_flower.screening.history`); returned
+    updated with this round's accepted sets.
     """
     cfg = ws.cfg.screening
     names = None
@@ -249,12 +255,13 @@ def screen(
         if ws.cfg.data.class_names == "real":
             names = ws.name_features()  # (C, E)
     scale = float(ws.encoder.bundle.model.logit_scale.exp())
+    before = {int(key[1:]): feature for key, feature in past.items()}
     images = image_evidence(ws, generated, features, names, scale)
-    tokens = token_evidence(ws, bank, entries, names, scale)
-    return combine(
-        judge_sets(images, cfg, cfg.min_score) if images else [],
-        judge_sets(tokens, cfg, cfg.min_token_score, TOKEN) if tokens else [],
-    )
+    tokens = token_evidence(ws, bank, entries, names, scale, before)
+    token_verdicts = judge_sets(tokens, cfg, cfg.min_token_score, TOKEN) if tokens else []
+    verdicts = combine(judge_sets(images, cfg, cfg.min_score) if images else [], token_verdicts)
+    after = history(tokens, verdicts, before) if tokens else before
+    return verdicts, {f"c{c}": feature for c, feature in sorted(after.items())}
 
 
 def image_evidence(
@@ -283,11 +290,13 @@ def token_evidence(
     entries: list[TokenEntry],
     names: torch.Tensor | None,
     scale: float,
+    past: dict[int, torch.Tensor] | None = None,
 ) -> Evidence | None:
     """The token judges' evidence: one text feature per labelled received entry.
 
-    ``own``: the text features of the client's own vectors. Unlabelled entries are not judged
-    here: their class is the one their vectors are nearest to.
+    ``own``: the text features of the client's own vectors; ``names`` (C, E) gains each
+    class's ``past`` feature as a second reference (:func:`cmfl_flower.screening.references`).
+    Unlabelled entries are not judged here: their class is the one their vectors are nearest to.
     """
     labelled = [e for e in entries if e.class_id is not None]
     if not labelled:
@@ -304,7 +313,7 @@ def token_evidence(
         labels=np.array([e.class_id for e in labelled], np.int64),
         senders=np.array([e.sender for e in labelled], np.int64),
         own=own,
-        names=names,
+        names=references(names, past or {}) if names is not None else None,
         scale=scale,
     )
 
@@ -400,9 +409,10 @@ def token_round(
         generated = _generate(ws, knowledge.requests)
     judged = judge_features(ws, generated) if len(generated.labels) else torch.zeros(0)
     verdicts = unscreened(generated.labels, generated.senders)
+    past = state.screening or {}
     if source == "relay" and cfg.screening.enabled:
         with ws.phase("screening"):
-            verdicts = screen(ws, generated, judged, bank, knowledge.entries)
+            verdicts, past = screen(ws, generated, judged, bank, knowledge.entries, past)
         knowledge = knowledge.without(verdicts, ws)
     kept = _kept(generated, verdicts)  # (N,) bool
     ws.save_artifacts(generated, screened=~kept)
@@ -429,7 +439,7 @@ def token_round(
         "encoder-loss": encoder_loss,
     }
     tokens = bank.state()
-    new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens)
+    new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens, screening=past or None)
     sent: Arrays = {}
     if source == "relay":
         own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}

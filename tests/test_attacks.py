@@ -90,3 +90,11 @@ def test_a_receiver_drops_unusable_entries_by_name_and_keeps_the_rest(relayed_ro
     assert dropped == {"dropped-norm": 1, "dropped-non-finite": 1, "dropped-class-id": 1}
     assert metrics["dropped"] == 3
     assert np.isfinite(metrics["global-acc"])
+
+
+def test_a_receiver_keeps_what_it_accepted_as_the_next_rounds_screening_history(relayed_round):
+    history, metrics = relayed_round.state.screening or {}, relayed_round.metrics
+    kept = {f"c{c}" for sender, c in ((1, 3), (2, 6)) if metrics[f"kept-s{sender}"]}
+    assert kept and set(history) == kept  # the accepted sets' classes, nothing dropped
+    for feature in history.values():
+        assert feature.dim() == 1 and feature.norm().item() == pytest.approx(1.0, abs=1e-5)

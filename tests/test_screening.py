@@ -16,7 +16,9 @@ from cmfl_flower.screening import (
     Evidence,
     Verdict,
     combine,
+    history,
     judge_sets,
+    references,
     screening_metrics,
     unscreened,
 )
@@ -132,6 +134,48 @@ def test_noise_vectors_with_honest_looking_images_are_caught_by_the_token_judge(
     verdicts = judge_sets(tokens, CFG, CFG.min_token_score, TOKEN)
     assert [v.accepted for v in verdicts] == [True, True, False, True]
     assert verdicts[2].judge == TOKEN + NAMES
+
+
+def _drifted_tokens():
+    """Sender 1's "2" has drifted from class 2's name (axis 2) nearer to class 4's (axis 4)."""
+    drifted = torch.nn.functional.normalize(torch.eye(E)[2] + 2.0 * torch.eye(E)[4], dim=0)
+    features = torch.stack([drifted, drifted, torch.eye(E)[3]])  # (3, E): 1's "2", 2's "2" (a flip)
+    return features, np.array([2, 2, 2]), np.array([1, 2, 3])
+
+
+def test_the_token_name_judge_follows_honest_drift_through_the_receivers_history():
+    features, _, _ = _drifted_tokens()
+    names = torch.eye(E)  # a perfect name judge, as above
+    past = {2: torch.nn.functional.normalize(0.9 * features[0] + 0.1 * names[2], dim=0)}
+    # sender 1's drifted "2", sender 3's class-3 vectors sent as "2", sender 9's honest sets of
+    # every class (so that the judge's per-class mean probabilities are even)
+    received = torch.cat([features[[0, 2]], names])  # (2 + E, E)
+    labels, senders = np.array([2, 2, *range(E)]), np.array([1, 3, *[9] * E])
+
+    def judged(references_):
+        evidence = Evidence(received, labels, senders, {}, references_, SCALE)
+        return {(v.sender, v.class_id): v for v in judge_sets(evidence, CFG, 0.3, TOKEN)}
+
+    without, with_history = judged(names), judged(references(names, past))
+    assert not without[(1, 2)].accepted  # names alone: the drifted honest set is screened out
+    assert with_history[(1, 2)].accepted and with_history[(1, 2)].score == pytest.approx(1.0)
+    assert not without[(3, 2)].accepted and not with_history[(3, 2)].accepted  # the flip: out
+    assert all(with_history[(9, c)].accepted for c in range(E))
+
+
+def test_history_is_the_unit_mean_of_the_accepted_sets_and_keeps_older_classes():
+    features, labels, senders = _drifted_tokens()
+    evidence = Evidence(features, labels, senders, {}, torch.eye(E), SCALE)
+    verdicts = [
+        Verdict(1, 2, TOKEN + NAMES, 1.0, True),
+        Verdict(2, 2, TOKEN + NAMES, 0.9, True),
+        Verdict(3, 2, TOKEN + NAMES, 0.0, False),  # left out: never part of the history
+    ]
+    before = {5: torch.eye(E)[5]}
+    after = history(evidence, verdicts, before)
+    assert set(after) == {2, 5} and torch.equal(after[5], before[5])
+    assert torch.allclose(after[2], features[0]) and after[2].norm() == pytest.approx(1.0)
+    assert references(torch.eye(E), after).shape == (2, E, E)
 
 
 # ----- the server's quarantine -------------------------------------------------------------
