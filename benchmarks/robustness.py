@@ -16,7 +16,10 @@ A hostile client runs the honest client routine and then changes its reply (:dat
 * ``targeted-flip``: its first class's vectors sent under the next class's id, the rest honest;
 * ``huge-norm``: its vectors times 1e30 (finite in float32);
 * ``noise``: random vectors with the honest vectors' per-token norms (within the norm bound);
-* ``claimed-partition``: its replies claim honest partition 0's id.
+* ``claimed-partition``: its replies claim honest partition 0's id;
+* ``silent``: it sends no vectors at all. Not an attack but its ceiling: what the honest
+  clients keep when the hostile clients' lies cost nothing beyond the knowledge only they hold,
+  the best any defence can do.
 
 The hostile clients are the last ``k`` partitions. Each attack runs with the defences off
 (``screening.enabled = false``, no quarantine, no norm bound: the relay before them) and on
@@ -121,10 +124,12 @@ def attack(name: str, num_classes: int) -> Callable[[Arrays], Arrays]:
         return _noise
     if name == "claimed-partition":
         return lambda a: a
+    if name == "silent":
+        return lambda a: {}
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
 
 
-ATTACKS = ("label-flip", "targeted-flip", "huge-norm", "noise", "claimed-partition")
+ATTACKS = ("label-flip", "targeted-flip", "huge-norm", "noise", "claimed-partition", "silent")
 
 
 def hostile_app(name: str, num_classes: int) -> Callable[[Message, Context], Message]:

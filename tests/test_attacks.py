@@ -69,6 +69,13 @@ def test_noise_vectors_are_screened_out(tmp_path):
     assert all(_total(honest, f"rejected-s{s}") == 0 for s in range(HOSTILE))
 
 
+def test_a_silent_client_is_the_ceiling_reference_nothing_of_it_reaches_anyone(tmp_path):
+    honest, rounds = _federation(tmp_path, "silent", **DEFENCES_OFF)
+    assert _total(honest, f"kept-s{HOSTILE}") == 0 and _total(honest, "dropped") == 0
+    assert _total(honest, "num-received-classes") > 0  # the honest ones still relay
+    assert all(r["refused"] == 0 for r in rounds)
+
+
 @pytest.fixture(scope="module")
 def relayed_round(tmp_path_factory):
     """A receiver's round on a relay message with unusable entries among usable ones."""
