@@ -157,6 +157,7 @@ def pooled(cfg: AppConfig, zero_shot: bool) -> dict[str, Any]:
     ws = open_workspace(cfg, ClientTask(0, CLIENTS, 1), None)
     text = ws.name_features()
     glob, batch = ws.global_test, cfg.encoder.eval_batch_size
+    assert glob is not None  # a prepared dataset always has its global test set
     val = None
     if not zero_shot:
         parts = [_client_train(cfg, pid) for pid in range(CLIENTS)]

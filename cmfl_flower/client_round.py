@@ -33,6 +33,7 @@ from cmfl_flower.data import (
     load_partition,
     opaque_names,
 )
+from cmfl_flower.data.sites import load_eval_folder, load_site
 from cmfl_flower.encoder import (
     ClipEncoder,
     LoraSpec,
@@ -43,7 +44,7 @@ from cmfl_flower.encoder import (
 )
 from cmfl_flower.paths import client_dir
 from cmfl_flower.progress import Progress
-from cmfl_flower.report import write_label_counts, write_sample_grid
+from cmfl_flower.report import SITE_CLASS, write_label_counts, write_sample_grid
 from cmfl_flower.results import output_root
 from cmfl_flower.tokens import TextSide
 from cmfl_flower.workspace import ClientTask, client_seed
@@ -52,10 +53,44 @@ if TYPE_CHECKING:
     from cmfl_flower.generation import GeneratedImages
 
 
+def data_root(cfg: DataConfig) -> Path:
+    """``data.dir``, else the default data root."""
+    return Path(cfg.dir).expanduser() if cfg.dir else default_data_root()
+
+
 def data_dir(cfg: DataConfig, num_partitions: int) -> Path:
     """The prepared partition directory (prepared on first use for the offline default)."""
-    root = Path(cfg.dir).expanduser() if cfg.dir else default_data_root()
-    return ensure_partitions(PartitionSpec.from_settings(cfg, num_partitions), root)
+    return ensure_partitions(PartitionSpec.from_settings(cfg, num_partitions), data_root(cfg))
+
+
+def client_data(cfg: DataConfig, task: ClientTask) -> tuple[ClientData, LabeledImages | None]:
+    """The client's train and test splits, and the set ``global-acc`` is measured on.
+
+    A site's own folder (node config ``data-path``, class ids from ``data.classes``), else its
+    prepared partition. The global set: the node's ``eval-path`` folder if given, else the
+    prepared dataset's global test set; a site without ``eval-path`` has none (None).
+    """
+    classes = cfg.class_list
+    if task.data_path and not classes:
+        raise ValueError(
+            "node config data-path needs the run config's data.classes: the federation's "
+            "class names in order, e.g. --run-config \"data.classes='cat,dog,bird'\""
+        )
+    evaluation = None
+    if task.eval_path:
+        if not classes:
+            raise ValueError("node config eval-path needs the run config's data.classes")
+        evaluation = load_eval_folder(Path(task.eval_path), classes, cfg.image_size, data_root(cfg))
+    if task.data_path:
+        return load_site(Path(task.data_path), classes, cfg.image_size, data_root(cfg)), evaluation
+    directory = data_dir(cfg, task.num_partitions)
+    data = load_partition(directory, task.partition_id)
+    if classes and classes != data.train.class_names:
+        raise ValueError(
+            f"data.classes ({', '.join(classes)}) differs from the classes of {cfg.dataset!r} "
+            f"({', '.join(data.train.class_names)}): leave it empty or give those"
+        )
+    return data, evaluation if evaluation is not None else _global_test(directory)
 
 
 @cache
@@ -65,7 +100,7 @@ def _global_test(directory: Path) -> LabeledImages:
 
 
 def _split_validation(
-    cfg: DataConfig, directory: Path, task: ClientTask, data: ClientData
+    cfg: DataConfig, task: ClientTask, data: ClientData
 ) -> tuple[ClientData, LabeledImages | None]:
     """The client's data without its held-out split, and the split ``val-acc`` measures."""
     if cfg.validation_fraction == 0:
@@ -74,6 +109,12 @@ def _split_validation(
     data = replace(data, train=train)
     if cfg.validation_scope == "own":
         return data, own
+    if task.data_path:
+        raise ValueError(
+            "data.validation-scope = 'pooled' reads every partition: a site with its own "
+            "folder (data-path) can only use 'own'"
+        )
+    directory = data_dir(cfg, task.num_partitions)
     return data, _pooled_validation(directory, cfg, task.num_partitions)
 
 
@@ -102,7 +143,7 @@ class Workspace:
     cfg: AppConfig
     task: ClientTask
     data: ClientData
-    global_test: LabeledImages
+    global_test: LabeledImages | None  # None: a site without an evaluation folder
     encoder: ClipEncoder
     text: TextSide
     validation: LabeledImages | None = None  # held out of the training images
@@ -111,8 +152,13 @@ class Workspace:
     @property
     def class_names(self) -> tuple[str, ...]:
         """Names the client knows the classes by, index = label id (``data.class-names``)."""
-        real = self.global_test.class_names
+        real = self.real_class_names
         return opaque_names(len(real)) if self.cfg.data.class_names == "opaque" else real
+
+    @property
+    def real_class_names(self) -> tuple[str, ...]:
+        """The classes' real names (the dataset's, or ``data.classes``), index = label id."""
+        return self.data.train.class_names
 
     @property
     def seed(self) -> int:
@@ -190,19 +236,17 @@ class Workspace:
 
 def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> Workspace:
     """Load the client's data and activate its adapter on the process-wide encoder."""
-    directory = data_dir(cfg.data, task.num_partitions)
+    data, global_test = client_data(cfg.data, task)  # before the encoder: data errors first
     device = resolve_device(cfg.backbone.device)
     spec = LoraSpec.from_config(cfg.encoder)
     encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
     encoder.load_lora_state(lora if lora is not None else encoder.init_state)
-    data, validation = _split_validation(
-        cfg.data, directory, task, load_partition(directory, task.partition_id)
-    )
+    data, validation = _split_validation(cfg.data, task, data)
     return Workspace(
         cfg=cfg,
         task=task,
         data=data,
-        global_test=_global_test(directory),
+        global_test=global_test,
         encoder=encoder,
         text=TextSide.build(encoder.bundle, cfg.tokens.template),
         validation=validation,
@@ -216,8 +260,11 @@ def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
     with ws.phase("eval"):
         metrics = {
             "local-acc": accuracy(ws.encoder, test.images, test.labels, text_features, batch),
-            "global-acc": accuracy(ws.encoder, glob.images, glob.labels, text_features, batch),
         }
+        if glob is not None:
+            metrics["global-acc"] = accuracy(
+                ws.encoder, glob.images, glob.labels, text_features, batch
+            )
         if ws.validation is not None and len(ws.validation):
             val = ws.validation
             metrics["val-acc"] = accuracy(ws.encoder, val.images, val.labels, text_features, batch)
@@ -225,9 +272,13 @@ def evaluate(ws: Workspace, text_features: torch.Tensor) -> Metrics:
 
 
 def base_metrics(ws: Workspace) -> Metrics:
-    """Who replied and how much data it holds."""
-    return {
+    """Who replied and how much data it holds (a site: ``site-class-<id>`` training images)."""
+    metrics: Metrics = {
         "partition-id": ws.task.partition_id,
         "num-train": len(ws.data.train),
         "num-test": len(ws.data.test),
     }
+    if ws.task.data_path:  # a site's own folder: which classes it holds, for the report
+        counts = np.bincount(ws.data.train.labels, minlength=len(ws.real_class_names))
+        metrics |= {f"{SITE_CLASS}{c}": int(n) for c, n in enumerate(counts)}  # equal key sets
+    return metrics

@@ -105,7 +105,28 @@ class DataConfig(_Section):
         "partition; it tunes for the global metric without the test sets).",
     )
 
+    classes: str = Field(
+        "",
+        description="The federation's class list: names separated by commas, in order (index = "
+        "class id), so that ids agree across sites. Needed when a SuperNode brings its own "
+        "image folder (node config `data-path`), whose class sub-folders are named from it; "
+        "sets the class count the server checks relayed ids against. Empty = the dataset's "
+        "own classes.",
+    )
+
     _check_dir = field_validator("dir")(_absolute_or_empty)
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, text: str) -> str:
+        if text:
+            class_list(text)
+        return text
+
+    @property
+    def class_list(self) -> tuple[str, ...]:
+        """``data.classes`` as a tuple of names (empty: the dataset's own)."""
+        return class_list(self.classes) if self.classes else ()
 
     @model_validator(mode="after")
     def _pooled_needs_a_split(self) -> DataConfig:
@@ -115,6 +136,18 @@ class DataConfig(_Section):
                 "(there is no validation split to pool)"
             )
         return self
+
+
+def class_list(text: str) -> tuple[str, ...]:
+    """``"cat, dog"`` -> ``("cat", "dog")``; refuses empty, repeated and path-like names."""
+    names = tuple(name.strip() for name in text.split(","))
+    if any(not name for name in names):
+        raise ValueError(f"data.classes {text!r}: give class names separated by commas")
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"data.classes names {repeated} more than once")
+    if bad := [n for n in names if "/" in n or n.startswith(".")]:
+        raise ValueError(f"data.classes {bad}: a class name is a folder name (no '/', no '.')")
+    return names
 
 
 class BackboneConfig(_Section):

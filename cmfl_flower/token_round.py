@@ -228,7 +228,7 @@ def generated_recognised(
     if not len(generated.labels):
         return {}
     with ws.encoder.pretrained(), torch.no_grad():
-        names = ws.name_features(ws.global_test.class_names)  # (C, E) the real names, always
+        names = ws.name_features(ws.real_class_names)  # (C, E) the real names, always
     predicted = (features @ names.T).argmax(dim=1).cpu().numpy()  # (N,)
     return {"generated-recognised": float((predicted == generated.labels).mean())}
 

@@ -34,6 +34,8 @@ class ClientTask:
     num_partitions: int
     server_round: int
     server_config: Mapping[str, Scalar] = field(default_factory=dict)  # e.g. Flower's proximal-mu
+    data_path: str = ""  # node config data-path: the site's own image folder ("" = a partition)
+    eval_path: str = ""  # node config eval-path: the folder global-acc is measured on
 
 
 @dataclass
@@ -73,12 +75,20 @@ def client_task(
         num_partitions=_as_int("num-partitions", node_config["num-partitions"]),
         server_round=_as_int("server-round", server_round),
         server_config=dict(server_config),
+        data_path=_as_str("data-path", node_config.get("data-path", "")),
+        eval_path=_as_str("eval-path", node_config.get("eval-path", "")),
     )
     if not 0 <= task.partition_id < task.num_partitions:
         raise ValueError(
             f"partition-id = {task.partition_id} is outside 0..{task.num_partitions - 1}"
         )
     return task
+
+
+def _as_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"node config {key} must be a path in quotes, got {value!r}")
+    return value
 
 
 def _as_int(key: str, value: Any) -> int:

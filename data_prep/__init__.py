@@ -21,6 +21,13 @@ into place, so a directory is either complete or absent:
   split ``test_fraction`` (default 25 %) into its test set, stratified where possible.
 - ``global_test.npz``: the dataset's official test split, same arrays.
 - ``label_distribution.png``: stacked bars of train samples per client, coloured by class.
+
+``cmfl-data-prep --site /srv/images --classes "cat,dog,bird"`` instead checks one site's own
+image folder (a SuperNode's ``data-path``, :mod:`cmfl_flower.data.sites`): its class
+sub-folders must be named from the list, which fixes the class ids for the whole federation. It
+prints the classes the site holds and reads the images into the cache under the data root
+(``--output``, else the default root: the SuperNode's ``data.dir``), so the first round does
+not decode them.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from cmfl_flower.config import DataConfig
+from cmfl_flower.config import DataConfig, class_list
 from cmfl_flower.data import PartitionSpec, default_data_root, prepare_partitions
 from cmfl_flower.data.partition import SETTINGS
+from cmfl_flower.data.sites import SITES_DIR, describe, load_site
 from cmfl_flower.data.store import PLOT, SUMMARY
 
 
@@ -56,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{info.description} (run config: data.{name.replace('_', '-')})",
         )
     parser.add_argument("--num-partitions", type=int, default=20, help="clients (default 20)")
+    parser.add_argument(
+        "--site",
+        type=Path,
+        default=None,
+        help="check one site's own image folder (node config data-path) against --classes, "
+        "print the classes it holds and read it into the cache its SuperNode will use, instead "
+        "of partitioning a dataset",
+    )
+    parser.add_argument(
+        "--classes",
+        default="",
+        help="with --site: the federation's class list, names separated by commas "
+        "(run config: data.classes)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="default: data root / slug")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
@@ -65,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Prepare the partitions and print where they are; exit code 2 on bad arguments."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.site is not None:
+        return _site(parser, args)
     try:
         spec = PartitionSpec.from_settings(args, args.num_partitions)
         output = (args.output or default_data_root() / spec.slug()).expanduser().resolve()
@@ -74,6 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"output: {output}")
     print(_table(output))
     print(f"label distribution: {output / PLOT}")
+    return 0
+
+
+def _site(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Check a site's folder, fill its cache, print its classes; exit code 2 on a bad folder."""
+    root = (args.output or default_data_root()).expanduser().resolve()
+    try:
+        classes = class_list(args.classes) if args.classes else ()
+        if not classes:
+            raise ValueError("--site needs --classes: the federation's class names, in order")
+        data = load_site(args.site, classes, args.image_size, root)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"site: {args.site} ({len(data.train)} training, {len(data.test)} test images)")
+    print(describe(data))
+    print(f"cached under: {root / SITES_DIR}")
     return 0
 
 

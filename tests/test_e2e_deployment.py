@@ -37,6 +37,7 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
 from benchmarks.flower_procs import (
+    BIN,
     SuperLink,
     SuperNodeProcess,
     deployment_superlink,
@@ -52,6 +53,8 @@ from benchmarks.flower_procs import (
     supernode,
     wait_finished,
 )
+from cmfl_flower.data.sources import DIGIT_NAMES
+from tests.site_folders import SITES, held_classes, report_lists, write_site
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -256,6 +259,65 @@ def _start_late_node(
 
 def _failed(row: dict[str, Any]) -> bool:
     return "error" in row or "refused" in row
+
+
+def _guide_commands(title: str) -> list[str]:
+    """The shell commands of the deployment guide's section ``title``, continuations joined."""
+    section = (ROOT / "docs" / "deployment.md").read_text().split(title, 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [" ".join(line.split()) for line in lines if line.strip()]
+
+
+def _option(command: str, name: str) -> str:
+    args = shlex.split(command)
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.e2e
+def test_deployment_of_three_sites_with_their_own_folders_as_the_guide_says(tmp_path):
+    """The guide's "three sites, three folders" steps, as written, on one host."""
+    prep, start_node, run = _guide_commands("### Three sites, three folders")
+    local = {
+        "/srv/cmfl/eval": str(write_site(tmp_path / "eval", dict.fromkeys(DIGIT_NAMES, 2), 100)),
+        "/srv/cmfl/data": str(tmp_path / "data"),
+        "/srv/cmfl/runs": str(tmp_path / "runs"),
+    }
+
+    def here(command: str, site: int) -> str:
+        for path, there in {"/srv/cmfl/images": str(tmp_path / f"images-{site}"), **local}.items():
+            command = command.replace(path, there)
+        return command.replace("partition-id=0", f"partition-id={site}")
+
+    for site, counts in enumerate(SITES):
+        write_site(tmp_path / f"images-{site}", counts, 20 * site)
+        args = shlex.split(here(prep, site))
+        checked = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+        assert all(f" {name} " in checked.stdout for name in counts), checked.stdout
+    sizing = (
+        "method='cmfl-relay' generation.steps=2 generation.images-per-class=1 tokens.epochs=1 "
+        "tokens.objective='clip' federation.wait-for-nodes=90 federation.rounds=2 "
+        "output.run-name='e2e'"
+    )
+    with ExitStack() as stack:
+        link = stack.enter_context(deployment_superlink(tmp_path))
+        for site in range(len(SITES)):
+            node_config = _option(here(start_node, site), "--node-config")
+            node = supernode(
+                tmp_path, f"site-{site}", link.address, node_config, port=free_port(),
+                extra_env=ONE_THREAD,
+            )  # fmt: skip
+            stack.enter_context(node)
+        run_config = f"{_option(here(run, 0), '--run-config')} {sizing}"
+        _wait_done(link, start_run(link, ROOT, run_config))
+    run_dir = tmp_path / "runs" / "e2e"
+    _assert_results(run_dir, list(range(len(SITES))), rounds=2)
+    for row in json.loads((run_dir / "clients.json").read_text()):
+        assert held_classes(row) == set(SITES[row["partition-id"]]), row  # ids agree
+    page = (run_dir / "report.html").read_text()
+    assert all(report_lists(page, counts) for counts in SITES)
 
 
 @pytest.mark.e2e

@@ -286,7 +286,7 @@ def _load_folder(path: str, split: str, image_size: int) -> LabeledImages:
     table = _imagefolder(root, split if has_splits else "train")
     names = tuple(table.features["label"].names)
     labels = np.asarray(table["label"], dtype=np.int64)  # (N,)
-    images = np.stack([_read_image(Path(item["path"]), image_size) for item in table["image"]])
+    images = np.stack([read_image(Path(item["path"]), image_size) for item in table["image"]])
     whole = LabeledImages(images, labels, names)
     if has_splits:
         return whole
@@ -333,7 +333,7 @@ def _check_subset(test: Path, train: Path) -> None:
         raise ValueError(f"class folders {unknown} in {str(test)!r} are not in {sorted(known)}")
 
 
-def _read_image(file: Path, side: int) -> npt.NDArray[np.uint8]:
+def read_image(file: Path, side: int) -> npt.NDArray[np.uint8]:
     """One image, centre-cropped and resized to ``side`` pixels, as (side, side, 3) uint8."""
     size = (side, side)
     try:

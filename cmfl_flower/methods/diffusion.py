@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmfl_flower.aliases import Arrays, Metrics
-from cmfl_flower.client_round import data_dir
+from cmfl_flower.client_round import client_data
 from cmfl_flower.config import AppConfig
-from cmfl_flower.data import load_partition
 from cmfl_flower.diffusion import (
     LocalData,
     LocalStep,
@@ -65,7 +64,7 @@ def publisher(cfg: AppConfig, run_dir: Path, lora: bool) -> DiffusionPublisher:
 
 def _diffusion_data(cfg: AppConfig, task: ClientTask) -> LocalData:
     """The client's training images (at most ``diffusion.images-per-client``), captioned."""
-    train = load_partition(data_dir(cfg.data, task.num_partitions), task.partition_id).train
+    train = client_data(cfg.data, task)[0].train
     keep = limit_images(
         len(train), cfg.diffusion.images_per_client, cfg.data.seed + task.partition_id
     )

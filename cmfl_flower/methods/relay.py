@@ -42,7 +42,7 @@ from cmfl_flower.wire import (
 )
 from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
-UNKNOWN_CLASS_COUNT = 2**31 - 1  # local folders: clients check ids against their own classes
+UNKNOWN = 2**31 - 1  # class count of a local folder without data.classes: clients check ids
 _VOTE = re.compile(r"^(judged|rejected)-s(\d+)$")  # a receiver's screening report on one sender
 
 
@@ -60,7 +60,7 @@ class CmflRelay(RoundStrategy):
         preset = resolve_preset(cfg.backbone)
         self.limits = WireLimits(
             token_dim=preset.token_dim,
-            num_classes=CLASS_COUNTS.get(cfg.data.dataset, UNKNOWN_CLASS_COUNT),
+            num_classes=len(cfg.data.class_list) or CLASS_COUNTS.get(cfg.data.dataset, UNKNOWN),
             max_tokens=cfg.tokens.max_tokens,
             max_bytes=cfg.tokens.max_bytes,
             max_norm=norm_bound(cfg, pretrained_token_norm(preset), preset.token_dim),

@@ -8,6 +8,7 @@ from cmfl_flower.report.cli import comparison_rows, comparison_table, main, writ
 from cmfl_flower.report.page import (
     RECOGNISED,
     RECOGNISED_TARGET,
+    SITE_CLASS,
     RunView,
     TensorBoardLog,
     accepted_share,
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_COLUMNS",
     "RECOGNISED",
     "RECOGNISED_TARGET",
+    "SITE_CLASS",
     "TITLE_HEIGHT",
     "RunView",
     "TensorBoardLog",

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
 SERVER_ACC = "server-global-acc"  # weight methods: the global weights scored by the server
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
+SITE_CLASS = "site-class-"  # reply metric: a site's training images of class <id>
 FD_METRICS = ("fd-clip", "fid-inception")  # the diffusion methods' scores of the global model
 _SERVER_GRID = re.compile(r"^round-(\d+)\.png$")  # the diffusion methods' samples/round-<k>.png
 
@@ -449,6 +450,44 @@ def write_labels(run_dir: Path) -> dict[int, Row]:
     return counts
 
 
+def site_classes(run: RunView) -> dict[int, dict[str, int]]:
+    """Per partition, the classes its site's own folder holds: name -> training images.
+
+    From the latest reply of each site with ``site-class-<id>`` metrics (sites that brought
+    their own folder, node config ``data-path``); names from ``data.classes``.
+    """
+    names = [n.strip() for n in str(run.run_config.get("data.classes", "")).split(",")]
+    found: dict[int, dict[str, int]] = {}
+    for row in sorted(run.clients, key=lambda r: r.get("round", 0)):
+        counts = {
+            int(k.removeprefix(SITE_CLASS)): int(v)
+            for k, v in row.items()
+            if k.startswith(SITE_CLASS)
+        }
+        if counts and "partition-id" in row:
+            found[int(row["partition-id"])] = {
+                names[c] if c < len(names) else str(c): n for c, n in sorted(counts.items()) if n
+            }
+    return dict(sorted(found.items()))
+
+
+def sites_section(run: RunView) -> list[str]:
+    """A table of each site's classes, when sites brought their own folders."""
+    sites = site_classes(run)
+    if not sites:
+        return []
+    rows = [
+        {
+            "partition-id": p,
+            "classes": len(held),
+            "training images": sum(held.values()),
+            "held (images)": ", ".join(f"{name} ({n})" for name, n in held.items()),
+        }
+        for p, held in sites.items()
+    ]
+    return ["<h2>Sites and their classes</h2>", html_table(rows, list(rows[0]))]
+
+
 def _round_sections(run: RunView, accuracy: bytes) -> list[str]:
     """The per-round chart: accuracy, or a diffusion run's Fréchet distance and samples."""
     metric = fd_metric(run)
@@ -484,6 +523,7 @@ def write_report(run_dir: Path) -> Path:
         *_round_sections(run, accuracy),
         html_table(run.rounds, [c for c in ROUND_COLUMNS if any(c in r for r in run.rounds)]),
     ]
+    sections += sites_section(run)
     if write_labels(run.run_dir):
         png = (run.run_dir / LABELS_PNG).read_bytes()
         sections += ["<h2>Label distribution</h2>", f'<img alt="labels" src="{data_uri(png)}">']
