@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +24,50 @@ def settings_record(args: argparse.Namespace) -> dict[str, Any]:
         return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
 
     return {key: portable(value) for key, value in vars(args).items()}
+
+
+def commit() -> str:
+    """The checkout's commit (with ``+dirty`` when files differ from it)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on: processor, CPUs this process may use, load, GPU."""
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch-threads": torch.get_num_threads(),
+        "load-average": [round(x, 2) for x in os.getloadavg()],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def command() -> str:
+    """The command line that runs this process, as a user would type it (``python -m ...``)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None:
+        return shlex.join(["python", "-m", spec.name, *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
+def store(path: Path, tag: str, figures: dict[str, Any], code: str) -> None:
+    """Keep ``figures`` under ``tag`` in the JSON results file ``path``.
+
+    With the command as it ran, the commit ``code`` (taken when the run started) and the machine.
+    """
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[tag] = {
+        "command": command(),
+        "commit": code,
+        "machine": machine(),
+        **figures,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1) + "\n")

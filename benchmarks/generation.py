@@ -3,24 +3,34 @@
 ``python -m benchmarks.generation`` measures, in one run and on one preset (``--preset``,
 default ``tiny``), the same number of images three ways:
 
-* **reference**, what the original research code did: for every image the pipeline is loaded
-  from disk again (``from_pretrained`` of a saved copy), batch 1, fp32, PNDM 50 steps,
-  guidance 7.5, the prompt given as text (the pipeline encodes it and the empty negative
-  prompt on every call);
-* **project**: :class:`cmfl_flower.generation.Generator` kept resident, with the app's default
-  generation config (scheduler, steps, batch size) and ``backbone.dtype = auto``;
+* **reference**, what the original research code does in a client's round: the pipeline
+  loaded from disk once (``from_pretrained`` of a saved copy) and reused for every image of the
+  round, batch 1, fp32, PNDM 50 steps, guidance 7.5, the prompt given as text (the pipeline
+  encodes it and the empty negative prompt on every call);
+* **project**: :class:`cmfl_flower.generation.Generator`, with the app's default generation
+  config (scheduler, steps, batch size) and ``backbone.dtype = auto``;
 * **project at equal steps**: the same generator with PNDM 50 steps, so the ratio separates
-  batching and residency from the step count.
+  batching from the step count.
 
-It prints the three rates and two ratios. ``--full-size bk-sdm-small|bk-sdm-v2-small`` builds
-the full-size architecture from :mod:`cmfl_flower.archs` with random weights instead (meant for
-a GPU: bf16/fp16, SDPA attention, channels-last, optional ``--compile``; ``--height/--width``
-make it runnable on a CPU at a small size). Both sides get one untimed warm-up image.
+Every path is warmed up the same way: one untimed call of the shape it is then timed on (one
+image for the reference, which generates one at a time; one full batch for the project, eager
+or compiled), so no path pays its first-call costs in the timed part. Loading is timed apart
+(``*-load-seconds``) and reported two ways: the **steady** ratio leaves loads out; the **per
+round** ratio counts one load on each side for ``--images`` images, what one client's round
+costs in a fresh process (a deployment starts one per message) when it generates that many.
+
+It prints the rates and ratios; ``--results`` keeps them (default
+``benchmarks/results/generation.json``, under ``--tag``) with the command, commit and machine.
+``--full-size bk-sdm-small|bk-sdm-v2-small`` builds the full-size architecture from
+:mod:`cmfl_flower.archs` with random weights instead (meant for a GPU: bf16/fp16, SDPA
+attention, channels-last, optional ``--compile``; ``--height/--width`` make it runnable on a
+CPU at a small size).
 
 For the GPU script (``benchmarks/gpu.sh``): ``--compare-compile`` measures the project side
 eager, then with the UNet compiled, in the same process; ``--profile`` times one batch's text
 encoder, UNet and VAE decoder (the device synchronised around each call); ``--json`` writes
-every figure; ``--reference-images`` and ``--reference-steps`` shorten the reference loop.
+every figure as it comes; ``--reference-images`` and ``--reference-steps`` shorten the
+reference loop.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from typing import Any
 import open_clip
 import torch
 
+from benchmarks import commit, store
 from cmfl_flower.archs import ARCHS, build_pipeline
 from cmfl_flower.backbones import (
     PRESETS,
@@ -53,6 +64,7 @@ from cmfl_flower.prompts import DEFAULT_TEMPLATE, PromptTemplate
 CLASS_NAMES = ("zero", "one", "two", "three")  # one request per name
 REFERENCE_STEPS = 50
 REFERENCE_GUIDANCE = 7.5
+RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
 
 
 @dataclass(frozen=True)
@@ -106,13 +118,15 @@ def _requests(generator: Generator) -> list[GenerationRequest]:
 
 def reference_rate(
     subject: Subject, images: int, device: torch.device, steps: int = REFERENCE_STEPS
-) -> float:
-    """Images/s of the research loop: reload, batch 1, fp32, PNDM ``steps``, text prompt."""
+) -> tuple[float, float]:
+    """(images/s, load seconds) of the research loop: one load, batch 1, fp32, text prompt."""
     height, width = subject.generator.image_size
+    start = time.perf_counter()
+    pipeline = load_pipeline(str(subject.saved), device, torch.float32)
+    pipeline.scheduler = make_scheduler("pndm", dict(pipeline.scheduler.config))
+    load_seconds = time.perf_counter() - start
 
     def one(index: int) -> None:
-        pipeline = load_pipeline(str(subject.saved), device, torch.float32)
-        pipeline.scheduler = make_scheduler("pndm", dict(pipeline.scheduler.config))
         name = CLASS_NAMES[index % len(CLASS_NAMES)]
         pipeline(
             DEFAULT_TEMPLATE.format(name=name),
@@ -124,27 +138,31 @@ def reference_rate(
             output_type="np",
         )
 
-    one(-1)  # warm-up
+    one(-1)  # warm-up: one call of the shape timed
     start = time.perf_counter()
     for index in range(images):
         one(index)
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), load_seconds
 
 
-def project_rate(subject: Subject, images: int, cfg: GenerationConfig, warm: bool = True) -> float:
+def project_rate(subject: Subject, images: int, cfg: GenerationConfig) -> float:
     """Images/s of the resident generator on ``images`` images spread over the classes.
 
-    ``warm``: one untimed image first (kept off for a compiled UNet, whose warm-up is a full
-    batch: a batch of another size would recompile it for dynamic shapes).
+    Warm-up: one untimed full batch, the shape then timed (a compiled UNet compiles on it).
     """
     generator = subject.generator
     requests = _requests(generator)
     per_class = -(-images // len(requests))  # ceil
-    if warm:
-        generator.generate(requests[:1], cfg.model_copy(update={"images_per_class": 1}), 0, 0)
+    warm = cfg.model_copy(update={"images_per_class": cfg.batch_size})
+    generator.generate(requests[:1], warm, 0, 0)
     start = time.perf_counter()
     out = generator.generate(requests, cfg.model_copy(update={"images_per_class": per_class}), 0, 1)
     return len(out.labels) / (time.perf_counter() - start)
+
+
+def per_round(images: int, rate: float, load_seconds: float) -> float:
+    """Images/s of one client's round of ``images`` images with one load first."""
+    return images / (load_seconds + images / rate)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -225,11 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-images", type=int, default=0, help="0: --images")
     parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="keep them here, by tag")
+    parser.add_argument("--tag", default="", help="key in --results (default: subject, device)")
     args = parser.parse_args(argv)
     if args.compile and args.compare_compile:
         parser.error("--compile and --compare-compile exclude each other")
     if args.threads:
         torch.set_num_threads(args.threads)
+    code = commit()  # the code that runs
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     with tempfile.TemporaryDirectory(prefix="cmfl-gen-bench-") as tmp:
@@ -241,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.compile:
             unet = subject.generator.pipeline.unet
             subject.generator.pipeline.unet = torch.compile(unet, backend=args.compile_backend)
-        _report(subject, args, device, dtype, Figures(args.json))
+        figures = Figures(args.json)
+        _report(subject, args, device, dtype, figures)
+    store(args.results, args.tag or f"{figures['subject']} on {figures['device']}", figures, code)
 
 
 class Figures(dict[str, Any]):
@@ -284,7 +307,7 @@ def _report(
         f"project dtype {figures['dtype']}, compile {args.compile}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    print(f"project: generator loaded once in {subject.load_seconds:.2f} s (not in the rates)")
+    print(f"project: generator loaded in {subject.load_seconds:.2f} s (not in the rates)")
     fast = project_rate(subject, args.images, default)
     figures.add(project_images_per_s=fast)
     print(f"project ({_describe(default)}): {fast:.3f} images/s", flush=True)
@@ -306,20 +329,27 @@ def _reference(
     figures.add(equal_steps_images_per_s=same)
     print(f"project at equal steps ({_describe(equal)}): {same:.3f} images/s", flush=True)
     images = args.reference_images or args.images
-    ref = reference_rate(subject, images, device, args.reference_steps)
+    ref, ref_load = reference_rate(subject, images, device, args.reference_steps)
     fast = figures["project-images-per-s"]
+    load = subject.load_seconds
     figures.add(
         reference_images=images,
         reference_images_per_s=ref,
-        ratio_overall=fast / ref,
+        reference_load_seconds=ref_load,
+        ratio_steady=fast / ref,
         ratio_equal_steps=same / ref,
+        ratio_per_round=per_round(args.images, fast, load) / per_round(args.images, ref, ref_load),
     )
     print(
-        f"reference ({images} images; reload per image, batch 1, fp32, pndm "
+        f"reference ({images} images; loaded once in {ref_load:.2f} s, batch 1, fp32, pndm "
         f"{args.reference_steps} steps, guidance {REFERENCE_GUIDANCE}): {ref:.3f} images/s"
     )
-    print(f"ratio overall: {fast / ref:.1f}x")
+    print(f"ratio steady (loads left out): {figures['ratio-steady']:.1f}x")
     print(f"ratio at equal steps and scheduler: {same / ref:.1f}x")
+    print(
+        f"ratio per round ({args.images} images and one load on each side): "
+        f"{figures['ratio-per-round']:.1f}x"
+    )
 
 
 def _compiled(subject: Subject, args: Any, cfg: GenerationConfig, figures: Figures) -> None:
@@ -330,7 +360,7 @@ def _compiled(subject: Subject, args: Any, cfg: GenerationConfig, figures: Figur
     full_batch = cfg.model_copy(update={"images_per_class": cfg.batch_size})
     subject.generator.generate(_requests(subject.generator)[:1], full_batch, 0, 0)  # compiles
     compile_seconds = time.perf_counter() - start
-    rate = project_rate(subject, args.images, cfg, warm=False)
+    rate = project_rate(subject, args.images, cfg)  # the same warm-up as the eager side
     figures.add(compiled_images_per_s=rate, compile_seconds=compile_seconds)
     print(
         f"project compiled ({_describe(cfg)}): {rate:.3f} images/s, "
@@ -339,8 +369,8 @@ def _compiled(subject: Subject, args: Any, cfg: GenerationConfig, figures: Figur
         flush=True,
     )
     if "reference-images-per-s" in figures:
-        figures.add(ratio_compiled=rate / figures["reference-images-per-s"])
-        print(f"ratio compiled: {figures['ratio-compiled']:.1f}x")
+        figures.add(ratio_compiled_steady=rate / figures["reference-images-per-s"])
+        print(f"ratio compiled, steady: {figures['ratio-compiled-steady']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -59,14 +59,14 @@ if [ "$dry" -eq 1 ]; then
        --compare-compile --compile-backend eager --profile --threads 1)
   # the two generation steps differ only in --full-size, which a dry run replaces by tiny
   step generation-bk-sdm-v2-small 300 python3 -m benchmarks.generation "${gen[@]}" \
-    --json "$out/generation-bk-sdm-v2-small.json"
+    --json "$out/generation-bk-sdm-v2-small.json" --results "$out/generation-results.json"
   fed=(--dry-run --clients 2 --set backbone.threads=1 tokens.objective=clip generation.images-per-class=1
        generation.steps=2 diffusion.eval-samples=4)
 else
   gen=(--height 512 --width 512 --images 32 --batch-size 16 --steps 20 --reference-images 2
        --compare-compile --profile)
   step generation-bk-sdm-v2-small 200 python3 -m benchmarks.generation \
-    --full-size bk-sdm-v2-small "${gen[@]}" --json "$out/generation-bk-sdm-v2-small.json"
+    --full-size bk-sdm-v2-small "${gen[@]}" --json "$out/generation-bk-sdm-v2-small.json" --results "$out/generation-results.json"
   fed=(--arch bk-sdm-v2-small --clients 4 --set generation.batch-size=16 backbone.threads=4
        tokens.batch-size=8 tokens.epochs=1
        --weights-dir "${TMPDIR:-/tmp}/cmfl-gpu-weights")
@@ -77,6 +77,6 @@ step round-diffusion-lora 170 python3 -m benchmarks.gpu_round --method diffusion
   "${fed[@]}" --json "$out/round-diffusion-lora.json"
 if [ "$dry" -eq 0 ]; then
   step generation-bk-sdm-small 90 python3 -m benchmarks.generation \
-    --full-size bk-sdm-small "${gen[@]}" --json "$out/generation-bk-sdm-small.json"
+    --full-size bk-sdm-small "${gen[@]}" --json "$out/generation-bk-sdm-small.json" --results "$out/generation-results.json"
 fi
 python3 -m benchmarks.gpu_summary "$out"

@@ -52,9 +52,10 @@ def generation_lines(arch: str, figures: dict[str, Any]) -> list[str]:
         )
     if "reference-images-per-s" in figures:
         lines.append(
-            f"  reference loop: {figures['reference-images-per-s']:.3f} images/s; project / "
-            f"reference {figures['ratio-overall']:.1f}x (at equal steps "
-            f"{figures['ratio-equal-steps']:.1f}x)"
+            f"  reference loop (loaded once): {figures['reference-images-per-s']:.3f} images/s; "
+            f"project / reference {figures['ratio-steady']:.1f}x (at equal steps "
+            f"{figures['ratio-equal-steps']:.1f}x; per round, a load each "
+            f"{figures['ratio-per-round']:.1f}x)"
         )
     if "profile-seconds" in figures:
         parts = figures["profile-seconds"]

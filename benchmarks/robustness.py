@@ -39,7 +39,6 @@ import argparse
 import itertools
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
+from benchmarks import commit
 from benchmarks.loopback import LoopbackGrid
 from benchmarks.method import CLIENTS as P1_CLIENTS
 from benchmarks.method import ROUNDS as P1_ROUNDS
@@ -245,14 +245,6 @@ def figures(
         "screening-share": float(np.sum(screening) / np.sum(phases)) if phases else 0.0,
         "accepted-share": [r.get("accepted-share") for r in rounds],
     }
-
-
-def commit() -> str:
-    """The checkout's commit (with ``+dirty`` when files differ from it)."""
-    here = Path(__file__).resolve().parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True)
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def reference(results: list[dict[str, Any]], run: dict[str, Any]) -> float:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.robustness import commit, noise_like
+from benchmarks import commit
+from benchmarks.robustness import noise_like
 from cmfl_flower.client_round import open_workspace
 from cmfl_flower.client_state import read_state
 from cmfl_flower.config import AppConfig

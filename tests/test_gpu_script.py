@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import ROOT
+from benchmarks.generation import per_round
 from benchmarks.gpu_summary import goal_line, read_steps, summarise
 
 pytestmark = pytest.mark.xdist_group("gpu-script")  # one dry run, on one worker
@@ -41,9 +42,16 @@ def test_generation_figures_are_measured(dry_run: Path) -> None:
     parts = figures["profile-seconds"]
     assert parts["unet"] > 0 and parts["vae-decoder"] > 0 and parts["text-encoder"] > 0
     assert parts["wall"] >= parts["unet"] + parts["vae-decoder"] + parts["text-encoder"]
-    assert figures["ratio-overall"] == pytest.approx(
+    assert figures["ratio-steady"] == pytest.approx(
         figures["project-images-per-s"] / figures["reference-images-per-s"]
     )
+    assert figures["reference-load-seconds"] > 0 and figures["load-seconds"] > 0
+    images = figures["images"]  # one client's round: its images and one load on each side
+    project = per_round(images, figures["project-images-per-s"], figures["load-seconds"])
+    reference = per_round(
+        images, figures["reference-images-per-s"], figures["reference-load-seconds"]
+    )
+    assert figures["ratio-per-round"] == pytest.approx(project / reference)
 
 
 def test_relay_rounds_run_one_worker_per_client(dry_run: Path) -> None:
