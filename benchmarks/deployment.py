@@ -3,10 +3,14 @@
 ``python -m benchmarks.deployment`` starts a SuperLink and ``--nodes`` SuperNodes as processes on
 loopback (as ``docs/deployment.md``'s bare-metal section does; the process helpers of the
 end-to-end tests), runs the default ``cmfl-relay`` for ``--rounds`` rounds and prints, per round,
-the round's wall time (the server's ``round-seconds``), the clients' mean summed phase seconds
-(``seconds-tokens + -generation + -encoder + -eval``) and their ratio. In a deployment every
-message starts a fresh ClientApp process, so the ratio shows what start-up, polling and the
-shared CPUs add to the work itself. Each SuperNode gets ``num-cpus`` in its node config.
+the round's wall time (the server's ``round-seconds``), the clients' mean work (their summed
+phase seconds ``seconds-tokens + -generation + -encoder + -eval``), their mean model loads
+(``seconds-load``) and the ratio of wall time to work. In a deployment every message starts a
+fresh ClientApp process that imports the app and loads its models again, so the ratio shows
+what imports, loads, start-up, polling and the shared CPUs add to the work itself: loads are
+overhead, not work. Each SuperNode gets ``num-cpus`` in its node config. ``--results`` keeps the
+table (default ``benchmarks/results/deployment.json``, under ``--tag``) with the command, commit
+and machine.
 
 Before the nodes start, the host's partitions are written with ``cmfl-data-prep``, as
 ``docs/deployment.md`` asks of an operator; ``--first-use`` leaves that to the clients' first
@@ -24,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ROOT
+from benchmarks import ROOT, commit, store
 from benchmarks.flower_procs import (
     BIN,
     SuperLink,
@@ -36,7 +40,8 @@ from benchmarks.flower_procs import (
     wait_finished,
 )
 
-PHASES = ("tokens", "generation", "encoder", "eval")
+PHASES = ("tokens", "generation", "encoder", "eval")  # work; seconds-load is overhead
+RESULTS = Path(__file__).resolve().parent / "results" / "deployment.json"
 
 
 def run(link: SuperLink, root: Path, rounds: int, nodes: int, extra: str) -> Path:
@@ -62,16 +67,23 @@ def prepare(data_root: Path, nodes: int) -> None:
 
 
 def per_round(run_dir: Path) -> list[dict[str, Any]]:
-    """Round wall time, the clients' mean summed phase seconds, and the ratio."""
+    """Round wall time, the clients' mean work and model loads, and wall / work."""
     rounds = json.loads((run_dir / "rounds.json").read_text())
     clients = json.loads((run_dir / "clients.json").read_text())
     out = []
     for summary in rounds:
         rows = [r for r in clients if r["round"] == summary["round"] and "error" not in r]
         work = sum(sum(r.get(f"seconds-{p}", 0.0) for p in PHASES) for r in rows) / len(rows)
+        load = sum(r.get("seconds-load", 0.0) for r in rows) / len(rows)
         wall = summary["round-seconds"]
         out.append(
-            {"round": summary["round"], "wall-s": wall, "work-s": work, "ratio": wall / work}
+            {
+                "round": summary["round"],
+                "wall-s": wall,
+                "work-s": work,
+                "load-s": load,
+                "ratio": wall / work,
+            }
         )
     return out
 
@@ -83,12 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=1, help="node config num-cpus")
     parser.add_argument("--run-config", default="", help="extra run config overrides")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="keep the table here")
+    parser.add_argument("--tag", default="", help="key in --results (default: the settings)")
     parser.add_argument(
         "--first-use",
         action="store_true",
         help="no cmfl-data-prep before the run: round 1's clients partition the digits",
     )
     args = parser.parse_args(argv)
+    code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-deploy-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         if not args.first_use:
@@ -105,14 +120,17 @@ def main(argv: list[str] | None = None) -> None:
         rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
     data = "partitioned on first use" if args.first_use else "prepared by cmfl-data-prep"
     print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay, data {data}")
-    print("| round | wall s | clients' mean summed phase s | wall / work |")
-    print("| --- | --- | --- | --- |")
+    print("| round | wall s | clients' mean work s | their mean model loads s | wall / work |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(
-            f"| {row['round']} | {row['wall-s']:.1f} | {row['work-s']:.1f} | {row['ratio']:.2f} |"
+            f"| {row['round']} | {row['wall-s']:.1f} | {row['work-s']:.1f} | "
+            f"{row['load-s']:.1f} | {row['ratio']:.2f} |"
         )
     mean = sum(r["ratio"] for r in rows) / len(rows)
     print(f"mean wall / work: {mean:.2f}")
+    tag = args.tag or f"{args.nodes} nodes, num-cpus {args.num_cpus}, {data}"
+    store(args.results, tag, {"rounds": rows, "mean-ratio": mean}, code)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 neighbour process spins on one CPU, and prints both wall times and their ratio. With
 ``--threads N`` the clients are pinned to N torch threads (``backbone.threads``) instead of
 choosing them (the CPUs they were given, fewer when some are busy): ``--threads 2`` on the
-2-core machine is what a client did before it looked at idle CPUs.
+2-core machine is what a client did before it looked at idle CPUs. ``--results`` keeps the
+figures (default ``benchmarks/results/neighbour.json``, by thread setting) with the command,
+commit and machine.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import ROOT
+from benchmarks import ROOT, commit, store
 from benchmarks.flower_procs import BIN, flower_env, stop
+
+RESULTS = Path(__file__).resolve().parent / "results" / "neighbour.json"
 
 
 def spin() -> None:
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the default quietly, then beside a spinning process; print the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="backbone.threads (0: choose)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="keep the figures here")
     args = parser.parse_args(argv)
+    code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-neighbour-") as tmp:
         quiet = default_run(Path(tmp) / "quiet", args.threads)
         neighbour = multiprocessing.Process(target=spin, daemon=True)
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             neighbour.kill()
     print(f"backbone.threads={args.threads}: quiet {quiet:.0f} s, beside one CPU-bound process "
           f"{busy:.0f} s, ratio {busy / quiet:.2f}")  # fmt: skip
+    figures = {"quiet-s": quiet, "beside-a-busy-core-s": busy, "ratio": busy / quiet}
+    store(args.results, f"backbone.threads={args.threads}", figures, code)
 
 
 if __name__ == "__main__":

@@ -167,10 +167,11 @@ class Workspace:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase; reported as ``seconds-<name>``."""
+        """Time a phase; reported as ``seconds-<name>`` (summed if it runs again)."""
         start = time.perf_counter()
         yield
-        self.timings[f"seconds-{name}"] = time.perf_counter() - start
+        key = f"seconds-{name}"
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     @torch.no_grad()
     def name_features(self, names: tuple[str, ...] | None = None) -> torch.Tensor:
@@ -239,7 +240,9 @@ def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> 
     data, global_test = client_data(cfg.data, task)  # before the encoder: data errors first
     device = resolve_device(cfg.backbone.device)
     spec = LoraSpec.from_config(cfg.encoder)
+    start = time.perf_counter()  # the model loads of a round are its seconds-load, not its work
     encoder = load_encoder(resolve_preset(cfg.backbone), str(device), cfg.seed, spec)
+    load_seconds = time.perf_counter() - start
     encoder.load_lora_state(lora if lora is not None else encoder.init_state)
     data, validation = _split_validation(cfg.data, task, data)
     return Workspace(
@@ -250,6 +253,7 @@ def open_workspace(cfg: AppConfig, task: ClientTask, lora: LoraState | None) -> 
         encoder=encoder,
         text=TextSide.build(encoder.bundle, cfg.tokens.template),
         validation=validation,
+        timings={"seconds-load": load_seconds},
     )
 
 

@@ -405,6 +405,10 @@ def token_round(
         with torch.no_grad():
             return ws.text.encode(class_vectors(ws.text, bank, names, knowledge.fallback))
 
+    generating = bool(knowledge.requests) and cfg.generation.images_per_class > 0
+    if generating or (bank.class_ids and cfg.tokens.objective != "clip"):
+        with ws.phase("load"):  # once per process: later calls find it loaded
+            _generator(ws)
     with ws.phase("generation"):
         generated = _generate(ws, knowledge.requests)
     judged = judge_features(ws, generated) if len(generated.labels) else torch.zeros(0)

@@ -97,6 +97,7 @@ def test_a_receiver_drops_unusable_entries_by_name_and_keeps_the_rest(relayed_ro
     assert dropped == {"dropped-norm": 1, "dropped-non-finite": 1, "dropped-class-id": 1}
     assert metrics["dropped"] == 3
     assert np.isfinite(metrics["global-acc"])
+    assert metrics["seconds-load"] >= 0 and metrics["seconds-generation"] > 0  # loads apart
 
 
 def test_a_receiver_keeps_what_it_accepted_as_the_next_rounds_screening_history(relayed_round):

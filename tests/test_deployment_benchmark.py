@@ -1,5 +1,6 @@
 """The deployment benchmark prepares, before the nodes start, the partitions the run reads."""
 
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -19,3 +20,16 @@ def test_cmfl_data_prep_writes_the_partitions_the_default_run_reads(tmp_path: Pa
     assert sorted(p.name for p in found.glob("partition_*")) == [
         f"partition_{i:04d}" for i in range(3)
     ]
+
+
+def test_model_loads_count_as_overhead_not_work(tmp_path: Path) -> None:
+    rounds = [{"round": 1, "round-seconds": 12.0}]
+    clients = [
+        {"round": 1, "seconds-load": 4.0, "seconds-generation": 2.0, "seconds-tokens": 1.0},
+        {"round": 1, "seconds-load": 2.0, "seconds-encoder": 3.0, "seconds-eval": 3.0},
+        {"round": 1, "error": "lost"},
+    ]
+    (tmp_path / "rounds.json").write_text(json.dumps(rounds))
+    (tmp_path / "clients.json").write_text(json.dumps(clients))
+    (row,) = deployment.per_round(tmp_path)
+    assert row == {"round": 1, "wall-s": 12.0, "work-s": 4.5, "load-s": 3.0, "ratio": 12.0 / 4.5}
