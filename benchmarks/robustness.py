@@ -295,6 +295,8 @@ def draw(stored: dict[str, Any], path: Path) -> None:
             if r["seed"] == 0:
                 by_setting.setdefault(r["setting"], []).append(r)
     keys = [key for key in sorted(by_setting) if any(r["attack"] for r in by_setting[key])]
+    if not keys:  # runs without attackers only: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         results = by_setting[key]
