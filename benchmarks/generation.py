@@ -16,9 +16,10 @@ Every path is warmed up the same way: one untimed call of the shape it is then t
 image for the reference, which generates one at a time; one full batch for the project, eager
 or compiled), so no path pays its first-call costs in the timed part. Loading is timed apart
 (``*-load-seconds``), after the imports a first load pays (an untimed load first: the
-cold-start benchmark measures imports), and reported two ways: the **steady** ratio leaves loads out; the **per
-round** ratio counts one load on each side for ``--images`` images, what one client's round
-costs in a fresh process (a deployment starts one per message) when it generates that many.
+cold-start benchmark measures imports), and reported two ways: the **steady** ratio leaves
+loads out; the **per round** ratio counts one load on each side for ``--images`` images, what
+one client's round costs in a fresh process (a deployment starts one per message) when it
+generates that many.
 
 It prints the rates and ratios; ``--results`` keeps them (default
 ``benchmarks/results/generation.json``, under ``--tag``) with the command, commit and machine.
