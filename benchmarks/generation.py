@@ -22,7 +22,8 @@ one client's round costs in a fresh process (a deployment starts one per message
 generates that many.
 
 It prints the rates and ratios; ``--results`` keeps them (default
-``benchmarks/results/generation.json``, under ``--tag``) with the command, commit and machine.
+``benchmarks/results/generation.json``, under ``--tag``, ``, run <i>`` added with ``--repeats``)
+with the command, commit and machine.
 ``--full-size bk-sdm-small|bk-sdm-v2-small`` builds the full-size architecture from
 :mod:`cmfl_flower.archs` with random weights instead (meant for a GPU: bf16/fp16, SDPA
 attention, channels-last, optional ``--compile``; ``--height/--width`` make it runnable on a
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--results", type=Path, default=RESULTS, help="keep them here, by tag")
     parser.add_argument("--tag", default="", help="key in --results (default: subject, device)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure this many times")
     args = parser.parse_args(argv)
     if args.compile and args.compare_compile:
         parser.error("--compile and --compare-compile exclude each other")
@@ -265,9 +267,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.compile:
             unet = subject.generator.pipeline.unet
             subject.generator.pipeline.unet = torch.compile(unet, backend=args.compile_backend)
-        figures = Figures(args.json)
-        _report(subject, args, device, dtype, figures)
-    store(args.results, args.tag or f"{figures['subject']} on {figures['device']}", figures, code)
+        runs = []
+        for _ in range(args.repeats):  # the same loaded subject, measured again
+            runs.append(Figures(args.json))
+            _report(subject, args, device, dtype, runs[-1])
+    tag = args.tag or f"{runs[0]['subject']} on {runs[0]['device']}"
+    for index, figures in enumerate(runs, 1):
+        store(args.results, f"{tag}, run {index}" if args.repeats > 1 else tag, figures, code)
 
 
 class Figures(dict[str, Any]):
