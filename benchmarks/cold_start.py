@@ -46,10 +46,10 @@ from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.aliases import Row
 from cmfl_flower.archs import build_clip, build_pipeline, clip_config
 from cmfl_flower.backbones import resolve_device, resolve_dtype
-from cmfl_flower.client_round import data_dir
+from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import CONFIG_KEY, ROUND_KEY
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 from cmfl_flower.zoo.builders import save_clip
 
 CHILD = Path(__file__).with_name("cold_start_child.py")

@@ -42,7 +42,7 @@ def _device(cfg: AppConfig) -> str:
 
 
 def _encoder(cfg: AppConfig) -> Any:
-    """The CLIP with its vision LoRA, as :func:`~cmfl_flower.client_round.open_workspace` has it."""
+    """The CLIP with its vision LoRA, as the round's workspace has it (``open_workspace``)."""
     from cmfl_flower.backbones import resolve_preset
     from cmfl_flower.encoder import LoraSpec, load_encoder
 

@@ -59,7 +59,7 @@ from PIL import Image
 from benchmarks import ROOT, settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.client_round import data_dir
+from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import PartitionSpec, load_partition, load_source
 from cmfl_flower.data.store import prepare_partitions
@@ -72,8 +72,8 @@ from cmfl_flower.diffusion import (
     train_steps,
 )
 from cmfl_flower.diffusion_server import DiffusionPublisher, measured
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.report.page import latest_server_samples
+from cmfl_flower.server.rounds import run_federation
 
 SEED = 0
 BATCH = 16

@@ -28,7 +28,7 @@ from benchmarks.tokens import parse_override
 from cmfl_flower.archs import ARCHS
 from cmfl_flower.backbones import resolve_device, resolve_dtype
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 
 PHASES = ("tokens", "generation", "encoder", "eval", "train")
 GIB = 1024**3

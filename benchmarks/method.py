@@ -53,15 +53,15 @@ from benchmarks.loopback import LoopbackGrid
 from benchmarks.tokens import parse_override
 from client_app import app as client_app
 from cmfl_flower import report
-from cmfl_flower.client_round import data_dir, open_workspace
-from cmfl_flower.client_state import load_state
+from cmfl_flower.client.store import load_state
+from cmfl_flower.client.task import ClientTask
+from cmfl_flower.client.workspace import data_dir, open_workspace
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.data import LabeledImages
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.privacy import epsilon
-from cmfl_flower.workspace import ClientTask
+from cmfl_flower.server.rounds import run_federation
 
 CLIENTS = 10
 ROUNDS = 10

@@ -27,7 +27,7 @@ from flwr.app import Message
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 
 # method names; the first is the reference
 METHODS = ["cmfl-relay", "diffusion-lora", "encoder-lora"]

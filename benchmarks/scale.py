@@ -43,7 +43,7 @@ from benchmarks import ROOT, settings_record
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 
 ARMS = {
     "cmfl-relay": {"method": "cmfl-relay"},
@@ -51,7 +51,7 @@ ARMS = {
 }
 PHASES = ("tokens", "generation", "encoder", "eval")
 FIGURES = ("wall-s", "num-generated", "bytes-to-client", "bytes-from-client", "server-peak-bytes")
-# the harness's row names are the server's view: it sent `bytes-sent` to the client
+# the round loop's row names are the server's view: it sent `bytes-sent` to the client
 CLIENT_VIEW = {"bytes-sent": "bytes-to-client", "bytes-received": "bytes-from-client"}
 
 

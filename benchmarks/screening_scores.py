@@ -26,8 +26,9 @@ import torch
 
 from benchmarks import commit
 from benchmarks.robustness import noise_like
-from cmfl_flower.client_round import open_workspace
-from cmfl_flower.client_state import read_state
+from cmfl_flower.client.store import read_state
+from cmfl_flower.client.task import ClientTask
+from cmfl_flower.client.workspace import open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.screening import NONE, TOKEN, Verdict, judge_sets
 from cmfl_flower.token_round import (
@@ -39,7 +40,6 @@ from cmfl_flower.token_round import (
     token_evidence,
 )
 from cmfl_flower.wire import TokenEntry, relay_arrays
-from cmfl_flower.workspace import ClientTask
 
 THRESHOLDS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 KINDS = {"honest": 0, "flipped": 1000, "noise": 2000}  # kind -> offset added to sender ids

@@ -22,7 +22,7 @@ import torch
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -8,7 +8,7 @@ the strategy adds (e.g. ``proximal-mu``) and the arrays. Every reply (:func:`rep
 every method, plug-ins included) names the round it answers in its metrics (``server-round``).
 
 Per-client state (vision LoRA, class tokens) is kept on the node's disk by
-:mod:`cmfl_flower.client_state`, keyed by the run name and partition id: it survives between
+:mod:`cmfl_flower.client.store`, keyed by the run name and partition id: it survives between
 messages (in a deployment every message starts a fresh process) and across a restarted run
 (``output.resume``), whose ``context.state`` starts empty.
 """
@@ -23,7 +23,8 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from cmfl_flower.aliases import Arrays
-from cmfl_flower.client_state import train_with_state
+from cmfl_flower.client.store import train_with_state
+from cmfl_flower.client.task import ClientTask, RoundOutput, client_task
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
 from cmfl_flower.methods.base import (
@@ -35,7 +36,6 @@ from cmfl_flower.methods.base import (
     reply,
 )
 from cmfl_flower.threads import pin_threads
-from cmfl_flower.workspace import ClientTask, RoundOutput, client_task
 
 app = ClientApp()
 Handler = Callable[[Method, Message, Context], Message]

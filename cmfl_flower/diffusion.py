@@ -13,7 +13,7 @@ The client side of ``fedavg-diffusion`` and ``fedlora-diffusion`` (free of Flowe
 * :func:`train_steps` runs E AdamW steps of the epsilon-prediction loss, at the round's
   learning rate (:func:`round_lr`), from the optimiser state the client kept from its last
   round (:func:`optimizer_state`, :func:`load_optimizer_state`; kept on the node's disk by
-  :mod:`cmfl_flower.client_state`).
+  :mod:`cmfl_flower.client.store`).
 
 Weights travel as float32 numpy arrays named by the module's ``state_dict`` (or peft) keys.
 """

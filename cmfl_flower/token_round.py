@@ -22,7 +22,8 @@ import torch
 
 from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import largest_token_norm, resolve_preset
-from cmfl_flower.client_round import Workspace, base_metrics, evaluate, open_workspace
+from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
+from cmfl_flower.client.workspace import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import TrainingSet, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
@@ -50,7 +51,6 @@ from cmfl_flower.tokens import (
     train_bank,
 )
 from cmfl_flower.wire import TokenEntry, WireLimits, read_relay, reply_arrays
-from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 Source = Literal["relay", "names", "none"]
 

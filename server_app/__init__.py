@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 
 app = ServerApp()
 

@@ -15,9 +15,9 @@ import pytest
 from benchmarks.loopback import LoopbackGrid
 from benchmarks.robustness import DEFENCES_OFF, FIRST_NODE, hostile_app
 from client_app import app as client_app
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.client.task import ClientState, ClientTask
 from cmfl_flower.methods.relay import relay_round
-from cmfl_flower.workspace import ClientState, ClientTask
+from cmfl_flower.server.rounds import run_federation
 from tests.test_strategies import make_cfg
 
 CLIENTS = 4

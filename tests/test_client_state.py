@@ -4,9 +4,9 @@ two nodes holding one partition never write the same file."""
 import pytest
 import torch
 
-from cmfl_flower.client_state import load_state, newest_saved, save_state, state_dir
+from cmfl_flower.client.store import load_state, newest_saved, save_state, state_dir
+from cmfl_flower.client.task import ClientState
 from cmfl_flower.config import AppConfig
-from cmfl_flower.workspace import ClientState
 
 NODE = 7
 

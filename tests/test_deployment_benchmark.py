@@ -5,7 +5,7 @@ from pathlib import Path
 from unittest import mock
 
 from benchmarks import deployment
-from cmfl_flower.client_round import data_dir
+from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import store
 

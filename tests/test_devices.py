@@ -10,8 +10,8 @@ from client_app import app as client_app
 from cmfl_flower.backbones import resolve_device, resolve_dtype, resolve_preset
 from cmfl_flower.config import AppConfig, BackboneConfig, GenerationConfig
 from cmfl_flower.generation import GenerationRequest, load_generator
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.prompts import DEFAULT_TEMPLATE
+from cmfl_flower.server.rounds import run_federation
 from tests.test_strategies import make_cfg
 
 CUDA = torch.device("cuda")

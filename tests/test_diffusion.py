@@ -12,13 +12,13 @@ from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.backbones import load_pipeline, resolve_preset
-from cmfl_flower.client_state import read_state
+from cmfl_flower.client.store import read_state
 from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.diffusion import load_optimizer_state, optimizer_state, round_lr
 from cmfl_flower.fid import FrechetDistance, build_fd_metric
 from cmfl_flower.methods.base import METRICS_KEY, from_record
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 from tests.test_strategies import make_cfg
 
 FAST = {
@@ -126,11 +126,11 @@ def test_resumed_run_gives_the_uninterrupted_next_round_weights(tmp_path, monkey
             raise KeyboardInterrupt
         return save(run_dir, state)
 
-    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", stop_in_round_2)
+    monkeypatch.setattr("cmfl_flower.server.rounds.save_checkpoint", stop_in_round_2)
     cfg = make_cfg(tmp_path, method, 2, **(FAST | extra | {"output.run-name": "cut"}))
     with pytest.raises(KeyboardInterrupt):
         run_federation(LoopbackGrid(client_app, cfg, 2), cfg)
-    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", save)
+    monkeypatch.setattr("cmfl_flower.server.rounds.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
     cut = run_federation(
         LoopbackGrid(client_app, resumed, 2), resumed

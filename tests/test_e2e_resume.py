@@ -14,7 +14,7 @@ import pytest
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 from tests.test_e2e_simulation import flwr_run
 
 pytestmark = pytest.mark.e2e

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from cmfl_flower.backbones import ZOO_DIR, load_clip, load_pipeline, resolve_preset
+from cmfl_flower.client.task import ClientState, ClientTask
 from cmfl_flower.config import AppConfig, BackboneConfig
 from cmfl_flower.fetch_weights import fetch, main
 from cmfl_flower.methods.relay import relay_round
-from cmfl_flower.workspace import ClientState, ClientTask
 from tests.test_strategies import make_cfg
 
 COMMIT = "0" * 40

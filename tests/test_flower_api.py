@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.flower_api import message_bytes, with_message_type
+from cmfl_flower.server.flower_api import message_bytes, with_message_type
 
 
 def _message(size: int) -> Message:

@@ -3,10 +3,13 @@ a ClientApp process no model library before it knows its method, and a method on
 needs; and only the method modules import Flower."""
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PROBE = """
 import json, sys
@@ -76,11 +79,11 @@ def test_a_client_process_imports_only_what_its_method_needs():
     assert found == {stage: [] for stage in CLIENT_STAGES}
 
 
-def test_only_the_method_modules_import_flower():
+def test_only_the_server_and_method_modules_import_flower():
     package = Path(__file__).resolve().parents[1] / "cmfl_flower"
     offenders = []
     for path in package.rglob("*.py"):
-        if "methods" in path.relative_to(package).parts:
+        if {"methods", "server"} & set(path.relative_to(package).parts):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
@@ -90,3 +93,8 @@ def test_only_the_method_modules_import_flower():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "flwr"]
     assert offenders == []
+
+
+def test_the_old_path_of_the_routines_types_names_the_new_one():
+    with pytest.raises(ImportError, match=r"moved to cmfl_flower\.client\.task"):
+        importlib.import_module("cmfl_flower.workspace")

@@ -8,11 +8,11 @@ from opacus.accountants import RDPAccountant
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.client_state import load_state
+from cmfl_flower.client.store import load_state
 from cmfl_flower.config import PrivacyConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, from_record
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.privacy import clip, denoise, epsilon, privatise, shrinkage
+from cmfl_flower.server.rounds import run_federation
 from tests.test_strategies import make_cfg, replied
 
 CFG = PrivacyConfig(enabled=True, clip_norm=0.5, noise_multiplier=1.3, delta=1e-5)

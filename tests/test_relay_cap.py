@@ -7,8 +7,8 @@ import pytest
 import client_app as client_module
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.methods.relay import cap_senders, class_means
+from cmfl_flower.server.rounds import run_federation
 from cmfl_flower.wire import TokenEntry
 from tests.test_strategies import make_cfg, relayed
 

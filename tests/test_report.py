@@ -13,12 +13,12 @@ from PIL import Image
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import paths, report
+from cmfl_flower.client.task import ClientState, ClientTask
 from cmfl_flower.config import AppConfig, TokensConfig
-from cmfl_flower.methods.harness import run_federation
 from cmfl_flower.methods.local import local_only_round
 from cmfl_flower.report import page as page_module
 from cmfl_flower.results import RunRecorder
-from cmfl_flower.workspace import ClientState, ClientTask
+from cmfl_flower.server.rounds import run_federation
 
 # session-scoped runs on one xdist worker: each federation below runs once per test session
 # (a module-scoped fixture is torn down whenever the worker turns to another module)

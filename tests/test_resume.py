@@ -9,7 +9,7 @@ from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower import checkpoint
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
 from tests.test_strategies import BOTH, make_cfg
 
 
@@ -36,7 +36,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return save(run_dir, state)
 
-    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", crash_in_round_2)
+    monkeypatch.setattr("cmfl_flower.server.rounds.save_checkpoint", crash_in_round_2)
     cfg = make_cfg(tmp_path, method, 2, **settings, **{"output.run-name": "b"})
     grid = LoopbackGrid(client_app, cfg, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -46,7 +46,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch
     assert [r["round"] for r in _rows(cut, "rounds")] == [1, 2]
     assert json.loads((cut / "checkpoint" / "latest.json").read_text())["round"] == 1
 
-    monkeypatch.setattr("cmfl_flower.methods.harness.save_checkpoint", save)
+    monkeypatch.setattr("cmfl_flower.server.rounds.save_checkpoint", save)
     resumed = AppConfig.from_run_config(cfg.to_run_config() | {"output.resume": True})
     # a restarted run is a new Flower run: fresh contexts (client state comes from disk) and
     # new node ids (the server must not rely on its old node -> partition map)

@@ -19,7 +19,7 @@ from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
-from cmfl_flower.methods.harness import refusal_kind, run_federation
+from cmfl_flower.server.rounds import refusal_kind, run_federation
 from cmfl_flower.weights import weights_problem
 from tests.test_strategies import make_cfg, relayed
 

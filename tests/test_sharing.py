@@ -3,12 +3,12 @@
 import torch
 
 from cmfl_flower.backbones import resolve_preset
-from cmfl_flower.client_round import open_workspace
+from cmfl_flower.client.task import ClientState, ClientTask
+from cmfl_flower.client.workspace import open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.generation import load_generator
 from cmfl_flower.methods.relay import relay_round
 from cmfl_flower.wire import TokenEntry, parse_reply, relay_arrays
-from cmfl_flower.workspace import ClientState, ClientTask
 from tests.test_strategies import ANY_SIZE
 
 

@@ -8,12 +8,12 @@ import pytest
 import cmfl_flower.data.sites as sites
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.client_round import client_data
+from cmfl_flower.client.task import ClientTask, client_task
+from cmfl_flower.client.workspace import client_data
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sites import load_eval_folder, load_site
 from cmfl_flower.data.sources import DIGIT_NAMES
-from cmfl_flower.methods.harness import run_federation
-from cmfl_flower.workspace import ClientTask, client_task
+from cmfl_flower.server.rounds import run_federation
 from data_prep import main as data_prep
 from tests.site_folders import CLASSES, SITES, held_classes, report_lists, write_site
 from tests.test_strategies import make_cfg

@@ -10,12 +10,12 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.client_state import load_state
+from cmfl_flower.client.store import load_state
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods import resolve_method
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
-from cmfl_flower.methods.flower import FLOWER_STRATEGIES, strategy_class
-from cmfl_flower.methods.harness import run_federation
+from cmfl_flower.server.rounds import run_federation
+from cmfl_flower.server.strategies import FLOWER_STRATEGIES, strategy_class
 from cmfl_flower.wire import TokenEntry, WireLimits, parse_relay, parse_reply, relay_arrays
 
 TOKEN_DIM = 64
@@ -332,7 +332,7 @@ def test_baselines_with_tokens_send_nothing(tmp_path, method):
 
 
 def test_classes_with_too_few_images_are_neither_learned_nor_relayed(tmp_path):
-    from cmfl_flower.client_round import data_dir
+    from cmfl_flower.client.workspace import data_dir
     from cmfl_flower.data import load_partition
 
     extra = {"tokens.min-images": 20}
@@ -375,8 +375,8 @@ def test_a_checkpoint_in_the_old_wire_format_is_refused_by_name(tmp_path):
 
 
 def test_pooled_validation_measures_every_partitions_held_out_images(tmp_path):
-    from cmfl_flower.client_round import open_workspace
-    from cmfl_flower.workspace import ClientTask
+    from cmfl_flower.client.task import ClientTask
+    from cmfl_flower.client.workspace import open_workspace
 
     split = {"data.validation-fraction": 0.25}
     own = make_cfg(tmp_path, "local-only", **split)

@@ -9,7 +9,7 @@ from flwr.app import Context, RecordDict
 
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
-from cmfl_flower.client_round import data_dir
+from cmfl_flower.client.workspace import data_dir
 from data_prep import main as data_prep
 from server_app import RunFailedError
 from server_app import main as server_main

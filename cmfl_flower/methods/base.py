@@ -39,8 +39,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from cmfl_flower.aliases import Arrays, Metrics
+from cmfl_flower.client.task import ClientRoutine, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
-from cmfl_flower.workspace import ClientRoutine, ClientTask, RoundOutput
 
 ARRAYS_KEY = "arrays"  # ArrayRecord: token vectors or weights, per method
 CONFIG_KEY = "config"  # ConfigRecord: ROUND_KEY, RUN_NAME_KEY and what a strategy adds
@@ -122,7 +122,7 @@ class RoundStrategy(Strategy):
     Every round it samples ``federation.fraction`` of the connected nodes (seeded, at least
     ``federation.min-nodes``), sends each a ``train`` message with :meth:`arrays_for`, and
     passes each usable reply to :meth:`absorb`. Replies were checked before (the run's
-    harness refuses malformed ones and those :meth:`check_reply` rejects). :meth:`state` and
+    round loop refuses malformed ones and those :meth:`check_reply` rejects). :meth:`state` and
     :meth:`load_state` are checkpointed after each round and restored on ``output.resume``;
     :meth:`round_metrics` adds to the round's summary.
     """
@@ -130,7 +130,7 @@ class RoundStrategy(Strategy):
     def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.first_round = 1  # set by the harness: after a resume Flower still counts from 1
+        self.first_round = 1  # set by the round loop: after a resume Flower still counts from 1
 
     # ----- hooks -------------------------------------------------------------------------
     def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmfl_flower.aliases import Arrays, Metrics
-from cmfl_flower.client_round import client_data
+from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput, client_seed
+from cmfl_flower.client.workspace import client_data
 from cmfl_flower.config import AppConfig
 from cmfl_flower.diffusion import (
     LocalData,
@@ -40,7 +41,6 @@ from cmfl_flower.diffusion import (
     round_lr,
 )
 from cmfl_flower.methods.base import Method
-from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput, client_seed
 
 if TYPE_CHECKING:  # the server's side, which clients do not import
     from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind

@@ -19,13 +19,13 @@ import torch
 
 from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import resolve_device, resolve_preset
-from cmfl_flower.client_round import base_metrics, evaluate, open_workspace
+from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
+from cmfl_flower.client.workspace import base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import LabeledImages, load_source, opaque_names
 from cmfl_flower.encoder import ClipEncoder, LoraSpec, accuracy, load_encoder, train_encoder
 from cmfl_flower.methods.base import Method
 from cmfl_flower.tokens import TextSide
-from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 
 def _encoder(cfg: AppConfig) -> ClipEncoder:

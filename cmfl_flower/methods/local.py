@@ -14,11 +14,11 @@ baselines import :mod:`cmfl_flower.token_round` (and with it diffusers) when the
 from __future__ import annotations
 
 from cmfl_flower.aliases import Arrays
-from cmfl_flower.client_round import base_metrics, evaluate, open_workspace
+from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
+from cmfl_flower.client.workspace import base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import train_encoder
 from cmfl_flower.methods.base import Method, RoundStrategy
-from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 
 class CollectMetrics(RoundStrategy):

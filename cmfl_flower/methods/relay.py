@@ -27,6 +27,7 @@ from flwr.common.logger import log
 
 from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
+from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
 from cmfl_flower.methods.base import Method, RoundStrategy
@@ -40,7 +41,6 @@ from cmfl_flower.wire import (
     parse_reply,
     relay_arrays,
 )
-from cmfl_flower.workspace import ClientState, ClientTask, RoundOutput
 
 UNKNOWN = 2**31 - 1  # class count of a local folder without data.classes: clients check ids
 _VOTE = re.compile(r"^(judged|rejected)-s(\d+)$")  # a receiver's screening report on one sender

@@ -59,11 +59,11 @@ from cmfl_flower.methods.base import (
     sampling_seed,
     to_record,
 )
-from cmfl_flower.methods.flower import EQUAL_WEIGHT_KEY, build_strategy
-from cmfl_flower.methods.flower_api import message_bytes, with_message_type
 from cmfl_flower.privacy import round_report
 from cmfl_flower.report import accepted_share, round_line
 from cmfl_flower.results import RunRecorder
+from cmfl_flower.server.flower_api import message_bytes, with_message_type
+from cmfl_flower.server.strategies import EQUAL_WEIGHT_KEY, build_strategy
 from cmfl_flower.weights import weights_problem
 
 SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max

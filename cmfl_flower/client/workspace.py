@@ -2,7 +2,7 @@
 
 :func:`open_workspace` loads them (the encoder once per process, see
 :func:`cmfl_flower.encoder.load_encoder`) and activates the client's adapter; :func:`evaluate`
-scores a round. The types a routine receives and returns are :mod:`cmfl_flower.workspace`'s.
+scores a round. The types a routine receives and returns are :mod:`cmfl_flower.client.task`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from cmfl_flower.aliases import Metrics
 from cmfl_flower.backbones import resolve_device, resolve_preset
+from cmfl_flower.client.task import ClientTask, client_seed
 from cmfl_flower.config import AppConfig, DataConfig
 from cmfl_flower.data import (
     ClientData,
@@ -47,7 +48,6 @@ from cmfl_flower.progress import Progress
 from cmfl_flower.report import SITE_CLASS, write_label_counts, write_sample_grid
 from cmfl_flower.results import output_root
 from cmfl_flower.tokens import TextSide
-from cmfl_flower.workspace import ClientTask, client_seed
 
 if TYPE_CHECKING:
     from cmfl_flower.generation import GeneratedImages

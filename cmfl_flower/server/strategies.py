@@ -33,7 +33,7 @@ FLOWER_STRATEGIES: dict[str, type[Strategy]] = {
     "bulyan": flower.Bulyan,
     "qfedavg": flower.QFedAvg,
 }
-EQUAL_WEIGHT_KEY = "unit-weight"  # under DP the harness weighs every usable reply 1
+EQUAL_WEIGHT_KEY = "unit-weight"  # under DP the round loop weighs every usable reply 1
 
 
 def strategy_class(name: str) -> type[Strategy]:
