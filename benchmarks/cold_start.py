@@ -14,7 +14,7 @@ measured in the same run (before each method).
 turns with this tree, method by method: a worktree of it in a temporary directory with the child
 module copied in (the server side is this tree's). The table then reads ``before -> after``.
 ``--full-size NAME`` measures imports and loads only (no message: its work takes minutes on a
-CPU) of a full-size architecture (:mod:`cmfl_flower.archs`) with random weights, written once in
+CPU) of a full-size architecture (:mod:`training.archs`) with random weights, written once in
 safetensors to ``--weights-dir``, the pipeline in the run's dtype (the CLIP stays float32).
 """
 
@@ -44,13 +44,13 @@ from benchmarks import ROOT
 from benchmarks.cold_start_child import LOADERS, dumps
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.aliases import Row
-from cmfl_flower.archs import build_clip, build_pipeline, clip_config
 from cmfl_flower.backbones import resolve_device, resolve_dtype
 from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import CONFIG_KEY, ROUND_KEY
 from cmfl_flower.server.rounds import run_federation
-from cmfl_flower.zoo.builders import save_clip
+from training.archs import build_clip, build_pipeline, clip_config
+from training.builders import save_clip
 
 CHILD = Path(__file__).with_name("cold_start_child.py")
 RESULTS = Path(__file__).with_name("results") / "cold_start.json"

@@ -25,7 +25,7 @@ It prints the rates and ratios; ``--results`` keeps them (default
 ``benchmarks/results/generation.json``, under ``--tag``, ``, run <i>`` added with ``--repeats``)
 with the command, commit and machine.
 ``--full-size bk-sdm-small|bk-sdm-v2-small`` builds the full-size architecture from
-:mod:`cmfl_flower.archs` with random weights instead (meant for a GPU: bf16/fp16, SDPA
+:mod:`training.archs` with random weights instead (meant for a GPU: bf16/fp16, SDPA
 attention, channels-last, optional ``--compile``; ``--height/--width`` make it runnable on a
 CPU at a small size).
 
@@ -52,7 +52,6 @@ import open_clip
 import torch
 
 from benchmarks import commit, store
-from cmfl_flower.archs import ARCHS, build_pipeline
 from cmfl_flower.backbones import (
     PRESETS,
     load_pipeline,
@@ -63,6 +62,7 @@ from cmfl_flower.backbones import (
 from cmfl_flower.config import BackboneConfig, GenerationConfig
 from cmfl_flower.generation import GenerationRequest, Generator, make_scheduler
 from cmfl_flower.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from training.archs import ARCHS, build_pipeline
 
 CLASS_NAMES = ("zero", "one", "two", "three")  # one request per name
 REFERENCE_STEPS = 50

@@ -25,10 +25,10 @@ from typing import Any
 
 from benchmarks.pool import PoolGrid
 from benchmarks.tokens import parse_override
-from cmfl_flower.archs import ARCHS
 from cmfl_flower.backbones import resolve_device, resolve_dtype
 from cmfl_flower.config import AppConfig
 from cmfl_flower.server.rounds import run_federation
+from training.archs import ARCHS
 
 PHASES = ("tokens", "generation", "encoder", "eval", "train")
 GIB = 1024**3

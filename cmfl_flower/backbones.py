@@ -49,10 +49,10 @@ class Preset:
 
 ZOO = "zoo:"  # a path inside the project's own zoo (see cmfl_flower.zoo.locate)
 PRESETS: dict[str, Preset] = {
-    # Trained by `python -m cmfl_flower.zoo.train_tiny` on public digits; ships with the package.
+    # Trained by `python -m training.train_tiny` on public digits; ships with the package.
     "tiny": Preset("tiny", f"{ZOO}tiny/clip", "", f"{ZOO}tiny/diffusion", 64),
     # tiny's text tower and pipeline, a vision tower trained on a few public images per class
-    # (`python -m cmfl_flower.zoo.train_fewshot`): weak zero-shot, for federated benchmarks.
+    # (`python -m training.train_fewshot`): weak zero-shot, for federated benchmarks.
     "tiny-fewshot": Preset(
         "tiny-fewshot", f"{ZOO}tiny-fewshot/clip", "", f"{ZOO}tiny/diffusion", 64
     ),

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cmfl_flower.archs import ARCHS, clip_config, load_arch, parameter_counts
 from cmfl_flower.backbones import PRESETS
+from training.archs import ARCHS, clip_config, load_arch, parameter_counts
 
 # Parameter counts published in the BK-SDM README (text encoders there include the 77
 # position ids, a buffer); the CLIP counts are open_clip's ViT-L-14 and ViT-H-14.

@@ -20,13 +20,13 @@ from cmfl_flower.backbones import (
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.images import to_pixels
-from cmfl_flower.zoo.builders import (
+from tests.pipelines import render
+from training.builders import (
     build_tiny_pipeline,
     clip_text_to_hf,
     save_clip,
     tiny_clip_config,
 )
-from tests.pipelines import render
 
 TINY = resolve_preset(BackboneConfig())
 

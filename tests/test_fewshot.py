@@ -11,8 +11,8 @@ from cmfl_flower import zoo
 from cmfl_flower.backbones import CLIP_WEIGHTS_FILE, LOCAL_DIR, load_clip, resolve_preset
 from cmfl_flower.config import BackboneConfig
 from cmfl_flower.data import load_source
-from cmfl_flower.zoo import train_fewshot
-from cmfl_flower.zoo.train_fewshot import Figures, Recipe
+from training import train_fewshot
+from training.train_fewshot import Figures, Recipe
 
 TINY = resolve_preset(BackboneConfig())
 FEWSHOT = resolve_preset(BackboneConfig(preset="tiny-fewshot"))
@@ -103,7 +103,7 @@ def test_quick_run_writes_a_loadable_checkpoint_card_and_metrics(tmp_path, monke
     assert sweep["chosen"]["per_class"] == 1 and sweep["chosen"]["worst_margin"] < 0
     train_fewshot.main(["--out", str(tmp_path), "--steps", "2", "--lora-epochs", "1"])
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "python -m cmfl_flower.zoo.train_fewshot --out" in card and "| figure |" in card
+    assert "python -m training.train_fewshot --out" in card and "| figure |" in card
     assert "How the recipe was chosen" in card and "| 1 | 2 |" in card and "1 epochs" in card
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["recipe"]["steps"] == 2 and metrics["counts"]["shots"] == 10 * Recipe.per_class

@@ -20,10 +20,10 @@ for name in BUILT_IN:
 print(json.dumps(sorted(sys.modules)))
 """
 NOT_AT_RUN_TIME = (
-    "cmfl_flower.zoo.builders",  # the tiny backbone's builders
-    "cmfl_flower.zoo.train_tiny",
-    "cmfl_flower.zoo.train_fewshot",
-    "cmfl_flower.archs",  # full-size architectures as data, for benchmarks
+    "training.builders",  # the tiny backbone's builders
+    "training.train_tiny",
+    "training.train_fewshot",
+    "training.archs",  # full-size architectures as data, for benchmarks
     "benchmarks",  # the loopback grid lives there
     "flwr_datasets",  # partitioning: only when data is prepared
     "datasets",

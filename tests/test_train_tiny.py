@@ -7,14 +7,14 @@ import torch
 
 from cmfl_flower.backbones import load_clip, load_pipeline, resolve_preset
 from cmfl_flower.config import BackboneConfig
-from cmfl_flower.zoo import train_tiny
 from tests.pipelines import render
+from training import train_tiny
 
 
 def test_quick_training_writes_weights_card_and_grid(tmp_path):
     train_tiny.main(["--quick", "--out", str(tmp_path)])
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "python -m cmfl_flower.zoo.train_tiny --quick" in card and "| gate | value |" in card
+    assert "python -m training.train_tiny --quick" in card and "| gate | value |" in card
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["generation_recognised"] <= 1.0
     assert len(metrics["per_class_recognised"]) == 10

@@ -19,7 +19,7 @@ from typing import Any
 import open_clip
 import torch
 
-from cmfl_flower.zoo.builders import assemble_pipeline, write_clip_tokenizer_files
+from training.builders import assemble_pipeline, write_clip_tokenizer_files
 
 ARCH_DIR = Path(__file__).resolve().parent
 ARCHS = ("bk-sdm-small", "bk-sdm-v2-small")

@@ -1,7 +1,7 @@
 """Train the ``tiny-fewshot`` CLIP: the tiny CLIP's text tower, a deliberately weak vision tower.
 
 The shipped ``tiny`` CLIP classifies held-out digits zero-shot almost perfectly, which leaves a
-federated strategy no room to gain. ``python -m cmfl_flower.zoo.train_fewshot`` builds a weaker
+federated strategy no room to gain. ``python -m training.train_fewshot`` builds a weaker
 CLIP for benchmarks:
 
 1. load the shipped tiny CLIP and keep its text tower (token embedding, positional embedding,
@@ -46,9 +46,10 @@ from cmfl_flower.encoder import (
     train_encoder,
 )
 from cmfl_flower.images import resize_uint8
+from cmfl_flower.zoo import HERE as ZOO_HOME
 from cmfl_flower.zoo import locate
-from cmfl_flower.zoo.builders import save_clip
-from cmfl_flower.zoo.train_tiny import (
+from training.builders import save_clip
+from training.train_tiny import (
     EVAL_TEMPLATE,
     IMAGE_SIZE,
     MEAN,
@@ -63,7 +64,7 @@ from cmfl_flower.zoo.train_tiny import (
     zero_shot_accuracy,
 )
 
-ZOO_FEWSHOT = Path(__file__).resolve().parent / "tiny-fewshot"
+ZOO_FEWSHOT = ZOO_HOME / "tiny-fewshot"  # the runtime reads the weights from the zoo
 # state-dict keys of the text tower: these stay byte-identical to the tiny CLIP's
 TEXT_PREFIXES = (
     "token_embedding.",
@@ -251,7 +252,7 @@ def write_sweep(
     """Record the sweep (public-validation figures only) in ``out/sweep.json``."""
     best, worst = choose(rows)
     record = {
-        "command": " ".join(["python -m cmfl_flower.zoo.train_fewshot", *sys.argv[1:]]),
+        "command": " ".join(["python -m training.train_fewshot", *sys.argv[1:]]),
         "goal": {
             "zero_shot_at_most": GOAL_ZERO_SHOT_AT_MOST,
             "central_lora_at_least": GOAL_CENTRAL_AT_LEAST,
@@ -317,7 +318,7 @@ def write_card(
 ) -> None:
     """The model card and ``metrics.json``."""
     lora, validation, test = cfg, figures["public_validation"], figures["test"]
-    command = " ".join(["python -m cmfl_flower.zoo.train_fewshot", *argv])
+    command = " ".join(["python -m training.train_fewshot", *argv])
     card = f"""# tiny-fewshot CLIP (cmfl-flower)
 
 A deliberately weak CLIP for federated benchmarks. The shipped `tiny` CLIP classifies held-out

@@ -1,6 +1,6 @@
 """Train the project's own tiny backbone on the *public* digits split (CPU, seeded).
 
-``python -m cmfl_flower.zoo.train_tiny`` trains, in order:
+``python -m training.train_tiny`` trains, in order:
 
 1. a tiny open_clip CLIP (vision and text towers, open_clip's real BPE tokenizer) with
    cross-entropy between images and the text features of the ten class prompts, several prompt
@@ -38,14 +38,15 @@ import torch.nn.functional as F
 from cmfl_flower.backbones import CLIP_CONFIG_FILE
 from cmfl_flower.data import LabeledImages, load_source
 from cmfl_flower.images import resize_uint8
-from cmfl_flower.zoo.builders import (
+from cmfl_flower.zoo import HERE as ZOO_HOME
+from training.builders import (
     build_tiny_pipeline,
     clip_text_to_hf,
     save_clip,
     tiny_components,
 )
 
-ZOO_TINY = Path(__file__).resolve().parent / "tiny"
+ZOO_TINY = ZOO_HOME / "tiny"  # the runtime reads the weights from the zoo
 IMAGE_SIZE = 32
 TEMPLATES = (
     "a photo of a {name}.",
@@ -354,7 +355,7 @@ def write_card(
     """The model card: data, split, steps, metrics and the exact command."""
     card = f"""# tiny backbone (cmfl-flower)
 
-Trained by `python -m cmfl_flower.zoo.train_tiny {" ".join(argv)}` in {seconds / 60:.1f} min on
+Trained by `python -m training.train_tiny {" ".join(argv)}` in {seconds / 60:.1f} min on
 {platform.machine()} CPU ({torch.get_num_threads()} threads, torch {torch.__version__}).
 
 - **Data:** the *public* split of scikit-learn's digits (40 %, stratified, seed 0; 8x8 images
@@ -378,7 +379,7 @@ Trained by `python -m cmfl_flower.zoo.train_tiny {" ".join(argv)}` in {seconds /
     (out / "metrics.json").write_text(json.dumps(asdict(gates) | {"seconds": seconds}, indent=2))
 
 
-REMEASURED = "Gates re-measured on the written weights by `python -m cmfl_flower.zoo.train_tiny"
+REMEASURED = "Gates re-measured on the written weights by `python -m training.train_tiny"
 
 
 def remeasure(out: Path, seed: int, per_class: int) -> Gates:
