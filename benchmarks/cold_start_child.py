@@ -61,24 +61,34 @@ def _generator(cfg: AppConfig) -> Any:
     return load_generator
 
 
+def _fed_diffusion() -> Any:
+    """The diffusion baselines' training module (``cmfl_flower.diffusion`` in older revisions)."""
+    import importlib
+
+    try:
+        return importlib.import_module("cmfl_flower.fed_diffusion")
+    except ModuleNotFoundError:
+        return importlib.import_module("cmfl_flower.diffusion")
+
+
 def _unet(cfg: AppConfig) -> Any:
     """The UNet ``diffusion-unet`` loads the global weights into."""
     from cmfl_flower.backbones import resolve_preset
-    from cmfl_flower.diffusion import ddpm_unet, ddpm_unet_name, latent_model
 
+    training = _fed_diffusion()
     preset = resolve_preset(cfg.backbone)
     if cfg.diffusion.model == "conditional":
-        latent_model(preset, _device(cfg), "fedavg")
-        return latent_model
-    ddpm_unet(ddpm_unet_name(cfg.diffusion, preset.name), _device(cfg))
-    return ddpm_unet
+        training.latent_model(preset, _device(cfg), "fedavg")
+        return training.latent_model
+    training.ddpm_unet(training.ddpm_unet_name(cfg.diffusion, preset.name), _device(cfg))
+    return training.ddpm_unet
 
 
 def _unet_lora(cfg: AppConfig) -> Any:
     """The preset's pipeline with the seeded UNet LoRA of ``diffusion-lora``."""
     from cmfl_flower.backbones import resolve_preset
-    from cmfl_flower.diffusion import attach_lora
 
+    attach_lora = _fed_diffusion().attach_lora
     d = cfg.diffusion
     attach_lora(resolve_preset(cfg.backbone), _device(cfg), d.lora_rank, d.lora_alpha, cfg.seed)
     return attach_lora

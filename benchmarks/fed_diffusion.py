@@ -63,7 +63,7 @@ from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import PartitionSpec, load_partition, load_source
 from cmfl_flower.data.store import prepare_partitions
-from cmfl_flower.diffusion import (
+from cmfl_flower.fed_diffusion import (
     LocalData,
     build_ddpm_unet,
     ddpm_unet_name,
@@ -71,7 +71,7 @@ from cmfl_flower.diffusion import (
     round_lr,
     train_steps,
 )
-from cmfl_flower.diffusion_server import DiffusionPublisher, measured
+from cmfl_flower.fed_diffusion_server import DiffusionPublisher, measured
 from cmfl_flower.report.page import latest_server_samples
 from cmfl_flower.server.rounds import run_federation
 

@@ -494,7 +494,7 @@ class DiffusionConfig(_Section):
     )
     unet: Literal["auto", "tiny", "ddpm-cifar10"] = Field(
         "auto",
-        description="Pixel DDPM architecture (`cmfl_flower.diffusion.DDPM_UNETS`); `auto` = "
+        description="Pixel DDPM architecture (`cmfl_flower.fed_diffusion.DDPM_UNETS`); `auto` = "
         "`tiny` on the tiny preset, else `ddpm-cifar10`.",
     )
     local_steps: int = Field(2, ge=1, description="Local optimiser steps per round (E).")

@@ -15,7 +15,7 @@ from cmfl_flower.backbones import load_pipeline, resolve_preset
 from cmfl_flower.client.store import read_state
 from cmfl_flower.config import AppConfig, BackboneConfig, DiffusionConfig
 from cmfl_flower.data import load_source
-from cmfl_flower.diffusion import load_optimizer_state, optimizer_state, round_lr
+from cmfl_flower.fed_diffusion import load_optimizer_state, optimizer_state, round_lr
 from cmfl_flower.fid import FrechetDistance, build_fd_metric
 from cmfl_flower.methods.base import METRICS_KEY, from_record
 from cmfl_flower.server.rounds import run_federation

@@ -61,7 +61,7 @@ CLIENT_STAGES = {
     "token methods": (
         ("cmfl-relay", "local-only-tokens", "names-generation"),
         # open_clip (and its CoCa) when a CLIP is loaded; the rest is the server's
-        ("open_clip", "matplotlib", "opacus", "torchmetrics", "cmfl_flower.diffusion_server"),
+        ("open_clip", "matplotlib", "opacus", "torchmetrics", "cmfl_flower.fed_diffusion_server"),
     ),
 }
 

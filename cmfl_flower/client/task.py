@@ -44,7 +44,7 @@ class ClientState:
 
     lora: LoraState | None = None
     tokens: TokenState | None = None
-    optimizer: dict[str, torch.Tensor] | None = None  # flat optimiser state, see diffusion.py
+    optimizer: dict[str, torch.Tensor] | None = None  # flat optimiser state, see fed_diffusion.py
     screening: dict[str, torch.Tensor] | None = None  # c<id> -> (E,) accepted text feature
 
 

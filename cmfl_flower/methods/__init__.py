@@ -10,7 +10,7 @@ method it runs.
 | ``cmfl-relay`` | :mod:`.relay` | learned class-token vectors (the method) |
 | ``local-only``, ``local-only-tokens``, ``names-generation`` | :mod:`.local` | metrics only |
 | ``encoder-lora`` | :mod:`.encoder_lora` | the vision LoRA (combined by ``strategy``) |
-| ``diffusion-unet``, ``diffusion-lora`` | :mod:`.diffusion` | the UNet or its LoRA |
+| ``diffusion-unet``, ``diffusion-lora`` | :mod:`.fed_diffusion` | the UNet or its LoRA |
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ BUILT_IN: dict[str, str] = {
     "local-only-tokens": "cmfl_flower.methods.local:LOCAL_ONLY_TOKENS",
     "names-generation": "cmfl_flower.methods.local:NAMES_GENERATION",
     "encoder-lora": "cmfl_flower.methods.encoder_lora:ENCODER_LORA",
-    "diffusion-unet": "cmfl_flower.methods.diffusion:DIFFUSION_UNET",
-    "diffusion-lora": "cmfl_flower.methods.diffusion:DIFFUSION_LORA",
+    "diffusion-unet": "cmfl_flower.methods.fed_diffusion:DIFFUSION_UNET",
+    "diffusion-lora": "cmfl_flower.methods.fed_diffusion:DIFFUSION_LORA",
 }
 
 __all__ = ["BUILT_IN", "Method", "action", "resolve_method"]

@@ -16,7 +16,7 @@ preset's UNet travels; round 1 sends the seeded adapter (its B matrices are zero
 The ``strategy`` key (FedAvg by default) combines the replies. After each round the server
 saves the global model for diffusers and, every ``diffusion.eval-every`` rounds and after the
 last, renders a sample grid and measures its Fréchet distance
-(:class:`~cmfl_flower.diffusion_server.DiffusionPublisher`); ``model-bytes`` is the full UNet's
+(:class:`~cmfl_flower.fed_diffusion_server.DiffusionPublisher`); ``model-bytes`` is the full UNet's
 size beside the bytes on the wire.
 """
 
@@ -31,7 +31,7 @@ from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput, client_seed
 from cmfl_flower.client.workspace import client_data
 from cmfl_flower.config import AppConfig
-from cmfl_flower.diffusion import (
+from cmfl_flower.fed_diffusion import (
     LocalData,
     LocalStep,
     captions_for,
@@ -43,7 +43,7 @@ from cmfl_flower.diffusion import (
 from cmfl_flower.methods.base import Method
 
 if TYPE_CHECKING:  # the server's side, which clients do not import
-    from cmfl_flower.diffusion_server import DiffusionPublisher, ModelKind
+    from cmfl_flower.fed_diffusion_server import DiffusionPublisher, ModelKind
 
 _PUBLISHERS: dict[tuple[str, ModelKind], DiffusionPublisher] = {}
 
@@ -54,7 +54,7 @@ def _kind(cfg: AppConfig, lora: bool) -> ModelKind:
 
 def publisher(cfg: AppConfig, run_dir: Path, lora: bool) -> DiffusionPublisher:
     """The run's publisher (one per run directory: it caches models and reference features)."""
-    from cmfl_flower.diffusion_server import DiffusionPublisher
+    from cmfl_flower.fed_diffusion_server import DiffusionPublisher
 
     key = (str(run_dir), _kind(cfg, lora))
     if key not in _PUBLISHERS:
@@ -129,7 +129,7 @@ def _publish(lora: bool) -> Callable[[AppConfig, Path, int, Arrays], Metrics]:
 
         ``model-bytes``: the full UNet's size.
         """
-        from cmfl_flower.diffusion_server import measured
+        from cmfl_flower.fed_diffusion_server import measured
 
         pub = publisher(cfg, run_dir, lora)
         measure = measured(cfg, server_round)

@@ -29,7 +29,7 @@ from cmfl_flower.aliases import Arrays
 from cmfl_flower.backbones import Preset, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import LabeledImages, load_source
-from cmfl_flower.diffusion import (
+from cmfl_flower.fed_diffusion import (
     LatentModel,
     attach_lora,
     build_ddpm_unet,
