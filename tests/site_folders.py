@@ -37,8 +37,11 @@ SITES = ({"zero": 12, "one": 12, "two": 12}, {"two": 8, "three": 8}, {"three": 6
 
 def held_classes(row: dict[str, object]) -> set[str]:
     """The class names a site's reply says it holds (``site-class-<id>`` above 0)."""
-    prefix = SITE_CLASS
-    return {DIGIT_NAMES[int(k.removeprefix(prefix))] for k, v in row.items() if prefix in k and v}
+    return {
+        DIGIT_NAMES[int(k.removeprefix(SITE_CLASS))]
+        for k, v in row.items()
+        if k.startswith(SITE_CLASS) and v
+    }
 
 
 def report_lists(page: str, counts: dict[str, int]) -> bool:

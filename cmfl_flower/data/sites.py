@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,12 +106,13 @@ def _read(by_class: dict[int, list[Path]], classes: tuple[str, ...], side: int) 
 
 def _decode(
     files: dict[str, dict[int, list[Path]]], classes: tuple[str, ...], side: int
-) -> ClientData:
+) -> dict[str, LabeledImages]:
+    """``train`` and ``test``: the folder's own splits, else a stratified 20 % held out."""
     if "all" not in files:
-        return ClientData(*(_read(files[split], classes, side) for split in SPLITS))
+        return {split: _read(files[split], classes, side) for split in SPLITS}
     whole = _read(files["all"], classes, side)
     train, test = split_indices(whole.labels, FOLDER_TEST_FRACTION, SPLIT_SEED)
-    return ClientData(whole.subset(train), whole.subset(test))
+    return {"train": whole.subset(train), "test": whole.subset(test)}
 
 
 def load_site(path: Path, classes: tuple[str, ...], image_size: int, root: Path) -> ClientData:
@@ -121,14 +123,16 @@ def load_site(path: Path, classes: tuple[str, ...], image_size: int, root: Path)
     """
     path = path.expanduser()
     files = site_files(path, classes)
-    cache = root / SITES_DIR / fingerprint(path, files, [list(classes), image_size])
-    if all((cache / f"{split}.npz").is_file() for split in SPLITS):
-        return ClientData(*(_load(cache / f"{split}.npz", classes) for split in SPLITS))
-    data = _decode(files, classes, image_size)
-    cache.mkdir(parents=True, exist_ok=True)
-    for split, part in zip(SPLITS, (data.train, data.test), strict=True):
-        _save(cache / f"{split}.npz", part)
-    return data
+    data = _cached(
+        path,
+        files,
+        [list(classes), image_size],
+        root,
+        SPLITS,
+        classes,
+        decode=lambda: _decode(files, classes, image_size),
+    )
+    return ClientData(data["train"], data["test"])
 
 
 def load_eval_folder(
@@ -141,12 +145,39 @@ def load_eval_folder(
     files = {"eval": _files(path, classes)}
     if not files["eval"]:
         raise ValueError(f"eval-path {str(path)!r} holds no image of any class in data.classes")
-    file = root / SITES_DIR / fingerprint(path, files, [list(classes), image_size]) / "eval.npz"
-    if file.is_file():
-        return _load(file, classes)
-    data = _read(files["eval"], classes, image_size)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    _save(file, data)
+    key = [list(classes), image_size]
+    data = _cached(
+        path,
+        files,
+        key,
+        root,
+        ("eval",),
+        classes,
+        decode=lambda: ({"eval": _read(files["eval"], classes, image_size)}),
+    )
+    return data["eval"]
+
+
+def _cached(
+    path: Path,
+    files: dict[str, dict[int, list[Path]]],
+    key: object,
+    root: Path,
+    names: tuple[str, ...],
+    classes: tuple[str, ...],
+    decode: Callable[[], dict[str, LabeledImages]],
+) -> dict[str, LabeledImages]:
+    """The sets ``names`` of folder ``path``: from the cache under ``root``, else ``decode()``.
+
+    The cache is keyed by the folder's :func:`fingerprint` with ``key`` (class list, image size).
+    """
+    cache = root / SITES_DIR / fingerprint(path, files, key)
+    if all((cache / f"{name}.npz").is_file() for name in names):
+        return {name: _load(cache / f"{name}.npz", classes) for name in names}
+    data = decode()
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        _save(cache / f"{name}.npz", data[name])
     return data
 
 

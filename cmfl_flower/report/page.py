@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from cmfl_flower.aliases import Row
+from cmfl_flower.config import class_list
 from cmfl_flower.paths import (
     ACCURACY_PNG,
     CLIENT_ROWS,
@@ -456,7 +457,8 @@ def site_classes(run: RunView) -> dict[int, dict[str, int]]:
     From the latest reply of each site with ``site-class-<id>`` metrics (sites that brought
     their own folder, node config ``data-path``); names from ``data.classes``.
     """
-    names = [n.strip() for n in str(run.run_config.get("data.classes", "")).split(",")]
+    listed = str(run.run_config.get("data.classes", ""))
+    names = class_list(listed) if listed else ()
     found: dict[int, dict[str, int]] = {}
     for row in sorted(run.clients, key=lambda r: r.get("round", 0)):
         counts = {
