@@ -325,7 +325,30 @@ class ScreeningConfig(_Section):
 class GenerationConfig(_Section):
     """Synthetic images from received class tokens (BK-SDM / the tiny pipeline)."""
 
-    images_per_class: int = Field(4, ge=0, description="Images generated per received class.")
+    images_per_class: int = Field(
+        4,
+        ge=0,
+        description="Images generated per request: per received (sender, class) set for the "
+        "relay, per lacking class for `names-generation`.",
+    )
+    images_per_round: int = Field(
+        0,
+        ge=0,
+        description="Images a client generates per round in total, spread evenly over its "
+        "requests (replaces `images-per-class` when > 0): gives methods that make different "
+        "numbers of requests the same synthetic budget.",
+    )
+    held_classes: bool = Field(
+        True,
+        description="The relay also generates from peers' vectors of the classes the client "
+        "learns its own vectors for (false: only from those of classes it lacks).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a request gets any image."""
+        return self.images_per_class > 0 or self.images_per_round > 0
+
     batch_size: int = Field(8, ge=1, description="Images per denoising batch.")
     steps: int = Field(20, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=1, description="Classifier-free guidance scale.")

@@ -114,6 +114,27 @@ def prepare_pipeline(pipeline: Any) -> Any:
     return pipeline
 
 
+def images_per_request(requests: list[GenerationRequest], cfg: GenerationConfig) -> list[int]:
+    """How many images each request gets: ``images-per-class``, or a share of the round's budget.
+
+    With ``images-per-round`` = B > 0 the B images are spread over the R requests as evenly as
+    integers allow (B // R each); the B % R extra images go one each to the requests first in an
+    order that takes every class's first request before any class's second (in request order
+    otherwise), so that the extras spread over classes rather than over one class's senders.
+    """
+    if cfg.images_per_round == 0:
+        return [cfg.images_per_class] * len(requests)
+    counts = [cfg.images_per_round // len(requests)] * len(requests) if requests else []
+    seen: dict[int, int] = {}
+    rank = []  # (this request's position among its class's requests, request index)
+    for r, req in enumerate(requests):
+        rank.append((seen.get(req.class_id, 0), r))
+        seen[req.class_id] = seen.get(req.class_id, 0) + 1
+    for _, r in sorted(rank)[: cfg.images_per_round % max(len(requests), 1)]:
+        counts[r] += 1
+    return counts
+
+
 def _batches(jobs: list[_Job], size: int) -> Iterator[list[_Job]]:
     for start in range(0, len(jobs), size):
         yield jobs[start : start + size]
@@ -219,11 +240,12 @@ class Generator:
         server_round: int,
         progress: Progress = QUIET,
     ) -> GeneratedImages:
-        """``cfg.images_per_class`` images per request, each with its own noise seed."""
+        """:func:`images_per_request` images per request, each with its own noise seed."""
+        counts = images_per_request(requests, cfg)
         jobs = [
             _Job(r, image_seed(run_seed, server_round, req.sender, req.class_id, i))
             for r, req in enumerate(requests)
-            for i in range(cfg.images_per_class)
+            for i in range(counts[r])
         ]
         labels = np.array([requests[j.request].class_id for j in jobs], dtype=np.int64)
         senders = np.array([requests[j.request].sender for j in jobs], dtype=np.int64)

@@ -333,7 +333,7 @@ def _dropped_metrics(dropped: Counter[str]) -> Metrics:
 def _generate(ws: Workspace, requests: list[GenerationRequest]) -> GeneratedImages:
     """Images for ``requests`` (none when nothing is requested or generation is off)."""
     cfg = ws.cfg
-    if not requests or cfg.generation.images_per_class == 0:
+    if not requests or not cfg.generation.enabled:
         return GeneratedImages(
             np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
         )
@@ -396,6 +396,9 @@ def token_round(
     bank = own_bank(ws, state)
     if source == "relay":
         knowledge = relayed_knowledge(ws, received)
+        if not cfg.generation.held_classes:
+            lacking = [r for r in knowledge.requests if r.class_id not in bank.class_ids]
+            knowledge = replace(knowledge, requests=lacking)
     elif source == "names":
         knowledge = name_knowledge(ws, bank)
     else:
@@ -405,7 +408,7 @@ def token_round(
         with torch.no_grad():
             return ws.text.encode(class_vectors(ws.text, bank, names, knowledge.fallback))
 
-    generating = bool(knowledge.requests) and cfg.generation.images_per_class > 0
+    generating = bool(knowledge.requests) and cfg.generation.enabled
     if generating or (bank.class_ids and cfg.tokens.objective != "clip"):
         with ws.phase("load"):  # once per process: later calls find it loaded
             _generator(ws)

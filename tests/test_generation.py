@@ -14,6 +14,7 @@ from cmfl_flower.generation import (
     GenerationRequest,
     Generator,
     image_seed,
+    images_per_request,
     load_generator,
     make_scheduler,
 )
@@ -127,6 +128,21 @@ def test_outputs_match_the_requests(generator):
     assert out.labels.dtype == np.int64 and out.senders.dtype == np.int64
     assert out.labels.tolist() == [7, 7, 7, 3, 3, 3, 7, 7, 7]
     assert out.senders.tolist() == [1, 1, 1, 2, 2, 2, 2, 2, 2]
+
+
+def test_a_round_budget_is_spread_over_requests_and_classes(generator):
+    reqs = requests(generator)  # class 7 from senders 1 and 2, class 3 from sender 2
+    assert images_per_request(reqs, fast(images_per_round=7)) == [3, 2, 2]
+    # one extra image: class 7's first sender; two: each class's first sender, not 7's second
+    assert images_per_request(reqs, fast(images_per_round=4)) == [2, 1, 1]
+    assert images_per_request(reqs, fast(images_per_round=5)) == [2, 2, 1]
+    assert images_per_request(reqs, fast(images_per_round=2)) == [1, 1, 0]
+    assert images_per_request([], fast(images_per_round=5)) == []
+    out = generator.generate(reqs, fast(images_per_round=5), run_seed=0, server_round=1)
+    assert out.labels.tolist() == [7, 7, 3, 3, 7] and out.senders.tolist() == [1, 1, 2, 2, 2]
+    # the images a request gets are those it gets per class: a budget changes only how many
+    per_class = generator.generate(reqs, fast(), run_seed=0, server_round=1)
+    assert np.array_equal(out.images[:2], per_class.images[:2])
 
 
 @pytest.mark.parametrize("cfg", [None, fast(images_per_class=0)])

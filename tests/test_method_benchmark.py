@@ -19,16 +19,39 @@ def test_noise_for_reaches_the_target_epsilon(target):
 
 def test_checks_state_each_target_with_its_margin():
     rows = {
+        "centralised": {"mean": 0.82, "bytes_per_round": 0.0},
+        "centralised-tokens": {"mean": 0.90, "bytes_per_round": 0.0},
         "cmfl-relay": {"mean": 0.80, "bytes_per_round": 1_000.0},
+        "cmfl-relay-no-cap": {"mean": 0.95, "bytes_per_round": 1_000.0},  # no rival: a variant
         "local-only": {"mean": 0.60, "bytes_per_round": 0.0},
-        "names-generation": {"mean": 0.75, "bytes_per_round": 0.0},
-        "fedavg-encoder": {"mean": 0.85, "bytes_per_round": 10_000.0},
+        "names-generation": {"mean": 0.78, "bytes_per_round": 0.0},
+        "fedavg-encoder": {"mean": 0.75, "bytes_per_round": 10_000.0},
     }
     p1 = method.checks("P1", rows)
-    assert p1[0] == "cmfl-relay - local-only: +20.0 points (target >= +15): met"
-    assert p1[1] == "cmfl-relay - names-generation: +5.0 points (target >= -2): met"
+    assert p1[0] == "cmfl-relay - best rival (names-generation): +2.0 points (target >= +3): missed"
+    assert p1[1] == "centralised - cmfl-relay: +2.0 points (target <= 3): met"
     assert p1[2] == "relay bytes / fedavg-encoder bytes: 0.100 (target <= 0.2): met"
-    assert method.checks("P3", rows)[1].endswith("(target >= +10): missed")
+    p3 = method.checks("P3", rows)
+    assert p3[0].endswith("(target > 0): met")
+    assert p3[1] == "centralised-tokens - cmfl-relay: +10.0 points (target <= 5): missed"
+
+
+def test_the_held_classes_decision_and_the_provenance_are_printed_from_the_rows():
+    details = {
+        "cmfl-relay": {"validation": [0.70, 0.74, float("nan")]},
+        "cmfl-relay-lacking-only": {"validation": [0.75, 0.72, 0.71]},
+    }
+    assert method.held_classes(details) == [
+        "held classes: best validation 0.740 generating for them, 0.750 for lacking classes "
+        "only: generation.held-classes = false"
+    ]
+    assert method.held_classes({"cmfl-relay": details["cmfl-relay"]}) == []
+    stamp = {"commit": "0123456789abcdef", "command": "python -m benchmarks.method", "date": "d"}
+    rows = {"local-only": stamp, "cmfl-relay": stamp, "zero-shot": {}}
+    assert method.provenance(rows) == [
+        "local-only, cmfl-relay: `python -m benchmarks.method` at 0123456789ab on d",
+        "zero-shot: measured before rows recorded their provenance",
+    ]
 
 
 def test_best_setting_is_chosen_on_validation_accuracy():
@@ -73,13 +96,13 @@ def test_show_prints_the_stored_tables_in_arm_order_and_names_a_missing_file(tmp
     out = capsys.readouterr().out
     assert out.index("| local-only | 3 | 0.500") < out.index("| cmfl-relay | 3 | 0.700")
     assert "| local-only | 3 | 0.500 | 0.600 | 0.800 | 2.0 kB | lr 0.001 |" in out
-    assert "cmfl-relay - local-only: +20.0 points (target >= +15): met" in out
+    assert "cmfl-relay - best rival (local-only): +20.0 points (target >= +3): met" in out
     assert "P3" not in out  # nothing stored for it
     with pytest.raises(SystemExit, match="method-details.json"):
         method.main(["--show", "--results", str(tmp_path / "empty")])
 
 
-def test_the_default_arms_are_the_issues_nine_and_no_cap_runs_when_named(tmp_path, monkeypatch):
+def test_the_default_arms_and_the_optional_ones_run_when_named(tmp_path, monkeypatch):
     ran: list[tuple[str, ...]] = []
 
     def fake_protocol(protocol, seeds, arms, root, args):
@@ -93,12 +116,13 @@ def test_the_default_arms_are_the_issues_nine_and_no_cap_runs_when_named(tmp_pat
     assert ran[0] == (
         "zero-shot",
         "centralised",
+        "centralised-tokens",
         "local-only",
         "local-only-tokens",
         "names-generation",
         "fedavg-encoder",
-        "fedprox-encoder",
         "cmfl-relay",
+        "cmfl-relay-lacking-only",
         "cmfl-relay-no-generation",
     )
     assert ran[1] == ("cmfl-relay", "cmfl-relay-no-cap")

@@ -54,3 +54,25 @@ def test_two_clients_share_the_backbone_but_keep_their_own_adapter_and_bank(tmp_
     device = str(ws1.encoder.bundle.device)
     generator = load_generator(resolve_preset(cfg.backbone), device, cfg.tokens.template)
     assert load_generator(resolve_preset(cfg.backbone), device, cfg.tokens.template) is generator
+
+
+def test_a_relay_round_can_skip_held_classes_and_keep_a_round_budget(tmp_path):
+    def cfg(**overrides: object) -> AppConfig:
+        iid = {"data.partitioner": "iid", "generation.images-per-class": 1}
+        return AppConfig.from_run_config(make_cfg(tmp_path).to_run_config() | iid | overrides)
+
+    out0 = relay_round(cfg(), ClientTask(0, 2, 1), ClientState(), {})
+    first1 = relay_round(cfg(), ClientTask(1, 2, 1), ClientState(), {})
+    entries = parse_reply(out0.arrays, ANY_SIZE, labelled=True)
+    sent = {e.class_id for e in entries}
+    held = {int(key[1:]) for key in first1.state.tokens}
+    assert sent & held  # the peer sends classes client 1 holds
+    received = relay_arrays([TokenEntry(0, e.class_id, e.vectors) for e in entries])
+
+    def generated(**overrides: object) -> float:
+        out = relay_round(cfg(**overrides), ClientTask(1, 2, 2), first1.state, received)
+        return out.metrics["num-generated"]
+
+    assert generated() == len(sent)  # one image per received set
+    assert generated(**{"generation.held-classes": False}) == len(sent - held)
+    assert generated(**{"generation.images-per-round": 5}) == 5
