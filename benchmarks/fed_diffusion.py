@@ -63,16 +63,10 @@ from cmfl_flower.client.workspace import data_dir
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import PartitionSpec, load_partition, load_source
 from cmfl_flower.data.store import prepare_partitions
-from cmfl_flower.fed_diffusion import (
-    LocalData,
-    build_ddpm_unet,
-    ddpm_unet_name,
-    module_arrays,
-    round_lr,
-    train_steps,
-)
+from cmfl_flower.fed_diffusion import LocalData, round_lr, train_steps
+from cmfl_flower.fed_diffusion_models import build_ddpm_unet, ddpm_unet_name, module_arrays
 from cmfl_flower.fed_diffusion_server import DiffusionPublisher, measured
-from cmfl_flower.report.page import latest_server_samples
+from cmfl_flower.report.run import latest_server_samples
 from cmfl_flower.server.rounds import run_federation
 
 SEED = 0

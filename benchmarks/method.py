@@ -63,6 +63,7 @@ from benchmarks.loopback import LoopbackGrid
 from benchmarks.tokens import parse_override
 from client_app import app as client_app
 from cmfl_flower import report
+from cmfl_flower.backbones import largest_token_norm
 from cmfl_flower.client.store import load_state
 from cmfl_flower.client.task import ClientTask
 from cmfl_flower.client.workspace import data_dir, open_workspace
@@ -425,6 +426,16 @@ def drift_norms(run_dir: Path, cfg: AppConfig) -> list[float]:
     return norms
 
 
+def public_clip_norm(cfg: AppConfig) -> float:
+    """The DP clip norm from public information: the backbone's longest pretrained token.
+
+    Every party holds the backbone's weights; a class vector may then drift from its name by at
+    most the length of the longest token the text tower was trained with.
+    """
+    ws = open_workspace(cfg, ClientTask(0, CLIENTS, 1), None)
+    return largest_token_norm(ws.text.bundle)
+
+
 def noise_for(target: float, clip_norm: float) -> float:
     """The ``privacy.noise-multiplier`` giving total epsilon ``target`` per vector after the run."""
     low, high = 0.05, 200.0
@@ -443,13 +454,18 @@ def privacy_sweep(
     Receivers denoise (the default) unless ``control``: then one more run at the largest
     epsilon without denoising shows what the denoising does.
 
-    The clip norm is the largest drift of a class's vectors from its name's embedding that the
-    clients held after the run without DP, so clipping changes little and the noise alone pays
-    for the privacy.
+    The clip norm comes from public information only (:func:`public_clip_norm`); the rows
+    record how much of the run without DP it would clip (``clipped-share``, ``largest-drift``),
+    which no party learns from the release.
     """
     plain = run_arm(Job("cmfl-relay", protocol, 0, tag="-dp-off"), root)
     cfg = config(protocol, 0, root, "drift", FEDERATED["cmfl-relay"])
-    clip_norm = max(drift_norms(Path(plain["run-dir"]), cfg))
+    clip_norm = public_clip_norm(cfg)
+    drifts = drift_norms(Path(plain["run-dir"]), cfg)
+    seen = {
+        "largest-drift": max(drifts),
+        "clipped-share": float(np.mean([d > clip_norm for d in drifts])),
+    }
     settings = [(target, True) for target in targets] + [(max(targets), False)] * control
     jobs = []
     for target, denoised in settings:
@@ -468,6 +484,7 @@ def privacy_sweep(
             "clip-norm": clip_norm,
             "acc": plain["acc"],
             "generated-recognised": plain["generated-recognised"],
+            **seen,
         }
     ]
     for job, result in zip(jobs, run_all(jobs, root, workers, threads), strict=True):
@@ -570,7 +587,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(privacy_table(args.protocol[0], rows))
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "method-privacy.json").write_text(json.dumps(rows, indent=2))
+        stamp = {"command": command(), "commit": args.commit, "date": time.strftime("%Y-%m-%d")}
+        (args.results / "method-privacy.json").write_text(
+            json.dumps(stamp | {"protocol": args.protocol[0], "rows": rows}, indent=2)
+        )
         return
     torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
@@ -644,6 +664,18 @@ def show(results: Path, protocols: list[str]) -> None:
     for protocol in (p for p in protocols if p in stored):
         rows = {arm: stored[protocol][arm] for arm in ARMS if arm in stored[protocol]}
         print_protocol(protocol, rows, details.get(protocol, {}))
+    privacy = results / "method-privacy.json"
+    if privacy.is_file():
+        sweep = json.loads(privacy.read_text())
+        if isinstance(sweep, list):  # written before the sweep recorded its provenance
+            sweep = {"protocol": "P1", "rows": sweep}
+        print()
+        print(privacy_table(sweep["protocol"], sweep["rows"]))
+        print()
+        if "commit" in sweep:
+            print(f"- `{sweep['command']}` at {sweep['commit'][:12]} on {sweep['date']}")
+        else:
+            print("- measured before the sweep recorded its provenance")
 
 
 def write_merged(path: Path, by_protocol: dict[str, Any]) -> None:

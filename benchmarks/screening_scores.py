@@ -30,13 +30,13 @@ from cmfl_flower.client.store import read_state
 from cmfl_flower.client.task import ClientTask
 from cmfl_flower.client.workspace import open_workspace
 from cmfl_flower.config import AppConfig
+from cmfl_flower.knowledge import relayed_knowledge
 from cmfl_flower.screening import NONE, TOKEN, Verdict, judge_sets
 from cmfl_flower.token_round import (
     _generate,
     image_evidence,
     judge_features,
     own_bank,
-    relayed_knowledge,
     token_evidence,
 )
 from cmfl_flower.wire import TokenEntry, relay_arrays

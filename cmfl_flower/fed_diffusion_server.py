@@ -29,7 +29,8 @@ from cmfl_flower.aliases import Arrays
 from cmfl_flower.backbones import Preset, resolve_device, resolve_preset
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data import LabeledImages, load_source
-from cmfl_flower.fed_diffusion import (
+from cmfl_flower.fed_diffusion import render_prompts, sample_ddpm
+from cmfl_flower.fed_diffusion_models import (
     LatentModel,
     attach_lora,
     build_ddpm_unet,
@@ -40,8 +41,6 @@ from cmfl_flower.fed_diffusion import (
     lora_config,
     module_arrays,
     module_bytes,
-    render_prompts,
-    sample_ddpm,
 )
 from cmfl_flower.fid import FrechetDistance, build_fd_metric, fd_metric_name
 from cmfl_flower.paths import ADAPTER_DIR, MODEL_DIR, SAMPLES_DIR

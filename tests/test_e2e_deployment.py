@@ -62,7 +62,7 @@ NUM_NODES = 3
 # the plug-in relay, sized for a 2-core CI machine; every round is one message per node. The
 # plain deployment runs 2 rounds (round 2 relays); TLS and namespaces, about connections, 1.
 OVERRIDES = (
-    "method='tests.example_plugin:BEST_PEER' generation.steps=2 "
+    "method='examples.best_peer:BEST_PEER' generation.steps=2 "
     "generation.images-per-class=1 tokens.epochs=1 tokens.objective='clip' "
     f"federation.min-nodes={NUM_NODES} federation.wait-for-nodes=90"
 )

@@ -63,9 +63,7 @@ def flwr_run(tmp_path, num_nodes: int, overrides: str, federation: str = "") -> 
 def test_flwr_run_two_clients_one_round_completes(tmp_path):
     # GPU-box settings (client resources, auto device and dtype) must also run on a CPU machine
     resources = "client-resources-num-cpus=1 client-resources-num-gpus=0.0"
-    overrides = (
-        "method='tests.example_plugin:BEST_PEER' federation.rounds=1 backbone.device='auto' "
-    )
+    overrides = "method='examples.best_peer:BEST_PEER' federation.rounds=1 backbone.device='auto' "
     overrides += "backbone.dtype='auto' generation.batch-size=4 tokens.objective='clip'"
     run_dir = flwr_run(tmp_path, 2, overrides, federation=resources)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

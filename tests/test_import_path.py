@@ -98,3 +98,11 @@ def test_only_the_server_and_method_modules_import_flower():
 def test_the_old_path_of_the_routines_types_names_the_new_one():
     with pytest.raises(ImportError, match=r"moved to cmfl_flower\.client\.task"):
         importlib.import_module("cmfl_flower.workspace")
+
+
+def test_the_old_path_of_the_example_plug_in_names_the_new_one():
+    from cmfl_flower.methods import resolve_method
+
+    with pytest.raises(ValueError, match=r"use method = 'examples\.best_peer:BEST_PEER'"):
+        resolve_method("tests.example_plugin:BEST_PEER")
+    assert resolve_method("examples.best_peer:BEST_PEER").name == "best-peer-relay"

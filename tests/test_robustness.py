@@ -19,7 +19,8 @@ from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
-from cmfl_flower.server.rounds import refusal_kind, run_federation
+from cmfl_flower.server.replies import refusal_kind
+from cmfl_flower.server.rounds import run_federation
 from cmfl_flower.weights import weights_problem
 from tests.test_strategies import make_cfg, relayed
 
@@ -225,6 +226,8 @@ def _sign_flipping(message, context):
 
 
 ROBUST_NODES = 5  # 4 honest clients and 1 attacker: Krum needs n > 2f + 2
+NORM_SCREENED = "examples.norm_screened:NormScreenedFedAvg"  # the custom-strategy example
+STRATEGY_ARGS = {"krum": "num_malicious_nodes=1", NORM_SCREENED: "max_ratio=3.0"}
 
 
 def robust_accuracy(tmp_path, strategy: str, attacked: bool = True) -> float:
@@ -235,8 +238,8 @@ def robust_accuracy(tmp_path, strategy: str, attacked: bool = True) -> float:
         1,
         **{
             "strategy": strategy,
-            "strategy-args": "num_malicious_nodes=1" if "krum" in strategy else "",
-            "output.run-name": f"robust-{strategy}-{attacked}",
+            "strategy-args": STRATEGY_ARGS.get(strategy, ""),
+            "output.run-name": f"robust-{strategy.rpartition(':')[2]}-{attacked}",
             "data.partitioner": "iid",
             "backbone.preset": "tiny-fewshot",  # zero-shot 0.69: the adapter matters
         },
@@ -250,7 +253,7 @@ def robust_accuracy(tmp_path, strategy: str, attacked: bool = True) -> float:
 
 def test_robust_aggregation_holds_where_fedavg_loses_it(tmp_path):
     honest = robust_accuracy(tmp_path, "fedavg", attacked=False)
-    robust = ("krum", "fedmedian", "fedtrimmedavg")
+    robust = ("krum", "fedmedian", "fedtrimmedavg", NORM_SCREENED)
     scores = {s: robust_accuracy(tmp_path, s) for s in ("fedavg", *robust)}
     print(f"server-global-acc: no attacker {honest:.3f}; beside a sign-flipping client {scores}")
     assert scores["fedavg"] <= honest - 0.3

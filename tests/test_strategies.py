@@ -241,7 +241,7 @@ def test_a_strategy_is_refused_for_a_method_with_its_own_server_side(tmp_path):
 
 
 def test_plugin_method_by_import_path(tmp_path):
-    grid, _, _ = run(tmp_path, "tests.example_plugin:BEST_PEER", num_nodes=3, rounds=2)
+    grid, _, _ = run(tmp_path, "examples.best_peer:BEST_PEER", num_nodes=3, rounds=2)
     assert {m.metadata.message_type for m in grid.sent} == {"train"}  # the default handler
     later = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 2]
     for message in later:  # one peer's vectors, never the client's own
@@ -284,7 +284,7 @@ def test_metric_record_summary_is_returned(tmp_path):
 
 
 def test_received_mean_fallback_averages_vectors_of_equal_shape():
-    from cmfl_flower.token_round import _received_means
+    from cmfl_flower.knowledge import _received_means
     from cmfl_flower.wire import TokenEntry
 
     a = np.ones((1, 4), np.float32)

@@ -116,36 +116,35 @@ def reply(output: RoundOutput, message: Message, server_round: int) -> Message:
     return Message(content, reply_to=message)
 
 
-class RoundStrategy(Strategy):
-    """A method's own server side, run by Flower's ``Strategy.start`` like any strategy.
+class ServerHooks:
+    """What the run's round loop asks of a method's server side, whatever its kind.
 
-    Every round it samples ``federation.fraction`` of the connected nodes (seeded, at least
-    ``federation.min-nodes``), sends each a ``train`` message with :meth:`arrays_for`, and
-    passes each usable reply to :meth:`absorb`. Replies were checked before (the run's
-    round loop refuses malformed ones and those :meth:`check_reply` rejects). :meth:`state` and
-    :meth:`load_state` are checkpointed after each round and restored on ``output.resume``;
-    :meth:`round_metrics` adds to the round's summary.
+    A weight method's hooks wrap a Flower strategy
+    (:class:`cmfl_flower.server.strategies.WeightHooks`); a :class:`RoundStrategy` is its own.
+    Per round the loop calls :meth:`sent` for every ``train`` message, :meth:`check_reply` for
+    every reply that passed the common checks and :meth:`accepted` for every usable one; after
+    the round :meth:`end_round` with the strategy's arrays, then :meth:`round_metrics` and
+    :meth:`state` (the checkpoint). On a start or resume it sets :attr:`first_round`, calls
+    :meth:`load_state` with a checkpoint and sends round 1 :meth:`initial_arrays`.
     """
 
-    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.first_round = 1  # set by the round loop: after a resume Flower still counts from 1
+    first_round = 1  # set by the round loop: after a resume Flower still counts from 1
 
-    # ----- hooks -------------------------------------------------------------------------
-    def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
-        """Arrays to send to ``node_id`` this round (None: none)."""
-        return None
+    def sent(self, node_id: int, arrays: Arrays | None) -> None:
+        """A ``train`` message for ``node_id`` carries ``arrays`` (None: no ArrayRecord)."""
 
     def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
         """Why a reply cannot be used (``"<kind>: <detail>"``), or None."""
         return None
 
-    def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
-        """Take one usable reply."""
+    def accepted(self, metrics: MetricRecord) -> None:
+        """A usable reply's metrics, before the strategy sees them (may add keys)."""
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """The round is over; ``arrays``: what the strategy holds after it."""
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
-        """Extra figures for the round's summary (called once, after :meth:`absorb`)."""
+        """Extra figures for the round's summary (called once, after :meth:`end_round`)."""
         return {}
 
     def state(self) -> tuple[Arrays, dict[str, Any]]:
@@ -154,6 +153,34 @@ class RoundStrategy(Strategy):
 
     def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
         """Restore what :meth:`state` returned."""
+
+    def initial_arrays(self) -> Arrays:
+        """The arrays the strategy starts from (after :meth:`load_state` on a resume)."""
+        return {}
+
+
+class RoundStrategy(Strategy, ServerHooks):
+    """A method's own server side, run by Flower's ``Strategy.start`` like any strategy.
+
+    Every round it samples ``federation.fraction`` of the connected nodes (seeded, at least
+    ``federation.min-nodes``), sends each a ``train`` message with :meth:`arrays_for`, and
+    passes each usable reply to :meth:`absorb`. Replies were checked before (the run's
+    round loop refuses malformed ones and those :meth:`check_reply` rejects). It is its own
+    :class:`ServerHooks`: :meth:`state` and :meth:`load_state` are checkpointed after each round
+    and restored on ``output.resume``; :meth:`round_metrics` adds to the round's summary.
+    """
+
+    def __init__(self, cfg: AppConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+
+    # ----- hooks -------------------------------------------------------------------------
+    def arrays_for(self, server_round: int, node_id: int) -> Arrays | None:
+        """Arrays to send to ``node_id`` this round (None: none)."""
+        return None
+
+    def absorb(self, server_round: int, node_id: int, metrics: Metrics, arrays: Arrays) -> None:
+        """Take one usable reply."""
 
     # ----- Flower's Strategy -------------------------------------------------------------
     def round(self, flower_round: int) -> int:

@@ -30,9 +30,10 @@ from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
 from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
+from cmfl_flower.knowledge import norm_bound
 from cmfl_flower.methods.base import Method, RoundStrategy
 from cmfl_flower.privacy import round_report
-from cmfl_flower.token_round import norm_bound, token_round
+from cmfl_flower.token_round import token_round
 from cmfl_flower.wire import (
     TokenEntry,
     WireError,

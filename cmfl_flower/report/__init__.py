@@ -1,21 +1,16 @@
 """What a run shows a user, split by job.
 
-:mod:`.pictures` (what a client draws of its data), :mod:`.page` (the run's curves,
-``report.html`` and TensorBoard) and :mod:`.cli` (``cmfl-report``, runs compared).
+:mod:`.pictures` (what a client draws of its data), :mod:`.run` (a run directory read back),
+:mod:`.charts` (the run's curves), :mod:`.page` (``report.html`` and TensorBoard) and
+:mod:`.cli` (``cmfl-report``, runs compared).
 """
 
+from cmfl_flower.report.charts import accuracy_figure, labels_figure
 from cmfl_flower.report.cli import comparison_rows, comparison_table, main, write_comparison
 from cmfl_flower.report.page import (
-    RECOGNISED,
-    RECOGNISED_TARGET,
-    SITE_CLASS,
-    RunView,
     TensorBoardLog,
     accepted_share,
-    accuracy_figure,
     human_bytes,
-    labels_figure,
-    load_run,
     round_line,
     write_report,
 )
@@ -29,6 +24,7 @@ from cmfl_flower.report.pictures import (
     write_label_counts,
     write_sample_grid,
 )
+from cmfl_flower.report.run import RECOGNISED, RECOGNISED_TARGET, SITE_CLASS, RunView, load_run
 
 __all__ = [
     "CELL",

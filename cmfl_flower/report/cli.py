@@ -8,17 +8,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cmfl_flower.aliases import Row
-from cmfl_flower.report.page import (
-    RECOGNISED,
-    STYLE,
-    RunView,
-    accuracy_figure,
-    cell,
-    data_uri,
-    html_table,
-    load_run,
-    png_bytes,
-)
+from cmfl_flower.report.charts import accuracy_figure, data_uri, png_bytes
+from cmfl_flower.report.page import STYLE, cell, html_table
+from cmfl_flower.report.run import RECOGNISED, RunView, load_run
 
 # ----- cmfl-report ------------------------------------------------------------------------
 COMPARE_COLUMNS = (

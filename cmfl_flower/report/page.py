@@ -1,21 +1,15 @@
-"""The run's own page: reading a run directory, its figures, ``report.html``, TensorBoard.
+"""The run's own page, ``report.html``, and its TensorBoard log.
 
 The server renders the run-level views from whatever the run directory holds
-(:func:`write_report`, rewritten after rounds and at the end) and, optionally, logs the same to
-TensorBoard. Rendering uses matplotlib's Agg canvas (no display, no pyplot state) and Pillow;
-matplotlib is imported when a figure is drawn, not with the package, whose pictures
-(:mod:`.pictures`) every client draws.
+(:func:`write_report`, rewritten after rounds and at the end; read by :mod:`.run`, drawn by
+:mod:`.charts`) and, optionally, logs the same to TensorBoard.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,287 +20,34 @@ from cmfl_flower.aliases import Row
 from cmfl_flower.config import class_list
 from cmfl_flower.paths import (
     ACCURACY_PNG,
-    CLIENT_ROWS,
-    CLIENTS_DIR,
-    CONFIG_JSON,
-    GRID_NAME,
     LABELS_FILE,
     LABELS_PNG,
     REPORT_HTML,
-    ROUNDS,
-    SAMPLES_DIR,
-    STATUS_JSON,
     TENSORBOARD_DIR,
 )
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    pass
 
-
-RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
-SERVER_ACC = "server-global-acc"  # weight methods: the global weights scored by the server
-RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
-SITE_CLASS = "site-class-"  # reply metric: a site's training images of class <id>
-FD_METRICS = ("fd-clip", "fid-inception")  # the diffusion methods' scores of the global model
-_SERVER_GRID = re.compile(r"^round-(\d+)\.png$")  # the diffusion methods' samples/round-<k>.png
-
-
-# ----- reading a run directory ------------------------------------------------------------
-@dataclass(frozen=True)
-class RunView:
-    """What a run directory holds, read back."""
-
-    run_dir: Path
-    run_config: dict[str, Any]
-    rounds: list[Row]
-    clients: list[Row]
-    status: str
-
-    @property
-    def name(self) -> str:
-        """The run directory's name."""
-        return self.run_dir.name
-
-    @property
-    def method(self) -> str:
-        """The method the run used, with its strategy when that is not the default FedAvg."""
-        method = str(self.run_config.get("method", "?"))
-        strategy = str(self.run_config.get("strategy", "fedavg"))
-        return method if strategy == "fedavg" else f"{method} ({strategy})"
-
-    def final(self) -> Row:
-        """Headline figures: last round's accuracies and scores, summed bytes and seconds.
-
-        With generated images, also the lowest per-round mean share the judge recognised.
-        """
-        last = self.rounds[-1] if self.rounds else {}
-        out: Row = {"rounds": len(self.rounds), "status": self.status}
-        headline = ("global-acc-mean", "global-acc-min", "global-acc-max", "local-acc-mean")
-        for key in (*headline, f"{RECOGNISED}-mean", "fd-clip", "fid-inception"):
-            if key in last:
-                out[key] = float(last[key])
-        means = [float(r[f"{RECOGNISED}-mean"]) for r in self.rounds if f"{RECOGNISED}-mean" in r]
-        if means:
-            out[f"{RECOGNISED}-min-over-rounds"] = min(means)
-        for key in ("bytes-sent", "bytes-received", "round-seconds"):
-            out[key] = sum(row.get(key, 0) for row in self.rounds)
-        return out
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
-def load_run(run_dir: Path) -> RunView:
-    """Read a run directory written by :class:`cmfl_flower.results.RunRecorder`."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / CONFIG_JSON).is_file():
-        raise ValueError(f"{run_dir} is not a cmfl-flower run directory (no config.json)")
-    return RunView(
-        run_dir=run_dir,
-        run_config=_read_json(run_dir / CONFIG_JSON, {}).get("run_config", {}),
-        rounds=_read_json(run_dir / f"{ROUNDS}.json", []),
-        clients=_read_json(run_dir / f"{CLIENT_ROWS}.json", []),
-        status=str(_read_json(run_dir / STATUS_JSON, {}).get("status", "unknown")),
-    )
-
-
-def client_label_counts(run_dir: Path) -> dict[int, Row]:
-    """Every client's label counts found in the run directory, by partition id."""
-    found = {}
-    for path in sorted((run_dir / CLIENTS_DIR).glob(f"partition-*/{LABELS_FILE}")):
-        payload = json.loads(path.read_text())
-        found[int(payload["partition-id"])] = payload
-    return dict(sorted(found.items()))
-
-
-def latest_grids(run_dir: Path) -> dict[int, tuple[int, Path]]:
-    """Per partition, its latest sample grid: (round, path)."""
-    latest: dict[int, tuple[int, Path]] = {}
-    for directory in sorted((run_dir / CLIENTS_DIR).glob("partition-*")):
-        partition = int(directory.name.removeprefix("partition-"))
-        for path in directory.iterdir():
-            match = GRID_NAME.match(path.name)
-            if match and int(match.group(1)) >= latest.get(partition, (0, path))[0]:
-                latest[partition] = (int(match.group(1)), path)
-    return dict(sorted(latest.items()))
-
-
-def latest_server_samples(run_dir: Path) -> tuple[int, Path] | None:
-    """The diffusion methods' latest grid of the global model: (round, path)."""
-    found = [
-        (int(match.group(1)), path)
-        for path in (run_dir / SAMPLES_DIR).glob("round-*.png")
-        if (match := _SERVER_GRID.match(path.name))
-    ]
-    return max(found) if found else None
-
-
-def fd_metric(run: RunView) -> str | None:
-    """The Fréchet distance a diffusion run measured, if any."""
-    return next((k for k in FD_METRICS if any(k in row for row in run.rounds)), None)
-
-
-# ----- figures ----------------------------------------------------------------------------
-def _png(figure: Figure, path: Path) -> None:
-    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
-
-
-def _label(run: RunView, runs: Sequence[RunView], what: str) -> str:
-    """A curve's legend entry: ``what``, prefixed by the run's name when comparing runs."""
-    return f"{run.name} ({what})" if len(runs) > 1 else what
-
-
-def _band(axes: Axes, rows: Sequence[Row], metric: str, color: str, label: str) -> None:
-    """``<metric>-mean`` per round as a solid line over its ``-min``..``-max`` band."""
-    rounds = [row["round"] for row in rows]
-    mean = [row[f"{metric}-mean"] for row in rows]
-    axes.plot(rounds, mean, "o-", color=color, label=label)
-    low = [row.get(f"{metric}-min", m) for row, m in zip(rows, mean, strict=True)]
-    high = [row.get(f"{metric}-max", m) for row, m in zip(rows, mean, strict=True)]
-    axes.fill_between(rounds, low, high, color=color, alpha=0.15, linewidth=0)
-
-
-def _legend(axes: Axes, runs: Sequence[RunView]) -> None:
-    """Inside the axes for one run; below them when comparing runs (it would hide the curves)."""
-    if len(runs) == 1:
-        axes.legend(fontsize=8)
-    else:  # the saved PNG grows to hold it (bbox_inches="tight"); one column, as wide as the
-        # axes at most: two columns of long run names ran into the next panel's legend
-        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
-
-
-def _round_axes(axes: Axes, ylabel: str, title: str) -> None:
-    """Integer rounds on x, a light grid, the label and title."""
-    from matplotlib.ticker import MaxNLocator
-
-    axes.set_xlabel("round")
-    axes.set_ylabel(ylabel)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.set_title(title, fontsize=10)
-
-
-def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
-    """Global test accuracy with its band, local test dashed; a note when there is none."""
-    for index, run in enumerate(runs):
-        color = f"C{index % 10}"
-        rows = [row for row in run.rounds if "global-acc-mean" in row]
-        if not rows:
-            continue
-        _band(axes, rows, "global-acc", color, _label(run, runs, "global test"))
-        rounds = [row["round"] for row in rows]
-        local = [row.get("local-acc-mean", np.nan) for row in rows]
-        label = _label(run, runs, "local test")
-        axes.plot(rounds, local, "s--", color=color, alpha=0.6, label=label)
-        if any(SERVER_ACC in row for row in rows):  # weight methods: the global model itself
-            server = [row.get(SERVER_ACC, np.nan) for row in rows]
-            label = _label(run, runs, "global model, global test")
-            axes.plot(rounds, server, "D:", color=color, label=label)
-    title = runs[0].method + " — " + runs[0].name if len(runs) == 1 else "accuracy per round"
-    _round_axes(axes, "mean client accuracy", title + "\n(band: min–max over clients, global test)")
-    if axes.has_data():
-        _legend(axes, runs)
-    else:
-        finished = any(run.rounds for run in runs)
-        note = "no client accuracy in these rounds" if finished else "no round finished yet"
-        axes.text(0.5, 0.5, note, ha="center", transform=axes.transAxes)
-
-
-def _plot_recognised(axes: Axes, runs: Sequence[RunView]) -> None:
-    """Per round, the share of generated images the judge recognises, against the target."""
-    for index, run in enumerate(runs):
-        rows = [row for row in run.rounds if f"{RECOGNISED}-mean" in row]
-        if rows:
-            _band(axes, rows, RECOGNISED, f"C{index % 10}", _label(run, runs, "mean over clients"))
-    target = f"target {RECOGNISED_TARGET:.2f}"
-    axes.axhline(RECOGNISED_TARGET, color="grey", linestyle=":", label=target)
-    axes.set_ylim(0, 1.05)
-    title = "generated images the judge recognises\n(band: min–max over clients)"
-    _round_axes(axes, "share recognised as their class", title)
-    _legend(axes, runs)
-
-
-def accuracy_figure(runs: Sequence[RunView]) -> Figure:
-    """Mean client accuracy per round (global test solid with min-max band, local dashed).
-
-    When a run generated images, a second axes to the right shows the share of them the judge
-    recognises as their class, per round, against :data:`RECOGNISED_TARGET`.
-    """
-    from matplotlib.figure import Figure
-
-    generated = any(f"{RECOGNISED}-mean" in row for run in runs for row in run.rounds)
-    figure = Figure(figsize=(12.0, 4.0) if generated else (6.4, 4.0))
-    columns = 2 if generated else 1
-    _plot_accuracy(figure.add_subplot(1, columns, 1), runs)
-    if generated:
-        _plot_recognised(figure.add_subplot(1, columns, 2), runs)
-    return figure
-
-
-def fd_figure(run: RunView, metric: str) -> Figure:
-    """The global model's Fréchet distance to the test split, per measured round."""
-    from matplotlib.figure import Figure
-
-    rows = [row for row in run.rounds if metric in row]
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.add_subplot()
-    axes.plot([row["round"] for row in rows], [row[metric] for row in rows], "o-")
-    title = f"{run.method} — {run.name}\n(the global model's samples against the test split)"
-    _round_axes(axes, f"{metric} (lower is better)", title)
-    return figure
-
-
-LABELLED_ROWS = 30  # the label chart's height stops growing here
-
-
-def labels_figure(counts: dict[int, Row]) -> Figure:
-    """Heatmap of training images per (partition, class), annotated when small."""
-    from matplotlib.figure import Figure
-
-    names = next(iter(counts.values()))["class-names"]
-    matrix = np.array([counts[p]["train"] for p in counts])  # (P, C)
-    # one labelled row per client up to LABELLED_ROWS; beyond, the same height and every k-th
-    # client named (a figure that grows with the clients grows the server's memory with them)
-    shown = min(len(counts), LABELLED_ROWS)
-    step = -(-len(counts) // LABELLED_ROWS)
-    figure = Figure(figsize=(min(2 + 0.55 * len(names), 16), 1.2 + 0.4 * shown))
-    axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues", aspect="auto")
-    axes.set_xticks(range(len(names)), names, rotation=45 if len(names) > 10 else 0, ha="right")
-    rows = range(0, len(counts), step)
-    partitions = list(counts)
-    axes.set_yticks(rows, [f"client {partitions[i]} ({matrix[i].sum()})" for i in rows])
-    if matrix.size <= 400:
-        for (i, j), value in np.ndenumerate(matrix):
-            dark = value > matrix.max() / 2
-            axes.text(
-                j,
-                i,
-                str(value),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if dark else "black",
-            )
-    axes.set_title(
-        "training images per client and class (partition label distribution)", fontsize=10
-    )
-    figure.colorbar(image, ax=axes, fraction=0.03)
-    return figure
-
-
-def png_bytes(figure: Figure) -> bytes:
-    """``figure`` as PNG bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def data_uri(png: bytes) -> str:
-    """PNG bytes as a data URI to embed in HTML."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+from cmfl_flower.report.charts import (
+    accuracy_figure,
+    data_uri,
+    fd_figure,
+    labels_figure,
+    png_bytes,
+    write_png,
+)
+from cmfl_flower.report.run import (
+    RECOGNISED,
+    SERVER_ACC,
+    SITE_CLASS,
+    RunView,
+    client_label_counts,
+    fd_metric,
+    latest_grids,
+    latest_server_samples,
+    load_run,
+)
 
 
 # ----- the run's report -------------------------------------------------------------------
@@ -446,7 +187,7 @@ def write_labels(run_dir: Path) -> dict[int, Row]:
         text = json.dumps({"class-names": names, "partitions": partitions}, indent=1)
         labels, chart = run_dir / LABELS_FILE, run_dir / LABELS_PNG
         if not chart.is_file() or not labels.is_file() or labels.read_text() != text:
-            _png(labels_figure(counts), chart)  # first: the JSON says the chart is current
+            write_png(labels_figure(counts), chart)  # first: the JSON says the chart is current
             labels.write_text(text)
     return counts
 

@@ -1,4 +1,9 @@
-"""Flower's own strategies for the weight methods: short names, arguments, the DP wrapper.
+"""A method's server side: Flower's own strategies for the weight methods, or the method's own.
+
+:func:`server_side` builds the strategy Flower's ``Strategy.start`` runs and the
+:class:`~cmfl_flower.methods.base.ServerHooks` the round loop talks to: for a weight method,
+:class:`WeightHooks` around the Flower strategy; for any other, its own
+:class:`~cmfl_flower.methods.base.RoundStrategy`.
 
 ``strategy = "fedadam"`` picks one of Flower's built-ins by short name, ``"pkg.module:Class"``
 any :class:`~flwr.serverapp.strategy.Strategy` subclass. Its keyword arguments are the
@@ -12,12 +17,18 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import strategy as flower
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
+from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.config import AppConfig
+from cmfl_flower.methods.base import Method, RoundStrategy, ServerHooks, from_record
+from cmfl_flower.privacy import round_report
+from cmfl_flower.weights import weights_problem
 
 FLOWER_STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": flower.FedAvg,
@@ -119,3 +130,102 @@ def build_strategy(cfg: AppConfig, num_nodes: int, client_lr: float) -> Strategy
         clipping_norm=cfg.privacy.update_clip_norm,
         num_sampled_clients=sampled,
     )
+
+
+class WeightHooks(ServerHooks):
+    """A weight method's hooks around the Flower strategy that combines its clients' weights.
+
+    A reply must say how many examples it weighs (``num-examples``), send arrays shaped as the
+    round's global arrays (the first ``train`` message's) and name the same metrics as the
+    round's other replies (Flower averages equal key sets only). Under ``privacy.enabled``
+    every usable reply weighs 1 (:data:`EQUAL_WEIGHT_KEY`), as the accounting assumes. After
+    each round it scores the global arrays (the method's ``server_evaluate``) and checkpoints
+    them.
+    """
+
+    def __init__(self, cfg: AppConfig, method: Method, run_dir: Path) -> None:
+        assert method.initial_arrays is not None  # a weight method (Method checks it)
+        self.cfg, self.method, self.run_dir = cfg, method, run_dir
+        self.weights: Arrays | None = None  # the global arrays after the last round
+        self._new_round()
+
+    def _new_round(self) -> None:
+        self.reference: Arrays | None = None  # the weights sent this round
+        self.metric_keys: set[str] | None = None
+        self.averaged = 0
+
+    def sent(self, node_id: int, arrays: Arrays | None) -> None:
+        """The round's global arrays, from its first ``train`` message."""
+        if self.reference is None and arrays is not None:
+            self.reference = arrays
+
+    def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
+        """Refuse a reply without a positive ``num-examples``, off-shape arrays or other keys."""
+        weight = metrics.get("num-examples")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
+            return f"metrics: 'num-examples' missing or not positive: {weight!r}"
+        if self.reference is None:
+            return "records: no weights were sent to compare with"
+        if reason := weights_problem(arrays, self.reference, exact_dtype=False):
+            return reason
+        if self.metric_keys is not None and set(metrics) != self.metric_keys:
+            return f"metrics: names differ from the other replies' ({sorted(metrics)})"
+        self.metric_keys = set(metrics)
+        return None
+
+    def accepted(self, metrics: MetricRecord) -> None:
+        """Count the reply; under DP weigh it 1."""
+        self.averaged += 1
+        if self.cfg.privacy.enabled:
+            metrics[EQUAL_WEIGHT_KEY] = 1
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Keep the strategy's global arrays (the checkpoint's and the score's)."""
+        if len(arrays):
+            self.weights = from_record(arrays)
+
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """``averaged`` replies, the DP report and the method's scores of the global arrays."""
+        extra: dict[str, Any] = {"averaged": self.averaged}
+        if self.cfg.privacy.enabled:
+            extra |= round_report(self.cfg.privacy, server_round, 0)
+        if self.method.server_evaluate is not None and self.weights is not None:
+            extra |= self.method.server_evaluate(self.cfg, self.run_dir, server_round, self.weights)
+        self._new_round()
+        return extra
+
+    def state(self) -> tuple[Arrays, dict[str, Any]]:
+        """The global arrays."""
+        return dict(self.weights or {}), {}
+
+    def load_state(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Start from the checkpoint's global arrays."""
+        self.weights = arrays
+
+    def initial_arrays(self) -> Arrays:
+        """The checkpoint's global arrays, else the method's round-1 arrays."""
+        if self.weights is None:
+            assert self.method.initial_arrays is not None
+            self.weights = self.method.initial_arrays(self.cfg, self.run_dir)
+        return self.weights
+
+
+def server_side(
+    cfg: AppConfig, method: Method, run_dir: Path, num_nodes: int
+) -> tuple[Strategy, ServerHooks]:
+    """The strategy Flower runs for ``method`` and the hooks the round loop calls."""
+    if method.strategy is None:
+        lr = method.learning_rate(cfg) if method.learning_rate else 0.0
+        return build_strategy(cfg, num_nodes, lr), WeightHooks(cfg, method, run_dir)
+    if cfg.strategy != "fedavg" or cfg.strategy_args:
+        raise ValueError(
+            f"strategy = {cfg.strategy!r} has no use with method = {cfg.method!r}: its server "
+            "side is its own (the strategy key picks how weight methods are combined)"
+        )
+    own = method.strategy(cfg, run_dir)
+    if not isinstance(own, RoundStrategy):
+        raise ValueError(
+            f"method {cfg.method!r}: its strategy {type(own).__name__} must subclass "
+            "cmfl_flower.methods.base.RoundStrategy (the round loop calls its hooks)"
+        )
+    return own, own
