@@ -70,6 +70,12 @@ from cmfl_flower.report.run import latest_server_samples
 from cmfl_flower.server.rounds import run_federation
 
 SEED = 0
+PARTS = ("convergence", "sweep", "lora")
+STORED = {  # the results files docs/fed-diffusion.md shows, and the parts it shows of each
+    ROOT / "benchmarks/results/fed_diffusion.json": PARTS,
+    ROOT / "benchmarks/results/fed_diffusion-2x.json": ("convergence",),
+    ROOT / "benchmarks/results/fed_diffusion-sweep3.json": ("sweep",),
+}
 BATCH = 16
 CONVERGENCE_C, CONVERGENCE_E = 4, 4
 PLATEAU = 3  # checkpoints averaged for the FD at convergence
@@ -350,6 +356,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fed_diffusion.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--show",
+        type=Path,
+        nargs="*",
+        default=None,
+        metavar="RESULTS",
+        help="instead: print the tables of these results files (default: the stored ones)",
+    )
     args = parser.parse_args(argv)
     for name in ("rounds", "fedavg_rounds"):
         if getattr(args, name) % args.checkpoints:
@@ -420,36 +434,64 @@ def jobs_for(args: argparse.Namespace) -> list[Job]:
     return [job for job in jobs if job.part in args.parts]
 
 
+def convergence_table(curves: dict[str, list[list[float]]]) -> str:
+    """The convergence table of the ``fedavg`` and ``centralised`` curves, and their ratio."""
+    lines = [
+        f"| arm | samples seen | FD, mean of last {PLATEAU} checkpoints | change from the "
+        f"{PLATEAU} before | last FD | best FD |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, key in (("centralised", "centralised"), ("FedAvg C=4 E=4", "fedavg")):
+        curve = curves[key]
+        fd, change = plateau(curve)
+        lines.append(
+            f"| {label} | {int(curve[-1][0]):,} | {fd:.2f} | {100 * change:+.0f} % | "
+            f"{curve[-1][1]:.2f} | {min(c[1] for c in curve):.2f} |"
+        )
+    ratio = plateau(curves["fedavg"])[0] / plateau(curves["centralised"])[0]
+    return "\n".join(lines) + f"\nratio FedAvg / centralised at convergence = {ratio:.3f}"
+
+
 def convergence_report(fed: dict[str, Any], central: dict[str, Any], lr: float) -> dict[str, Any]:
     """Print the convergence table; return its part of the results file."""
     (fed_fd, fed_change), (central_fd, central_change) = (
         plateau(fed["curve"]),
         plateau(central["curve"]),
     )
+    curves = {"fedavg": fed["curve"], "centralised": central["curve"]}
     print(f"convergence: tiny pixel DDPM, lr {lr:g} cosine over each arm's rounds")
-    print(
-        f"| arm | samples seen | FD, mean of last {PLATEAU} checkpoints | change from the "
-        f"{PLATEAU} before | last FD | best FD |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, arm, fd, change in (
-        ("centralised", central, central_fd, central_change),
-        ("FedAvg C=4 E=4", fed, fed_fd, fed_change),
-    ):
-        curve = arm["curve"]
-        print(
-            f"| {label} | {int(curve[-1][0]):,} | {fd:.2f} | {100 * change:+.0f} % | "
-            f"{curve[-1][1]:.2f} | {min(c[1] for c in curve):.2f} |"
-        )
-    print(f"ratio FedAvg / centralised at convergence = {fed_fd / central_fd:.3f}")
+    print(convergence_table(curves))
     return {
         "fedavg_fd": fed_fd,
         "centralised_fd": central_fd,
         "fedavg_centralised_ratio": fed_fd / central_fd,
         "plateau_checkpoints": PLATEAU,
         "plateau_change": {"fedavg": fed_change, "centralised": central_change},
-        "curves": {"fedavg": fed["curve"], "centralised": central["curve"]},
+        "curves": curves,
     }
+
+
+def lora_line(style: str, base: float, tuned: float) -> str:
+    """The LoRA part's one line: the base pipeline's FD and the tuned one's."""
+    return (
+        f"lora on {style} digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
+        f"({100 * (1 - tuned / base):.0f} % lower)"
+    )
+
+
+def show(files: dict[Path, tuple[str, ...]]) -> None:
+    """Print the ``parts`` of stored results files, as the runs that wrote them printed them."""
+    for path, parts in files.items():
+        if not path.is_file():
+            raise SystemExit(f"--show: no {path}; run the benchmark first")
+        stored = json.loads(path.read_text())
+        print(f"From `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`:")
+        if "convergence" in parts and "curves" in stored:
+            print(convergence_table(stored["curves"]))
+        if "sweep" in parts and "sweep" in stored:
+            print(sweep_table(stored["sweep"]))
+        if "lora" in parts and "lora_fd_base" in stored:
+            print(lora_line(stored["lora_style"], stored["lora_fd_base"], stored["lora_fd_tuned"]))
 
 
 def sweep_rows(results: dict[str, dict[str, Any]], seeds: int) -> list[dict[str, Any]]:
@@ -491,10 +533,7 @@ def report(
     if "lora" in args.parts:
         lora_result = by_name["lora"]
         base, tuned = lora_result["base_fd"], lora_result["curve"][-1][1]
-        print(
-            f"\nlora on {args.style} digits: base FD {base:.2f}, tuned FD {tuned:.2f} "
-            f"({100 * (1 - tuned / base):.0f} % lower)"
-        )
+        print("\n" + lora_line(args.style, base, tuned))
         out |= {
             "lora_style": args.style,
             "lora_fd_base": base,
@@ -515,6 +554,9 @@ def report(
 def main(argv: list[str] | None = None) -> None:
     """Run the parts; print the tables; save the JSON, the chart and the grids."""
     args = parse(argv)
+    if args.show is not None:
+        show({path.resolve(): PARTS for path in args.show} if args.show else STORED)
+        return
     jobs = jobs_for(args)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

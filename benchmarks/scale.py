@@ -218,6 +218,23 @@ def check_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
 
 
+def print_results(results: list[dict[str, Any]], ratios: dict[str, Any]) -> None:
+    """The table, then each arm's growth from the smallest N to the largest."""
+    print(table(results))
+    sizes = [row["clients"] for row in results]
+    for arm, figures in ratios.items():
+        text = ", ".join(f"{k} {v:.2f}x" if v else f"{k} -" for k, v in figures.items())
+        print(f"{arm}, N={max(sizes)} over N={min(sizes)}: {text}")
+
+
+def show(path: Path) -> None:
+    """Print the stored results of ``path`` as a run prints them."""
+    if not path.is_file():
+        raise SystemExit(f"--show: no {path}; run the benchmark first")
+    stored = json.loads(path.read_text())
+    print_results(stored["results"], stored["growth"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every arm at every N; print the table and the growth; save JSON and curves."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -234,7 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scale.png")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --out holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.out)
+        return
     check_rounds(parser, args)
     torch.set_num_threads(args.threads)
     print(
@@ -248,11 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             for arm in args.arms:
                 results.append(run_arm(arm, clients, args, Path(tmp)))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
-    print(table(results))
     ratios = growth(results)
-    for arm, figures in ratios.items():
-        text = ", ".join(f"{k} {v:.2f}x" if v else f"{k} -" for k, v in figures.items())
-        print(f"{arm}, N={max(args.clients)} over N={min(args.clients)}: {text}")
+    print_results(results, ratios)
     settings = settings_record(args)
     payload = {"settings": settings, "results": results, "growth": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,11 @@ def test_parts_left_out_are_neither_run_nor_reported():
     assert result["sweep"][0]["fds"] == [9.0, 9.0]
     table = fed_diffusion.sweep_table(result["sweep"])
     assert "| FD: mean (range over 2 seeds) |" in table and "| 9.00 (9.00 to 9.00) |" in table
+
+
+def test_the_page_shows_what_the_stored_results_hold(capsys):
+    """Every line ``--show`` prints from the stored results is on docs/fed-diffusion.md."""
+    fed_diffusion.main(["--show"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    page = (fed_diffusion.ROOT / "docs" / "fed-diffusion.md").read_text()
+    assert len(lines) > 10 and [line for line in lines if line not in page] == []
