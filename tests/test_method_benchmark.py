@@ -126,3 +126,11 @@ def test_the_default_arms_and_the_optional_ones_run_when_named(tmp_path, monkeyp
         "cmfl-relay-no-generation",
     )
     assert ran[1] == ("cmfl-relay", "cmfl-relay-no-cap")
+
+
+def test_the_page_shows_what_the_results_files_hold(capsys):
+    """Every line ``--show`` prints from the stored results is on docs/benchmark-method.md."""
+    method.main(["--show"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    page = (method.RESULTS.parents[1] / "docs" / "benchmark-method.md").read_text()
+    assert len(lines) > 30 and [line for line in lines if line not in page] == []
