@@ -1,7 +1,7 @@
 """Does relaying class tokens help? The method against honest baselines, where there is room.
 
 ``python -m benchmarks.method`` runs, offline, on the ``tiny-fewshot`` backbone (the tiny text
-tower and generator with a vision tower pretrained on 3 public images per class, so zero-shot
+tower and generator with a vision tower pretrained on 2 public images per class, so zero-shot
 accuracy leaves room below the centralised one), three protocols:
 
 * ``P1``: pathological partitioning, 2 classes per client, 10 clients;
