@@ -130,8 +130,11 @@ class ServerHooks:
 
     first_round = 1  # set by the round loop: after a resume Flower still counts from 1
 
-    def sent(self, node_id: int, arrays: Arrays | None) -> None:
-        """A ``train`` message for ``node_id`` carries ``arrays`` (None: no ArrayRecord)."""
+    def sent(self, node_id: int, record: ArrayRecord | None) -> None:
+        """A ``train`` message for ``node_id`` carries ``record`` (None: no ArrayRecord).
+
+        Left encoded: a hook that needs the arrays decodes them, once.
+        """
 
     def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
         """Why a reply cannot be used (``"<kind>: <detail>"``), or None."""

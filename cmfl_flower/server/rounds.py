@@ -114,7 +114,7 @@ class Session:
         if category == "train":
             self.sent_bytes[node] = message_bytes(message, self.content_bytes)
             record = message.content.array_records.get(ARRAYS_KEY)
-            self.hooks.sent(node, from_record(record) if record is not None else None)
+            self.hooks.sent(node, record)
         return message
 
     # ----- replies in ------------------------------------------------------------------

@@ -154,10 +154,10 @@ class WeightHooks(ServerHooks):
         self.metric_keys: set[str] | None = None
         self.averaged = 0
 
-    def sent(self, node_id: int, arrays: Arrays | None) -> None:
-        """The round's global arrays, from its first ``train`` message."""
-        if self.reference is None and arrays is not None:
-            self.reference = arrays
+    def sent(self, node_id: int, record: ArrayRecord | None) -> None:
+        """The round's global arrays, decoded from its first ``train`` message only."""
+        if self.reference is None and record is not None:
+            self.reference = from_record(record)
 
     def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
         """Refuse a reply without a positive ``num-examples``, off-shape arrays or other keys."""
