@@ -136,10 +136,13 @@ def image_evidence(
     train, min_images = ws.data.train, ws.cfg.tokens.min_images
     counts = np.bincount(train.labels, minlength=len(ws.class_names))
     held = np.isin(train.labels, [c for c, n in enumerate(counts) if n >= min_images])
-    with ws.encoder.pretrained(), torch.no_grad():
-        mine = image_features(ws.encoder, train.images[held], ws.cfg.encoder.eval_batch_size)
-    own_labels = train.labels[held]
-    own = {int(c): mine[torch.from_numpy(own_labels == c)].mean(0) for c in np.unique(own_labels)}
+    own: dict[int, torch.Tensor] = {}
+    if held.any():  # a client may hold no class with min-images images (Dirichlet splits)
+        with ws.encoder.pretrained(), torch.no_grad():
+            mine = image_features(ws.encoder, train.images[held], ws.cfg.encoder.eval_batch_size)
+        own_labels = train.labels[held]
+        for c in np.unique(own_labels):
+            own[int(c)] = mine[torch.from_numpy(own_labels == c)].mean(0)
     return Evidence(features, generated.labels, generated.senders, own, names, scale)
 
 

@@ -1,5 +1,6 @@
 """Screening of relayed knowledge: each judge leaves out a lying set and keeps honest ones."""
 
+import json
 import math
 
 import numpy as np
@@ -276,3 +277,25 @@ def test_one_misjudged_set_of_two_does_not_count_as_a_rejection(tmp_path):
     for receiver in (0, 1, 2):
         _report(server, 1, receiver, {3: (2, 1)})  # every receiver left out one of 3's two sets
     assert "quarantined" not in server.round_metrics(1)
+
+
+def test_a_receiver_holding_no_class_with_min_images_screens_and_trains(tmp_path):
+    """A Dirichlet split can leave a client no class with ``tokens.min-images`` images.
+
+    Here partition 0's largest class has 46 training images and the others' at least 54: with
+    ``tokens.min-images = 50`` it learns no vectors, yet receives, screens (without an own
+    image judge) and trains on its peers' in round 2, as the others do.
+    """
+    from benchmarks.loopback import LoopbackGrid
+    from client_app import app as client_app
+    from cmfl_flower.server.rounds import run_federation
+    from tests.test_strategies import make_cfg
+
+    data = {"data.partitioner": "dirichlet", "data.alpha": 0.1, "data.seed": 0}
+    cfg = make_cfg(tmp_path, "cmfl-relay", 2, **data, **{"tokens.min-images": 50})
+    run_dir = run_federation(LoopbackGrid(client_app, cfg, 3), cfg)
+    last = json.loads((run_dir / "rounds.json").read_text())[-1]
+    assert (last["replies"], last["errors"], last["accepted-share"]) == (3, 0, 1.0)
+    clients = json.loads((run_dir / "clients.json").read_text())
+    first = [row for row in clients if row["round"] == 2 and row["partition-id"] == 0]
+    assert first[0]["num-token-classes"] == 0 and first[0]["num-generated"] > 0
