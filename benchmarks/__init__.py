@@ -71,3 +71,20 @@ def store(path: Path, tag: str, figures: dict[str, Any], code: str) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=1) + "\n")
+
+
+def stored_results(path: Path) -> dict[str, Any]:
+    """The records a results file holds, for ``--show``; exits naming the file if it is missing."""
+    if not path.is_file():
+        raise SystemExit(f"--show: no {path}; run the benchmark first")
+    records: dict[str, Any] = json.loads(path.read_text())
+    return records
+
+
+def record_line(tag: str, record: dict[str, Any]) -> str:
+    """One line naming a stored record: its tag, the command that measured it and its commit."""
+    if "command" not in record:
+        return f"{tag}: recorded before results kept their command and commit"
+    code = str(record["commit"])
+    short = code[:12] + ("+dirty" if code.endswith("+dirty") else "")
+    return f"{tag}: `{record['command']}` at {short}"

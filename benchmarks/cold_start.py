@@ -40,7 +40,7 @@ import torch
 from flwr.app import Context, Message
 from open_clip.transform import PreprocessCfg
 
-from benchmarks import ROOT
+from benchmarks import ROOT, commit, record_line, store, stored_results
 from benchmarks.cold_start_child import LOADERS, dumps
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.aliases import Row
@@ -268,6 +268,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeats", type=int, default=2, help="--full-size: runs per tree")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --json holds, running nothing"
+    )
     return parser
 
 
@@ -287,22 +290,38 @@ def _full_size_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"method": "cmfl-relay", "backbone.threads": args.threads} | backbone
 
 
-def _save(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Put ``entry`` under ``key`` in the JSON file ``path`` (other keys are kept)."""
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(saved | {key: entry}, indent=1) + "\n")
+def render(entry: dict[str, Any]) -> list[str]:
+    """What a run prints of ``entry``: the reference, the table, ``import client_app``."""
+    torch_seconds = statistics.median(entry["import-torch-s"])
+    lines = [
+        f"torch threads {entry['threads']} in every process",
+        f"import torch: {torch_seconds:.2f} s (median of {len(entry['import-torch-s'])} fresh "
+        "processes)",
+    ]
+    results, steps = (entry["runs"], STEPS[:-1]) if "runs" in entry else (entry["messages"], STEPS)
+    return [*lines, table(results, steps), *import_lines(results, torch_seconds)]
+
+
+def show(path: Path) -> None:
+    """Print every record of ``path`` as the run that stored it printed it."""
+    for tag, entry in stored_results(path).items():
+        print(record_line(tag, entry))
+        print("\n".join(render(entry)))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Measure, print the table and the ratios, save them in ``--json``.
+    """Measure, print the table and the ratios, keep them in ``--json``.
 
     The trees take turns method by method, and ``import torch`` is measured before each
     method, so that a busy spell on the machine does not fall on one side only.
     """
     args = _parser().parse_args(argv)
+    if args.show:
+        show(args.json)
+        return
     torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    code = commit()  # the code that runs
     entry: dict[str, Any] = {"threads": args.threads, "import-torch-s": []}
     with trees(args.baseline_rev) as sides, tempfile.TemporaryDirectory() as tmp:
         if args.full_size:
@@ -316,20 +335,9 @@ def main(argv: list[str] | None = None) -> None:
                 for name, tree in sides.items():
                     results[name] += measure_method(method, tree, name, args, Path(tmp))
             entry |= {"clients": args.clients, "rounds": args.rounds, "messages": results}
-    torch_seconds = statistics.median(entry["import-torch-s"])
-    print(f"torch threads {args.threads} in every process")
-    print(
-        f"import torch: {torch_seconds:.2f} s (median of {len(entry['import-torch-s'])} fresh "
-        "processes)"
-    )
-    if args.full_size:
-        print(table(entry["runs"], STEPS[:-1]))
-        print("\n".join(import_lines(entry["runs"], torch_seconds)))
-        _save(args.json, f"{args.full_size} imports and loads", entry)
-        return
-    print(table(entry["messages"]))
-    print("\n".join(import_lines(entry["messages"], torch_seconds)))
-    _save(args.json, args.preset, entry)
+    print("\n".join(render(entry)))
+    tag = f"{args.full_size} imports and loads" if args.full_size else args.preset
+    store(args.json, tag, entry, code)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ROOT, commit, store
+from benchmarks import ROOT, commit, record_line, store, stored_results
 from benchmarks.flower_procs import (
     BIN,
     SuperLink,
@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="no cmfl-data-prep before the run: round 1's clients partition the digits",
     )
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --results holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results)
+        return
     code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-deploy-") as tmp, ExitStack() as stack:
         root = Path(tmp)
@@ -120,17 +126,31 @@ def main(argv: list[str] | None = None) -> None:
         rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
     data = "partitioned on first use" if args.first_use else "prepared by cmfl-data-prep"
     print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay, data {data}")
-    print("| round | wall s | clients' mean work s | their mean model loads s | wall / work |")
-    print("| --- | --- | --- | --- | --- |")
-    for row in rows:
-        print(
+    figures = {"rounds": rows, "mean-ratio": sum(r["ratio"] for r in rows) / len(rows)}
+    print("\n".join(render(figures)))
+    tag = args.tag or f"{args.nodes} nodes, num-cpus {args.num_cpus}, {data}"
+    store(args.results, tag, figures, code)
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """The per-round table and the mean ratio, as a run prints them."""
+    lines = [
+        "| round | wall s | clients' mean work s | their mean model loads s | wall / work |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in figures["rounds"]:
+        lines.append(
             f"| {row['round']} | {row['wall-s']:.1f} | {row['work-s']:.1f} | "
             f"{row['load-s']:.1f} | {row['ratio']:.2f} |"
         )
-    mean = sum(r["ratio"] for r in rows) / len(rows)
-    print(f"mean wall / work: {mean:.2f}")
-    tag = args.tag or f"{args.nodes} nodes, num-cpus {args.num_cpus}, {data}"
-    store(args.results, tag, {"rounds": rows, "mean-ratio": mean}, code)
+    return [*lines, f"mean wall / work: {figures['mean-ratio']:.2f}"]
+
+
+def show(path: Path) -> None:
+    """Print every record of ``path`` as the run that stored it printed it."""
+    for tag, figures in stored_results(path).items():
+        print(record_line(tag, figures))
+        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks import ROOT, settings_record
+from benchmarks import ROOT, settings_record, stored_results
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client.workspace import data_dir
@@ -482,9 +482,7 @@ def lora_line(style: str, base: float, tuned: float) -> str:
 def show(files: dict[Path, tuple[str, ...]]) -> None:
     """Print the ``parts`` of stored results files, as the runs that wrote them printed them."""
     for path, parts in files.items():
-        if not path.is_file():
-            raise SystemExit(f"--show: no {path}; run the benchmark first")
-        stored = json.loads(path.read_text())
+        stored = stored_results(path)
         print(f"From `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`:")
         if "convergence" in parts and "curves" in stored:
             print(convergence_table(stored["curves"]))

@@ -51,7 +51,7 @@ from typing import Any
 import open_clip
 import torch
 
-from benchmarks import commit, store
+from benchmarks import commit, record_line, store, stored_results
 from cmfl_flower.backbones import (
     PRESETS,
     load_pipeline,
@@ -250,7 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="keep them here, by tag")
     parser.add_argument("--tag", default="", help="key in --results (default: subject, device)")
     parser.add_argument("--repeats", type=int, default=1, help="measure this many times")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --results holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results)
+        return
     if args.compile and args.compare_compile:
         parser.error("--compile and --compare-compile exclude each other")
     if args.threads:
@@ -277,27 +283,86 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class Figures(dict[str, Any]):
-    """The measured figures, each update written to ``path`` at once (when given).
+    """The measured figures, each update written to ``path`` at once (when given) and printed.
 
-    A run stopped by a time limit keeps what it had measured.
+    A run stopped by a time limit keeps what it had measured; each update prints the lines of
+    :func:`render` that it added.
     """
 
     def __init__(self, path: Path | None) -> None:
         super().__init__()
         self.path = path
+        self.printed = 0
 
     def add(self, **figures: Any) -> None:
-        """Record ``figures`` (keys with ``_`` for ``-``) and rewrite the file."""
+        """Record ``figures`` (keys with ``_`` for ``-``), rewrite the file, print new lines."""
         self.update({key.replace("_", "-"): value for key, value in figures.items()})
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self, indent=1) + "\n")
+        lines = render(self)
+        for line in lines[self.printed :]:
+            print(line, flush=True)
+        self.printed = len(lines)
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """The lines a run prints of ``figures``, in the order it measures them: those it has.
+
+    Records stored before the run kept its thread count, compile flag and reference settings
+    take them from the machine record and the benchmark's defaults.
+    """
+    height, width = figures["size"]
+    threads = figures.get("threads", figures.get("machine", {}).get("torch-threads"))
+    batch = figures["project"].rsplit("batch ", 1)[1]
+    steps = figures.get("reference-steps", REFERENCE_STEPS)
+    lines = [
+        f"{figures['subject']}: {figures['images']} images at {height}x{width}, device "
+        f"{figures['device']}, project dtype {figures['dtype']}, compile "
+        f"{figures.get('compile', False)}, torch threads {threads}",
+        f"project: generator loaded in {figures['load-seconds']:.2f} s (not in the rates)",
+    ]
+    if "project-images-per-s" in figures:
+        rate = figures["project-images-per-s"]
+        lines.append(f"project ({figures['project']}): {rate:.3f} images/s")
+    if "profile-seconds" in figures:
+        parts = figures["profile-seconds"].items()
+        lines.append("one batch, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in parts))
+    if "equal-steps-images-per-s" in figures:
+        lines.append(
+            f"project at equal steps (pndm {steps} steps, batch {batch}): "
+            f"{figures['equal-steps-images-per-s']:.3f} images/s"
+        )
+    if "ratio-per-round" in figures:
+        lines += _reference_lines(figures, steps)
+    if "compiled-images-per-s" in figures:
+        rate = figures["compiled-images-per-s"]
+        lines.append(
+            f"project compiled ({figures['project']}): {rate:.3f} images/s, "
+            f"{rate / figures['project-images-per-s']:.2f}x eager "
+            f"(compiling and the first batch: {figures['compile-seconds']:.1f} s)"
+        )
+    if "ratio-compiled-steady" in figures:
+        lines.append(f"ratio compiled, steady: {figures['ratio-compiled-steady']:.1f}x")
+    return lines
+
+
+def _reference_lines(figures: dict[str, Any], steps: int) -> list[str]:
+    return [
+        f"reference ({figures['reference-images']} images; loaded once in "
+        f"{figures['reference-load-seconds']:.2f} s, batch 1, fp32, pndm {steps} steps, guidance "
+        f"{REFERENCE_GUIDANCE}): {figures['reference-images-per-s']:.3f} images/s",
+        f"ratio steady (loads left out): {figures['ratio-steady']:.1f}x",
+        f"ratio at equal steps and scheduler: {figures['ratio-equal-steps']:.1f}x",
+        f"ratio per round ({figures['images']} images and one load on each side): "
+        f"{figures['ratio-per-round']:.1f}x",
+    ]
 
 
 def _report(
     subject: Subject, args: Any, device: torch.device, dtype: torch.dtype, figures: Figures
 ) -> None:
-    """Measure and print each figure as it comes: eager, profile, reference, then compiled."""
+    """Measure each figure, printed as it comes: eager, profile, reference, then compiled."""
     height, width = subject.generator.image_size
     default = GenerationConfig(batch_size=args.batch_size, steps=args.steps)
     equal = default.model_copy(update={"scheduler": "pndm", "steps": args.reference_steps})
@@ -310,20 +375,13 @@ def _report(
         images=args.images,
         project=_describe(default),
         load_seconds=subject.load_seconds,
+        compile=args.compile,
+        threads=torch.get_num_threads(),
+        reference_steps=args.reference_steps,
     )
-    print(
-        f"{subject.label}: {args.images} images at {height}x{width}, device {name}, "
-        f"project dtype {figures['dtype']}, compile {args.compile}, "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    print(f"project: generator loaded in {subject.load_seconds:.2f} s (not in the rates)")
-    fast = project_rate(subject, args.images, default)
-    figures.add(project_images_per_s=fast)
-    print(f"project ({_describe(default)}): {fast:.3f} images/s", flush=True)
+    figures.add(project_images_per_s=project_rate(subject, args.images, default))
     if args.profile:
-        parts = profile_batch(subject, default, device)
-        figures.add(profile_seconds=parts)
-        print("one batch, seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        figures.add(profile_seconds=profile_batch(subject, default, device))
     if not args.no_reference:
         _reference(subject, args, device, equal, figures)
     if args.compare_compile:
@@ -336,7 +394,6 @@ def _reference(
     """The project at the reference's scheduler and steps, then the reference loop itself."""
     same = project_rate(subject, args.images, equal)
     figures.add(equal_steps_images_per_s=same)
-    print(f"project at equal steps ({_describe(equal)}): {same:.3f} images/s", flush=True)
     images = args.reference_images or args.images
     ref, ref_load = reference_rate(subject, images, device, args.reference_steps)
     fast = figures["project-images-per-s"]
@@ -348,16 +405,6 @@ def _reference(
         ratio_steady=fast / ref,
         ratio_equal_steps=same / ref,
         ratio_per_round=per_round(args.images, fast, load) / per_round(args.images, ref, ref_load),
-    )
-    print(
-        f"reference ({images} images; loaded once in {ref_load:.2f} s, batch 1, fp32, pndm "
-        f"{args.reference_steps} steps, guidance {REFERENCE_GUIDANCE}): {ref:.3f} images/s"
-    )
-    print(f"ratio steady (loads left out): {figures['ratio-steady']:.1f}x")
-    print(f"ratio at equal steps and scheduler: {same / ref:.1f}x")
-    print(
-        f"ratio per round ({args.images} images and one load on each side): "
-        f"{figures['ratio-per-round']:.1f}x"
     )
 
 
@@ -371,15 +418,35 @@ def _compiled(subject: Subject, args: Any, cfg: GenerationConfig, figures: Figur
     compile_seconds = time.perf_counter() - start
     rate = project_rate(subject, args.images, cfg)  # the same warm-up as the eager side
     figures.add(compiled_images_per_s=rate, compile_seconds=compile_seconds)
-    print(
-        f"project compiled ({_describe(cfg)}): {rate:.3f} images/s, "
-        f"{rate / figures['project-images-per-s']:.2f}x eager "
-        f"(compiling and the first batch: {compile_seconds:.1f} s)",
-        flush=True,
-    )
     if "reference-images-per-s" in figures:
         figures.add(ratio_compiled_steady=rate / figures["reference-images-per-s"])
-        print(f"ratio compiled, steady: {figures['ratio-compiled-steady']:.1f}x")
+
+
+def runs_table(records: list[dict[str, Any]]) -> str:
+    """One row per stored run: the rates and the three ratios."""
+    lines = [
+        "| run | project images/s | reference images/s | steady | equal steps | per round |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, record in enumerate(records, 1):
+        lines.append(
+            f"| {index} | {record['project-images-per-s']:.2f} | "
+            f"{record['reference-images-per-s']:.2f} | {record['ratio-steady']:.1f}x | "
+            f"{record['ratio-equal-steps']:.1f}x | {record['ratio-per-round']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def show(path: Path) -> None:
+    """Per tag: its provenance, the last run as it printed, and a table of every repeat."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for tag, record in stored_results(path).items():
+        groups.setdefault(tag.split(", run ")[0], []).append(record)
+    for tag, records in groups.items():
+        print(record_line(tag, records[-1]))
+        print("\n".join(render(records[-1])))
+        if len(records) > 1 and all("ratio-per-round" in record for record in records):
+            print(runs_table(records))
 
 
 if __name__ == "__main__":

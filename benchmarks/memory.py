@@ -3,7 +3,9 @@
 ``python -m benchmarks.memory`` runs, in two fresh child processes, the default
 ``cmfl-relay`` method for two rounds (round 2 generates from the peers' tokens) through the
 real ServerApp strategy and ClientApp code on an in-process grid, with 1 and with 10 clients.
-Each child reports its peak resident set size; the parent prints both and their ratio. The
+Each child reports its peak resident set size; the parent prints both and their ratio and
+keeps them (``--results``, default ``benchmarks/results/memory.json``) with the command,
+commit and machine; ``--show`` prints what it holds. The
 clients of one process share one CLIP and one pipeline; what grows with the number of clients
 is their small state (LoRA adapter, class tokens) and their data.
 """
@@ -17,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from benchmarks import commit, record_line, store, stored_results
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -27,6 +31,8 @@ from cmfl_flower.server.rounds import run_federation
 
 ROUNDS = 2
 MARKER = "peak-rss-bytes="
+MIB = 2**20
+RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 
 
 def child(clients: int, root: Path) -> None:
@@ -64,18 +70,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="keep the figures here")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --results holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results)
+        return
     torch.set_num_threads(args.threads)
     if args.child:
         child(args.child, args.root)
         return
+    code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-memory-") as tmp:
         one = measure(1, Path(tmp), args.threads)
         many = measure(args.clients, Path(tmp), args.threads)
-    mib = 2**20
-    print(f"peak RSS, 1 client: {one / mib:.0f} MiB")
-    print(f"peak RSS, {args.clients} clients: {many / mib:.0f} MiB")
-    print(f"ratio: {many / one:.2f}x")
+    figures = {"clients": args.clients, "one-client-bytes": one, "clients-bytes": many}
+    print("\n".join(render(figures)))
+    store(args.results, f"cmfl-relay, {ROUNDS} rounds", figures, code)
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """Both peaks and their ratio, as a run prints them."""
+    one, many = figures["one-client-bytes"], figures["clients-bytes"]
+    return [
+        f"peak RSS, 1 client: {one / MIB:.0f} MiB",
+        f"peak RSS, {figures['clients']} clients: {many / MIB:.0f} MiB",
+        f"ratio: {many / one:.2f}x",
+    ]
+
+
+def show(path: Path) -> None:
+    """Print every record of ``path`` as the run that stored it printed it."""
+    for tag, figures in stored_results(path).items():
+        print(record_line(tag, figures))
+        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from benchmarks import ROOT, commit, store
+from benchmarks import ROOT, commit, record_line, store, stored_results
 from benchmarks.flower_procs import BIN, flower_env, stop
 
 RESULTS = Path(__file__).resolve().parent / "results" / "neighbour.json"
@@ -77,7 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="backbone.threads (0: choose)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="keep the figures here")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --results holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results)
+        return
     code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-neighbour-") as tmp:
         quiet = default_run(Path(tmp) / "quiet", args.threads)
@@ -87,10 +94,25 @@ def main(argv: list[str] | None = None) -> None:
             busy = default_run(Path(tmp) / "busy", args.threads)
         finally:
             neighbour.kill()
-    print(f"backbone.threads={args.threads}: quiet {quiet:.0f} s, beside one CPU-bound process "
-          f"{busy:.0f} s, ratio {busy / quiet:.2f}")  # fmt: skip
     figures = {"quiet-s": quiet, "beside-a-busy-core-s": busy, "ratio": busy / quiet}
-    store(args.results, f"backbone.threads={args.threads}", figures, code)
+    tag = f"backbone.threads={args.threads}"
+    print(render(tag, figures))
+    store(args.results, tag, figures, code)
+
+
+def render(tag: str, figures: dict[str, Any]) -> str:
+    """The line a run prints: both wall times and their ratio."""
+    return (
+        f"{tag}: quiet {figures['quiet-s']:.0f} s, beside one CPU-bound process "
+        f"{figures['beside-a-busy-core-s']:.0f} s, ratio {figures['ratio']:.2f}"
+    )
+
+
+def show(path: Path) -> None:
+    """Print every record of ``path`` as the run that stored it printed it."""
+    for tag, figures in stored_results(path).items():
+        print(record_line(tag, figures))
+        print(render(tag, figures))
 
 
 if __name__ == "__main__":

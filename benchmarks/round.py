@@ -6,7 +6,9 @@ ClientApp code on an in-process grid, where the clients are served one after ano
 process (as one simulation worker serves them). Per round it prints the wall time of the
 round's message exchange, the mean seconds per client of each phase (the ``seconds-*``
 metrics the clients report) and the bytes sent and received (the round metrics), then each
-method's bytes and time per round relative to the first method.
+method's bytes and time per round relative to the first method. ``--results`` keeps them
+(default ``benchmarks/results/round.json``) with the command, commit and machine; ``--show``
+prints what it holds.
 
 A new method is measured by adding its name to :data:`METHODS`.
 """
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from flwr.app import Message
 
+from benchmarks import commit, record_line, store, stored_results
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -34,6 +37,16 @@ METHODS = ["cmfl-relay", "diffusion-lora", "encoder-lora"]
 CLIENTS = 4
 ROUNDS = 3
 PHASES = ("generation", "encoder", "tokens", "eval")
+# what a stored row keeps of its round summary: what the table and the ratios read
+KEPT = (
+    "method",
+    "round",
+    "wall",
+    "bytes-sent",
+    "bytes-received",
+    *(f"seconds-{p}" for p in PHASES),
+)
+RESULTS = Path(__file__).resolve().parent / "results" / "round.json"
 
 
 class TimedGrid(LoopbackGrid):
@@ -95,19 +108,20 @@ def _seconds(value: float | None) -> str:
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """Per method: mean bytes and wall time per round relative to the first method."""
+    """Per method: mean bytes and wall time per round relative to the first method run."""
 
     def means(name: str) -> tuple[float, float]:
         own = [row for row in rows if row["method"] == name]
         wire = sum(row["bytes-sent"] + row["bytes-received"] for row in own) / len(own)
         return wire, sum(row["wall"] for row in own) / len(own)
 
-    base_wire, base_wall = means(METHODS[0])
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    base_wire, base_wall = means(methods[0])
     lines = []
-    for name in METHODS:
+    for name in methods:
         wire, wall = means(name)
         lines.append(
-            f"{name}: {wire:,.0f} bytes/round ({wire / base_wire:.2f}x {METHODS[0]}), "
+            f"{name}: {wire:,.0f} bytes/round ({wire / base_wire:.2f}x {methods[0]}), "
             f"{wall:.1f} s/round ({wall / base_wall:.2f}x)"
         )
     return lines
@@ -119,19 +133,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=CLIENTS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="keep the rows here")
+    parser.add_argument(
+        "--show", action="store_true", help="instead: print what --results holds, running nothing"
+    )
     args = parser.parse_args(argv)
+    if args.show:
+        show(args.results)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(
-        f"clients={args.clients} rounds={args.rounds} default config, torch threads "
-        f"{torch.get_num_threads()}"
-    )
+    code = commit()  # the code that runs
+    figures: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds}
+    figures["threads"] = torch.get_num_threads()
+    print(render(figures)[0], flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cmfl-round-") as tmp:
         for method in METHODS:
             rows += measure(method, Path(tmp), args.clients, args.rounds)
-    print(table(rows))
-    print("\n".join(ratios(rows)))
+    figures["rows"] = [{key: row[key] for key in KEPT if key in row} for row in rows]
+    print("\n".join(render(figures)[1:]))
+    store(args.results, "default config", figures, code)
+
+
+def render(figures: dict[str, Any]) -> list[str]:
+    """The settings line, then (with the rows) the table and the ratios."""
+    lines = [
+        f"clients={figures['clients']} rounds={figures['rounds']} default config, torch threads "
+        f"{figures['threads']}"
+    ]
+    if "rows" in figures:
+        lines += [table(figures["rows"]), *ratios(figures["rows"])]
+    return lines
+
+
+def show(path: Path) -> None:
+    """Print every record of ``path`` as the run that stored it printed it."""
+    for tag, figures in stored_results(path).items():
+        print(record_line(tag, figures))
+        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

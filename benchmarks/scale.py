@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import torch
 from flwr.app import Context, Message
 
-from benchmarks import ROOT, settings_record
+from benchmarks import ROOT, settings_record, stored_results
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -229,9 +229,7 @@ def print_results(results: list[dict[str, Any]], ratios: dict[str, Any]) -> None
 
 def show(path: Path) -> None:
     """Print the stored results of ``path`` as a run prints them."""
-    if not path.is_file():
-        raise SystemExit(f"--show: no {path}; run the benchmark first")
-    stored = json.loads(path.read_text())
+    stored = stored_results(path)
     print_results(stored["results"], stored["growth"])
 
 
