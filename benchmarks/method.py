@@ -69,7 +69,9 @@ from cmfl_flower.client.task import ClientTask
 from cmfl_flower.client.workspace import data_dir, open_workspace
 from cmfl_flower.config import AppConfig, PrivacyConfig
 from cmfl_flower.data import LabeledImages
+from cmfl_flower.data.sources import load_source
 from cmfl_flower.encoder import TrainingSet, accuracy, train_encoder
+from cmfl_flower.judge import JUDGED, fit
 from cmfl_flower.paths import STATE_DIR, client_dir
 from cmfl_flower.privacy import epsilon
 from cmfl_flower.server.rounds import run_federation
@@ -77,6 +79,9 @@ from cmfl_flower.server.rounds import run_federation
 CLIENTS = 10
 ROUNDS = 10
 RESULTS = Path(__file__).resolve().parent / "results"
+RECOGNISED = "generated-recognised"  # the pretrained CLIP's share, a round summary's metric
+JUDGE_FILE = "judge.safetensors"  # the independent judge every arm's clients load
+JUDGES = ("generated-recognised", "judge-recognised")  # a seed's shares: CLIP's, the judge's
 VALIDATION_FRACTION = 0.2
 # tuning scores every client on all clients' held-out images: a client's own split holds only
 # its own classes (2 in P1) and rewards forgetting the rest, unlike the global test set
@@ -168,7 +173,11 @@ def config(
 
 
 def federated(cfg: AppConfig, nodes: int = CLIENTS) -> dict[str, Any]:
-    """Run one federated arm; its last round's figures and bytes per round per client."""
+    """Run one federated arm; its last round's figures and bytes per round per client.
+
+    ``generated-recognised`` (the pretrained CLIP's verdict) and ``judge-recognised`` (the
+    independent judge's, :mod:`cmfl_flower.judge`) are means over the rounds that generated.
+    """
     run_dir = run_federation(LoopbackGrid(client_app, cfg, nodes), cfg)
     rows = json.loads((run_dir / "rounds.json").read_text())
     last = rows[-1]
@@ -178,14 +187,13 @@ def federated(cfg: AppConfig, nodes: int = CLIENTS) -> dict[str, Any]:
         "val": float(last.get("val-acc-mean", np.nan)),
         "bytes_per_round": traffic / (len(rows) * nodes),
         "generated-recognised": _mean_recognised(rows),
+        "judge-recognised": _mean_recognised(rows, JUDGED),
         "run-dir": str(run_dir),
     }
 
 
-def _mean_recognised(rows: list[dict[str, Any]]) -> float | None:
-    values = [
-        row["generated-recognised-mean"] for row in rows if "generated-recognised-mean" in row
-    ]
+def _mean_recognised(rows: list[dict[str, Any]], name: str = RECOGNISED) -> float | None:
+    values = [row[f"{name}-mean"] for row in rows if f"{name}-mean" in row]
     return float(np.mean(values)) if values else None
 
 
@@ -237,7 +245,10 @@ def job_config(job: Job, root: Path) -> AppConfig:
     name = f"{job.protocol}-{job.arm}-s{job.seed}{job.tag}"
     # the worker's pinned thread count in every message: left to the app, it is chosen from
     # the CPUs idle as a message starts, and results then depend on the machine's load
-    extra = {"backbone.threads": torch.get_num_threads()} | dict(job.extra)
+    extra: dict[str, Any] = {"backbone.threads": torch.get_num_threads()}
+    if (root / JUDGE_FILE).is_file():  # written by main before any run
+        extra["generation.judge"] = str(root / JUDGE_FILE)
+    extra |= dict(job.extra)
     arm = FEDERATED.get(job.arm, {})
     nodes = NODES.get(job.arm, CLIENTS)
     return config(job.protocol, job.seed, root, name, arm | extra, job.rounds, nodes)
@@ -301,8 +312,11 @@ def best_setting(results: list[dict[str, Any]]) -> dict[str, Any]:
     return TUNING_GRID[int(np.nanargmax([r["val"] for r in results]))] if results else {}
 
 
-def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean, min and max over seeds of the accuracy, and mean bytes per round per client."""
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean, min and max over seeds of the accuracy; means of bytes and of both judges' shares.
+
+    A judge's mean is None where no seed's run generated.
+    """
     accs = [r["acc"] for r in per_seed]
     return {
         "seeds": len(accs),
@@ -310,24 +324,46 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float]:
         "min": float(np.min(accs)),
         "max": float(np.max(accs)),
         "bytes_per_round": float(np.mean([r["bytes_per_round"] for r in per_seed])),
-    }
+    } | judged_means(per_seed)
 
 
-def table(protocol: str, rows: dict[str, dict[str, float]], chosen: dict[str, Any]) -> str:
+def judged_means(per_seed: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Each judge's share, mean over the seeds whose runs generated (None: none did)."""
+    judged = {key: [r[key] for r in per_seed if r.get(key) is not None] for key in JUDGES}
+    return {key: float(np.mean(values)) if values else None for key, values in judged.items()}
+
+
+def table(protocol: str, rows: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> str:
     """One protocol's results as a Markdown table."""
     lines = [
         f"**{protocol}** (mean client accuracy on the global test set after round {ROUNDS})",
         "",
-        "| arm | seeds | mean | min | max | bytes / round / client | tuned setting |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | seeds | mean | min | max | bytes / round / client | tuned setting "
+        "| recognised: CLIP | recognised: judge |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arm, row in rows.items():
         setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in chosen.get(arm, {}).items())
+        shares = " | ".join(
+            _share(row.get(key)) for key in ("generated-recognised", "judge-recognised")
+        )
         lines.append(
             f"| {arm} | {row['seeds']} | {row['mean']:.3f} | {row['min']:.3f} | {row['max']:.3f} | "
-            f"{report.human_bytes(row['bytes_per_round'])} | {setting or '-'} |"
+            f"{report.human_bytes(row['bytes_per_round'])} | {setting or '-'} | {shares} |"
         )
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def write_judge(root: Path) -> dict[str, Any]:
+    """Train the independent judge on the public digits into ``root``; what the rows record."""
+    public, test = load_source("digits", "public"), load_source("digits", "test")
+    judge = fit(public.images, public.labels, public.class_names, (test.images, test.labels))
+    judge.save(root / JUDGE_FILE)
+    return {"judge-public-images": len(public), "judge-test-accuracy": judge.test_accuracy}
 
 
 def checks(protocol: str, rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -364,7 +400,7 @@ def checks(protocol: str, rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def run_protocol(
     protocol: str, seeds: int, arms: tuple[str, ...], root: Path, args: argparse.Namespace
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Tune (unless ``--no-tune`` or ``--reuse-tuning``); run every arm over ``seeds`` seeds."""
     start = time.perf_counter()
     chosen: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
@@ -388,9 +424,10 @@ def run_protocol(
         for s in range(seeds)
     ]
     results = iter(run_all(jobs, root, args.workers, args.threads))
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
     stamp = {"commit": args.commit, "command": command(), "date": time.strftime("%Y-%m-%d")}
+    stamp |= args.judge
     for arm in arms:
         per_seed = [next(results) | {"commit": args.commit} for _ in range(seeds)]
         rows[arm] = summarise(per_seed) | stamp
@@ -594,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
+    root.mkdir(parents=True, exist_ok=True)
+    args.judge = write_judge(root)
     print(
         f"clients={CLIENTS} rounds={ROUNDS} seeds={args.seeds} workers={args.workers} "
         f"threads={args.threads} "
@@ -619,10 +658,25 @@ def print_protocol(protocol: str, rows: dict[str, Any], details: dict[str, Any])
     print()
     print(table(protocol, rows, {arm: d["chosen"] for arm, d in details.items()}))
     print()
-    for line in provenance(rows) + held_classes(details):
+    for line in provenance(rows) + judges(rows) + held_classes(details):
         print(f"- {line}")
     for line in checks(protocol, rows):
         print(f"- {line}")
+
+
+def judges(rows: dict[str, Any]) -> list[str]:
+    """Who judged the generated images: the pretrained CLIP and, where recorded, the judge."""
+    recorded = {
+        (row["judge-public-images"], row["judge-test-accuracy"])
+        for row in rows.values()
+        if "judge-test-accuracy" in row
+    }
+    return [
+        "recognised: the share of generated images the pretrained CLIP (CLIP) or the independent "
+        f"judge (judge: pixel regression on {count} public digits, {accuracy:.3f} on the test "
+        "digits) labels as their class, mean over the rounds that generated and the seeds"
+        for count, accuracy in sorted(recorded)
+    ]
 
 
 def held_classes(details: dict[str, Any]) -> list[str]:
@@ -662,8 +716,13 @@ def show(results: Path, protocols: list[str]) -> None:
         raise SystemExit(f"--show: no {' or '.join(missing)}; run the benchmark first")
     stored, details = (json.loads(path.read_text()) for path in paths)
     for protocol in (p for p in protocols if p in stored):
-        rows = {arm: stored[protocol][arm] for arm in ARMS if arm in stored[protocol]}
-        print_protocol(protocol, rows, details.get(protocol, {}))
+        own = details.get(protocol, {})
+        rows = {
+            arm: judged_means(own.get(arm, {}).get("per_seed", [])) | stored[protocol][arm]
+            for arm in ARMS
+            if arm in stored[protocol]
+        }  # rows summarised before they kept the judges' shares take them from the seeds
+        print_protocol(protocol, rows, own)
     privacy = results / "method-privacy.json"
     if privacy.is_file():
         sweep = json.loads(privacy.read_text())

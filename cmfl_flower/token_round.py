@@ -29,6 +29,7 @@ from cmfl_flower.config import AppConfig
 from cmfl_flower.encoder import TrainingSet, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
+from cmfl_flower.judge import JUDGED, judge_for
 from cmfl_flower.knowledge import Knowledge, anchor, name_knowledge, relayed_knowledge
 from cmfl_flower.paths import CACHE_DIR
 from cmfl_flower.privacy import privatise
@@ -82,14 +83,19 @@ def generated_recognised(
 
     The judge is the preset's pretrained CLIP (no LoRA) with prompts of the real class names,
     also when clients only know opaque ids: it measures, it never trains. ``features``: the
-    images' :func:`judge_features`.
+    images' :func:`judge_features`. With ``generation.judge`` set, the independent judge of
+    :mod:`cmfl_flower.judge` scores them too (``generated-recognised-judge``).
     """
     if not len(generated.labels):
         return {}
     with ws.encoder.pretrained(), torch.no_grad():
         names = ws.name_features(ws.real_class_names)  # (C, E) the real names, always
     predicted = (features @ names.T).argmax(dim=1).cpu().numpy()  # (N,)
-    return {"generated-recognised": float((predicted == generated.labels).mean())}
+    metrics = {"generated-recognised": float((predicted == generated.labels).mean())}
+    if ws.cfg.generation.judge:
+        judge = judge_for(ws.cfg.generation.judge, ws.real_class_names)
+        metrics[JUDGED] = judge.recognised(generated.images, generated.labels)
+    return metrics
 
 
 def screen(

@@ -324,6 +324,13 @@ class GenerationConfig(Section):
     sample_weight: float = Field(
         0.5, ge=0, description="Loss weight of a generated image (a local image weighs 1)."
     )
+    judge: str = Field(
+        "",
+        description="A judge file (`python -m cmfl_flower.judge` trains one on public images; "
+        "no client trains it and no default was chosen on it): generating clients also report "
+        "`generated-recognised-judge`, the share of their generated images it labels as their "
+        "class. Empty: only the pretrained CLIP judges (`generated-recognised`).",
+    )
 
 
 class EncoderConfig(Section):

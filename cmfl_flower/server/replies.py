@@ -17,7 +17,14 @@ from flwr.app import RecordDict
 from cmfl_flower.aliases import Row
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY
 
-SPREAD_METRICS = ("local-acc", "global-acc", "val-acc", "generated-recognised")  # mean/min/max
+# mean/min/max in a round's summary
+SPREAD_METRICS = (
+    "local-acc",
+    "global-acc",
+    "val-acc",
+    "generated-recognised",
+    "generated-recognised-judge",
+)
 # reported as sums; screened-out and dropped: received sets and entries a client left out
 TOTAL_METRICS = ("num-generated", "bytes-sent", "bytes-received", "screened-out", "dropped")
 RESERVED = frozenset({"node-id", "bytes-sent", "bytes-received", "error", "refused"})
