@@ -283,17 +283,25 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def draw(stored: dict[str, Any], path: Path) -> None:
-    """One panel per setting with attacks: honest accuracy per attack, defences off and on.
+def drawn(stored: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per setting, the seed-0 runs the chart draws: those of every record that ran the relay.
 
-    A setting's panel gathers the seed-0 runs of every stored record of that setting (the
-    defences off and on may come from two records).
+    The defences off and on may come from two records; records of another method (``--set
+    method=...``, a baseline under the same hostile clients) are in the tables only.
     """
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for key in sorted(stored):
+        if stored[key].get("overrides", {}).get("method", "cmfl-relay") != "cmfl-relay":
+            continue
         for r in stored[key]["results"]:
             if r["seed"] == 0:
                 by_setting.setdefault(r["setting"], []).append(r)
+    return by_setting
+
+
+def draw(stored: dict[str, Any], path: Path) -> None:
+    """One panel per setting with attacks: honest accuracy per attack, defences off and on."""
+    by_setting = drawn(stored)
     keys = [key for key in sorted(by_setting) if any(r["attack"] for r in by_setting[key])]
     if not keys:  # runs without attackers only: nothing to draw
         return

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.robustness import attack, draw, figures, reference, table
+from benchmarks.robustness import attack, draw, drawn, figures, reference, table
 
 REPLY = {
     "vectors": np.arange(12, dtype=np.float32).reshape(3, 4) / 10,  # 3 tokens of D = 4
@@ -76,6 +76,16 @@ def test_figures_reference_table_and_chart(tmp_path):
     stored = {"default-k1": {"results": results}}
     draw(stored, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+def test_the_chart_draws_the_relays_records_and_leaves_a_baselines_to_the_tables():
+    run = {"setting": "P1", "seed": 0, "attack": "silent", "hostile": 2, "defended": True}
+    stored = {
+        "P1-on": {"overrides": {}, "results": [run | {"honest-acc": 0.725}]},
+        "P1-fedavg": {"overrides": {"method": "encoder-lora"}, "results": [run]},
+        "P1-seed-1": {"results": [run | {"seed": 1}]},
+    }
+    assert drawn(stored) == {"P1": [run | {"honest-acc": 0.725}]}
 
 
 def test_the_docs_tables_are_the_stored_records():
