@@ -1,0 +1,61 @@
+"""benchmarks/method_defaults.py: values read as the config reads them, validation runs only,
+and a default displaced only by a lead larger than the seeds' spread."""
+
+import json
+
+import pytest
+
+from benchmarks import method_defaults as defaults
+from benchmarks.method import ROUNDS, VALIDATION
+
+
+def test_values_are_read_as_the_config_reads_them_and_bad_ones_are_named():
+    assert defaults.parse_check("encoder.distill=0,0.5,1") == ("encoder.distill", [0.0, 0.5, 1.0])
+    assert defaults.parse_check("relay.max-senders-per-class=0,2")[1] == [0, 2]
+    with pytest.raises(SystemExit, match="unknown run-config key 'encoder.distil'"):
+        defaults.parse_check("encoder.distil=0")
+    with pytest.raises(SystemExit, match="(?s)--check encoder.distill-on: .*'all' or 'local'"):
+        defaults.parse_check("encoder.distill-on=some")
+
+
+def test_every_run_holds_out_validation_for_the_full_rounds_with_the_tuned_setting():
+    tuned = {"encoder.lr": 0.003, "encoder.epochs": 1}
+    runs = defaults.jobs("P1", "encoder.distill", [0.0, 1.0], 2, tuned)
+    assert [(job.seed, dict(job.extra)["encoder.distill"]) for job in runs] == [
+        (0, 0.0),
+        (1, 0.0),
+        (0, 1.0),
+        (1, 1.0),
+    ]
+    for job in runs:
+        assert job.arm == "cmfl-relay" and job.rounds == ROUNDS
+        assert dict(job.extra).items() >= (tuned | VALIDATION).items()
+
+
+def test_a_default_is_displaced_only_by_a_lead_beyond_the_seeds_spread():
+    close = defaults.verdict(1.0, {"0.0": [0.75, 0.77], "1.0": [0.74, 0.76]})
+    assert close["best"] == "0.0" and not close["change"]  # 1 point ahead, 2 points of spread
+    clear = defaults.verdict(1.0, {"0.0": [0.80, 0.81], "1.0": [0.74, 0.76]})
+    assert clear["change"] and clear["lead"] == pytest.approx(0.055)
+    kept = defaults.verdict("all", {'"all"': [0.8], '"local"': [0.7]})
+    assert kept["best"] == '"all"' and not kept["change"]
+
+
+def test_show_prints_each_stored_key_and_needs_a_check_to_run(tmp_path, capsys):
+    entry = {
+        "default": 1.0,
+        "validation": {"0.0": [0.80, 0.81], "1.0": [0.74, 0.76]},
+        "verdict": defaults.verdict(1.0, {"0.0": [0.80, 0.81], "1.0": [0.74, 0.76]}),
+        "command": "python -m benchmarks.method_defaults --check encoder.distill=0,1",
+        "commit": "0123456789abcdef",
+        "date": "2026-12-07",
+    }
+    path = tmp_path / "defaults.json"
+    path.write_text(json.dumps({"P1": {"encoder.distill": entry}}))
+    defaults.main(["--show", "--results", str(path)])
+    out = capsys.readouterr().out
+    assert "| 1.0 (default) | 2 | 0.750 | 0.740 | 0.760 |" in out
+    assert "best on validation 0.0, +5.5 points over the default (seeds' spread 2.0)" in out
+    assert "change the default to 0.0" in out and "at 0123456789ab on 2026-12-07" in out
+    with pytest.raises(SystemExit):
+        defaults.main(["--protocol", "P1"])
