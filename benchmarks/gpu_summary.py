@@ -50,7 +50,13 @@ def generation_lines(arch: str, figures: dict[str, Any]) -> list[str]:
             f"  compiled UNet: {compiled:.2f} images/s ({compiled / eager:.2f}x eager; "
             f"compiling took {figures['compile-seconds']:.0f} s)"
         )
-    if "reference-images-per-s" in figures:
+    if "ratio-overall" in figures:  # stored before the reference loaded its pipeline once
+        lines.append(
+            f"  reference loop (reloaded for every image; withdrawn): "
+            f"{figures['reference-images-per-s']:.3f} images/s; project / reference "
+            f"{figures['ratio-overall']:.1f}x (at equal steps {figures['ratio-equal-steps']:.1f}x)"
+        )
+    elif "reference-images-per-s" in figures:
         lines.append(
             f"  reference loop (loaded once): {figures['reference-images-per-s']:.3f} images/s; "
             f"project / reference {figures['ratio-steady']:.1f}x (at equal steps "
@@ -68,19 +74,26 @@ def generation_lines(arch: str, figures: dict[str, Any]) -> list[str]:
 
 
 def goal_line(figures: dict[str, Any]) -> str:
-    """BK-SDM-v2-small's best rate against the 12 images/s goal and the 3 images/s bar."""
-    best = max(figures.get("compiled-images-per-s", 0.0), figures["project-images-per-s"])
+    """BK-SDM-v2-small's eager rate, the app's path, against the 12 images/s goal and the bar.
+
+    The app never compiles the UNet (a deployment's every message is a fresh process, which
+    would pay the compile again), so a compiled rate is named but does not count.
+    """
+    eager = figures["project-images-per-s"]
     verdict = (
         "goal met"
-        if best >= GOAL_IMAGES_PER_S
+        if eager >= GOAL_IMAGES_PER_S
         else "first bar met, goal missed"
-        if best >= FIRST_BAR_IMAGES_PER_S
+        if eager >= FIRST_BAR_IMAGES_PER_S
         else "first bar missed"
     )
-    return (
-        f"goal: {best:.2f} images/s against {GOAL_IMAGES_PER_S:g} (first bar "
-        f"{FIRST_BAR_IMAGES_PER_S:g}): {verdict}"
+    line = (
+        f"goal: {eager:.2f} images/s eager, the app's path, against {GOAL_IMAGES_PER_S:g} "
+        f"(first bar {FIRST_BAR_IMAGES_PER_S:g}): {verdict}"
     )
+    if "compiled-images-per-s" in figures:
+        line += f"; compiled UNet {figures['compiled-images-per-s']:.2f}, not the app's path"
+    return line
 
 
 def round_lines(method: str, result: dict[str, Any]) -> list[str]:
