@@ -521,6 +521,7 @@ def privacy_sweep(
             "clip-norm": clip_norm,
             "acc": plain["acc"],
             "generated-recognised": plain["generated-recognised"],
+            "judge-recognised": plain.get("judge-recognised"),
             **seen,
         }
     ]
@@ -536,6 +537,7 @@ def privacy_sweep(
                 "denoise": extra["privacy.denoise"],
                 "acc": result["acc"],
                 "generated-recognised": result["generated-recognised"],
+                "judge-recognised": result.get("judge-recognised"),
             }
         )
     return rows
@@ -547,18 +549,18 @@ def privacy_table(protocol: str, rows: list[dict[str, Any]]) -> str:
         f"**{protocol}, cmfl-relay under DP** (seed 0, mean client accuracy, global test set)",
         "",
         "| total epsilon per vector | epsilon of a client's vectors together | noise multiplier | "
-        "clip norm | receivers denoise | accuracy | generated-recognised |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "clip norm | receivers denoise | accuracy | recognised: CLIP | recognised: judge |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         client = row.get("client-epsilon")
         denoised = {None: "-", True: "yes", False: "no"}[row.get("denoise")]
-        recognised = row.get("generated-recognised")
+        shares = " | ".join(_share(row.get(key)) for key in JUDGES)
         lines.append(
             f"| {eps} | {'-' if client is None else f'{client:.2f}'} | "
             f"{row['noise-multiplier']:.3f} | {row['clip-norm']:.3f} | {denoised} | "
-            f"{row['acc']:.3f} | {'-' if recognised is None else f'{recognised:.3f}'} |"
+            f"{row['acc']:.3f} | {shares} |"
         )
     return "\n".join(lines)
 
@@ -619,12 +621,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.privacy:
         torch.set_num_threads(args.threads)
         root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-privacy-"))
+        root.mkdir(parents=True, exist_ok=True)
+        judge = write_judge(root)
         rows = privacy_sweep(
             args.protocol[0], root, args.privacy, args.workers, args.threads, args.privacy_control
         )
         print(privacy_table(args.protocol[0], rows))
         args.results.mkdir(parents=True, exist_ok=True)
         stamp = {"command": command(), "commit": args.commit, "date": time.strftime("%Y-%m-%d")}
+        stamp |= judge
         (args.results / "method-privacy.json").write_text(
             json.dumps(stamp | {"protocol": args.protocol[0], "rows": rows}, indent=2)
         )
