@@ -354,9 +354,21 @@ def test_accuracy_chart_adds_the_recognised_share_only_when_images_were_generate
     both = report.accuracy_figure([plain, generating])
     assert len(both.axes) == 2
     assert [line.get_label() for line in both.axes[1].lines] == [
-        "gen (mean over clients)",
+        "gen (CLIP, mean over clients)",
         "target 0.85",
     ]
+
+
+def test_the_independent_judges_share_is_a_dashed_line_and_a_column(tmp_path):
+    judged = [row | {"generated-recognised-judge-mean": 0.7} for row in GENERATING[1:]]
+    run_dir = _written_run(tmp_path, "judged", [GENERATING[0], *judged])
+    figure = report.accuracy_figure([report.load_run(run_dir)])
+    clip, judge, _ = figure.axes[1].lines
+    assert clip.get_label() == "CLIP, mean over clients"
+    assert judge.get_label() == "independent judge, mean" and judge.get_linestyle() == "--"
+    assert list(judge.get_xdata()) == [2, 3] and list(judge.get_ydata()) == [0.7, 0.7]
+    rounds = _table(report.write_report(run_dir).read_text(), 1)
+    assert [row["generated-recognised-judge-mean"] for row in rounds] == ["", "0.700", "0.700"]
 
 
 def test_accuracy_chart_keeps_its_note_beside_the_recognised_share(tmp_path):

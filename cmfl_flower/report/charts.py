@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 from cmfl_flower.report.run import (
+    JUDGED,
     RECOGNISED,
     RECOGNISED_TARGET,
     SERVER_ACC,
@@ -95,11 +96,20 @@ def _plot_accuracy(axes: Axes, runs: Sequence[RunView]) -> None:
 
 
 def _plot_recognised(axes: Axes, runs: Sequence[RunView]) -> None:
-    """Per round, the share of generated images the judge recognises, against the target."""
+    """Per round, the share of generated images the judge recognises, against the target.
+
+    With ``generation.judge`` set, the independent judge's mean share is a dashed line.
+    """
     for index, run in enumerate(runs):
+        colour = f"C{index % 10}"
         rows = [row for row in run.rounds if f"{RECOGNISED}-mean" in row]
         if rows:
-            _band(axes, rows, RECOGNISED, f"C{index % 10}", _label(run, runs, "mean over clients"))
+            _band(axes, rows, RECOGNISED, colour, _label(run, runs, "CLIP, mean over clients"))
+        judged = [row for row in run.rounds if f"{JUDGED}-mean" in row]
+        if judged:
+            shares = [row[f"{JUDGED}-mean"] for row in judged]
+            label = _label(run, runs, "independent judge, mean")
+            axes.plot([row["round"] for row in judged], shares, "s--", color=colour, label=label)
     target = f"target {RECOGNISED_TARGET:.2f}"
     axes.axhline(RECOGNISED_TARGET, color="grey", linestyle=":", label=target)
     axes.set_ylim(0, 1.05)

@@ -38,6 +38,7 @@ from cmfl_flower.report.charts import (
     write_png,
 )
 from cmfl_flower.report.run import (
+    JUDGED,
     RECOGNISED,
     SERVER_ACC,
     SITE_CLASS,
@@ -123,6 +124,7 @@ ROUND_COLUMNS = (
     f"{RECOGNISED}-mean",
     f"{RECOGNISED}-min",
     f"{RECOGNISED}-max",
+    f"{JUDGED}-mean",
     "bytes-sent",
     "bytes-received",
     "round-seconds",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     pass
 
 RECOGNISED = "generated-recognised"  # share of a client's generated images the judge recognises
+JUDGED = f"{RECOGNISED}-judge"  # the same share by the independent judge (generation.judge)
 SERVER_ACC = "server-global-acc"  # weight methods: the global weights scored by the server
 RECOGNISED_TARGET = 0.85  # the share of recognised images the chart marks as the target
 SITE_CLASS = "site-class-"  # reply metric: a site's training images of class <id>
