@@ -64,7 +64,7 @@ from client_app import app as client_app
 from cmfl_flower.aliases import Arrays
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.base import ARRAYS_KEY, METRICS_KEY, from_record, to_record
-from cmfl_flower.results import output_root
+from cmfl_flower.paths import output_root
 from cmfl_flower.server.rounds import run_federation
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness.json"

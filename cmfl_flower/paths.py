@@ -16,9 +16,15 @@ A run directory, ``<output root>/<run name>/``::
     tensorboard/       TENSORBOARD_DIR (``output.tensorboard = true``)
 """
 
+from __future__ import annotations
+
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cmfl_flower.config import OutputConfig
 
 CONFIG_JSON = "config.json"
 ROUNDS = "rounds"  # rounds.json and rounds.csv
@@ -43,6 +49,11 @@ def cache_root() -> Path:
     """``$XDG_CACHE_HOME/cmfl-flower`` (default ``~/.cache/cmfl-flower``), absolute."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser().resolve() / "cmfl-flower"
+
+
+def output_root(cfg: OutputConfig) -> Path:
+    """The absolute root of run directories (``output.dir``, default in the cache)."""
+    return (Path(cfg.dir).expanduser() if cfg.dir else cache_root() / "runs").resolve()
 
 
 def client_dir(run_dir: Path, partition_id: int) -> Path:

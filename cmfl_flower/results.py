@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cmfl_flower import report
 from cmfl_flower.aliases import Row
-from cmfl_flower.config import AppConfig, OutputConfig
-from cmfl_flower.paths import CLIENT_ROWS, CONFIG_JSON, ROUNDS, STATUS_JSON, cache_root
+from cmfl_flower.config import AppConfig
+from cmfl_flower.paths import CLIENT_ROWS, CONFIG_JSON, ROUNDS, STATUS_JSON, output_root
 
 REPORT_INTERVAL_S = 5.0  # at most one report rewrite per this many seconds, until the end
 RESUMABLE_KEYS = frozenset(
@@ -46,11 +46,6 @@ def _csv_text(rows: list[Row]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def output_root(cfg: OutputConfig) -> Path:
-    """The absolute root of run directories (``output.dir``, default in the cache)."""
-    return (Path(cfg.dir).expanduser() if cfg.dir else cache_root() / "runs").resolve()
 
 
 class RunRecorder:

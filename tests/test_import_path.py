@@ -55,7 +55,10 @@ print(json.dumps(stages))
 # stage -> the methods resolved by then (cumulative) and what must still not be imported
 MODEL_LIBRARIES = ("open_clip", "diffusers", "peft", "transformers", "torchvision", "timm")
 CLIENT_STAGES = {
-    "client_app": ((), (*MODEL_LIBRARIES, "matplotlib", "opacus", "cmfl_flower.encoder")),
+    "client_app": (
+        (),
+        (*MODEL_LIBRARIES, "matplotlib", "opacus", "cmfl_flower.encoder", "cmfl_flower.report"),
+    ),
     "clip methods": (("local-only", "encoder-lora"), ("diffusers", "open_clip")),
     "weight methods": (("diffusion-unet", "diffusion-lora"), ("open_clip",)),
     "token methods": (

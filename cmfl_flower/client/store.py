@@ -32,8 +32,7 @@ from safetensors.torch import load_file, save_file
 from cmfl_flower.aliases import Arrays
 from cmfl_flower.client.task import ClientRoutine, ClientState, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
-from cmfl_flower.paths import STATE_DIR, client_dir
-from cmfl_flower.results import output_root
+from cmfl_flower.paths import STATE_DIR, client_dir, output_root
 
 FIELDS = ("lora", "tokens", "optimizer", "screening")
 NODE_PREFIX = "node-"

@@ -43,10 +43,9 @@ from cmfl_flower.encoder import (
     accuracy,
     load_encoder,
 )
-from cmfl_flower.paths import client_dir
+from cmfl_flower.paths import client_dir, output_root
 from cmfl_flower.progress import Progress
 from cmfl_flower.report import SITE_CLASS, write_label_counts, write_sample_grid
-from cmfl_flower.results import output_root
 from cmfl_flower.tokens import TextSide
 
 if TYPE_CHECKING:
