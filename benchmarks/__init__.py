@@ -9,6 +9,8 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,23 @@ def record_line(tag: str, record: dict[str, Any]) -> str:
     code = str(record["commit"])
     short = code[:12] + ("+dirty" if code.endswith("+dirty") else "")
     return f"{tag}: `{record['command']}` at {short}"
+
+
+def pinned_worker(threads: int) -> None:
+    """Set up a benchmark's pool worker: ``threads`` torch threads, and gone with its parent.
+
+    A pool's workers outlive a benchmark process that is killed (they are reparented and run
+    their queued jobs on); this one checks its parent every few seconds and exits once it is
+    gone, so that stopping a benchmark stops its runs.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks import ROOT, settings_record, stored_results
+from benchmarks import ROOT, pinned_worker, settings_record, stored_results
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.client.workspace import data_dir
@@ -242,10 +242,6 @@ def run_job(job: Job, root: Path) -> dict[str, Any]:
     return result | {"seconds": time.perf_counter() - start}
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def training_samples(job: Job, root: Path) -> int:
     """Training samples the job draws in all (rounds x C x E x batch).
 
@@ -264,7 +260,7 @@ def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dic
         if job.kind != "lora":
             data_dir(ddpm_config(job, root).data, job.nodes)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+    with ProcessPoolExecutor(workers, context, pinned_worker, (threads,)) as pool:
         longest_first = sorted(range(len(jobs)), key=lambda i: -training_samples(jobs[i], root))
         futures = {i: pool.submit(run_job, jobs[i], root) for i in longest_first}
         return [futures[i].result() for i in range(len(jobs))]

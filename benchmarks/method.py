@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import command, commit
+from benchmarks import command, commit, pinned_worker
 from benchmarks.loopback import LoopbackGrid
 from benchmarks.tokens import parse_override
 from client_app import app as client_app
@@ -240,9 +240,24 @@ class Job:
     rounds: int = ROUNDS
 
 
+def run_name(job: Job) -> str:
+    """The run directory name of ``job`` under ``<out>/runs/``."""
+    return f"{job.protocol}-{job.arm}-s{job.seed}{job.tag}"
+
+
+def check_fresh(jobs: list[Job], root: Path) -> None:
+    """Refuse, before any run, an ``--out`` that already holds a run directory of ``jobs``."""
+    taken = [run_name(job) for job in jobs if (root / "runs" / run_name(job)).exists()]
+    if taken:
+        raise SystemExit(
+            f"--out {root} already holds run directories of this run ({', '.join(taken[:3])}"
+            f"{', ...' if len(taken) > 3 else ''}): choose a fresh --out"
+        )
+
+
 def job_config(job: Job, root: Path) -> AppConfig:
     """The run config of ``job``: protocol, seed, the arm's keys, then the job's overrides."""
-    name = f"{job.protocol}-{job.arm}-s{job.seed}{job.tag}"
+    name = run_name(job)
     # the worker's pinned thread count in every message: left to the app, it is chosen from
     # the CPUs idle as a message starts, and results then depend on the machine's load
     extra: dict[str, Any] = {"backbone.threads": torch.get_num_threads()}
@@ -268,16 +283,12 @@ def run_arm(job: Job, root: Path) -> dict[str, Any]:
     return result | {"seed": job.seed, "config": cfg.to_run_config(), "date": stamp}
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dict[str, Any]]:
     """Run ``jobs`` in ``workers`` processes (each pinned to ``threads`` torch threads)."""
     for job in jobs:  # prepare each partitioning once, before workers race for it
         data_dir(job_config(job, root).data, NODES.get(job.arm, CLIENTS))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _init_worker, (threads,)) as pool:
+    with ProcessPoolExecutor(workers, context, pinned_worker, (threads,)) as pool:
         return list(pool.map(run_arm, jobs, [root] * len(jobs)))
 
 
@@ -396,6 +407,13 @@ def checks(protocol: str, rows: dict[str, dict[str, Any]]) -> list[str]:
         verdict = "met" if ratio <= 0.2 else "missed"
         out.append(f"relay bytes / fedavg-encoder bytes: {ratio:.3f} (target <= 0.2): {verdict}")
     return out
+
+
+def planned(protocol: str, arms: tuple[str, ...], args: argparse.Namespace) -> list[Job]:
+    """Every run ``protocol`` will make, by name: the tuning runs (when tuning), then the seeds."""
+    tuning = not (args.no_tune or args.reuse_tuning)
+    jobs = [job for arm in arms for job in tuning_jobs(arm, protocol, {})] if tuning else []
+    return jobs + [Job(arm, protocol, seed) for arm in arms for seed in range(args.seeds)]
 
 
 def run_protocol(
@@ -647,6 +665,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
+    check_fresh([job for p in args.protocol for job in planned(p, tuple(args.arms), args)], root)
     for protocol in args.protocol:
         arms = tuple(args.arms)
         results[protocol], details[protocol] = run_protocol(protocol, args.seeds, arms, root, args)

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from benchmarks import command, commit, stored_results
-from benchmarks.method import PROTOCOLS, RESULTS, ROUNDS, VALIDATION, Job, reused_settings, run_all
+from benchmarks.method import (
+    PROTOCOLS,
+    RESULTS,
+    ROUNDS,
+    VALIDATION,
+    Job,
+    check_fresh,
+    reused_settings,
+    run_all,
+)
 from benchmarks.tokens import parse_override
 from cmfl_flower.config import AppConfig
 
@@ -127,9 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-defaults-"))
     defaults = AppConfig.from_run_config({}).to_run_config()
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    planned = {
+        key: jobs(args.protocol, key, values, args.seeds, fixed) for key, values in checks.items()
+    }
+    check_fresh([job for runs in planned.values() for job in runs], root)
     for key, values in checks.items():
-        results = iter(run_all(jobs(args.protocol, key, values, args.seeds, fixed), root,
-                               args.workers, args.threads))  # fmt: skip
+        results = iter(run_all(planned[key], root, args.workers, args.threads))
         scores = {json.dumps(v): [float(next(results)["val"]) for _ in range(args.seeds)]
                   for v in values}  # fmt: skip
         entry = {"default": defaults[key], "validation": scores, "tuned": fixed}

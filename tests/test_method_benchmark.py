@@ -134,3 +134,56 @@ def test_the_page_shows_what_the_results_files_hold(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     page = (method.RESULTS.parents[1] / "docs" / "benchmark-method.md").read_text()
     assert len(lines) > 30 and [line for line in lines if line not in page] == []
+
+
+def test_an_out_folder_holding_this_runs_directories_is_refused_before_any_run(tmp_path):
+    parsed = type("Args", (), {"no_tune": False, "reuse_tuning": None, "seeds": 2})()
+    names = [method.run_name(job) for job in method.planned("P2", ("cmfl-relay",), parsed)]
+    assert names == [
+        "P2-cmfl-relay-s0-tune0",
+        "P2-cmfl-relay-s0-tune1",
+        "P2-cmfl-relay-s0-tune2",
+        "P2-cmfl-relay-s0",
+        "P2-cmfl-relay-s1",
+    ]
+    (tmp_path / "runs" / "P2-cmfl-relay-s0-tune2").mkdir(parents=True)
+    jobs = method.planned("P2", ("cmfl-relay",), parsed)
+    with pytest.raises(SystemExit, match="already holds run directories .*P2-cmfl-relay-s0-tune2"):
+        method.check_fresh(jobs, tmp_path)
+    parsed.no_tune = True
+    method.check_fresh(method.planned("P2", ("cmfl-relay",), parsed), tmp_path)  # no tuning runs
+
+
+ORPHAN = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from benchmarks import pinned_worker
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), pinned_worker, (1,))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120)
+    time.sleep(0.5)
+    os._exit(0)  # the benchmark is killed: no shutdown of its pool
+"""
+
+
+def test_a_pool_worker_exits_once_its_benchmark_process_is_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    env = os.environ | {"PYTHONPATH": str(method.RESULTS.parents[1])}  # this checkout's
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.stdout.strip(), done.stderr
+    worker = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(worker) and psutil.Process(worker).status() != "zombie":
+        assert time.monotonic() < deadline, "the orphaned worker still runs"
+        time.sleep(0.5)
