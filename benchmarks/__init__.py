@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,13 @@ def record_line(tag: str, record: dict[str, Any]) -> str:
     code = str(record["commit"])
     short = code[:12] + ("+dirty" if code.endswith("+dirty") else "")
     return f"{tag}: `{record['command']}` at {short}"
+
+
+def show_records(path: Path, render: Callable[[str, dict[str, Any]], list[str]]) -> None:
+    """``--show``: each record of the results file ``path``, named, then as ``render`` prints it."""
+    for tag, record in stored_results(path).items():
+        print(record_line(tag, record))
+        print("\n".join(render(tag, record)))
 
 
 def pinned_worker(threads: int) -> None:

@@ -40,7 +40,7 @@ import torch
 from flwr.app import Context, Message
 from open_clip.transform import PreprocessCfg
 
-from benchmarks import ROOT, commit, record_line, store, stored_results
+from benchmarks import ROOT, commit, show_records, store
 from benchmarks.cold_start_child import LOADERS, dumps
 from benchmarks.loopback import LoopbackGrid
 from cmfl_flower.aliases import Row
@@ -302,13 +302,6 @@ def render(entry: dict[str, Any]) -> list[str]:
     return [*lines, table(results, steps), *import_lines(results, torch_seconds)]
 
 
-def show(path: Path) -> None:
-    """Print every record of ``path`` as the run that stored it printed it."""
-    for tag, entry in stored_results(path).items():
-        print(record_line(tag, entry))
-        print("\n".join(render(entry)))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Measure, print the table and the ratios, keep them in ``--json``.
 
@@ -317,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = _parser().parse_args(argv)
     if args.show:
-        show(args.json)
+        show_records(args.json, lambda _, entry: render(entry))
         return
     torch.set_num_threads(args.threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)

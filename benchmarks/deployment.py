@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ROOT, commit, record_line, store, stored_results
+from benchmarks import ROOT, commit, show_records, store
 from benchmarks.flower_procs import (
     BIN,
     SuperLink,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.show:
-        show(args.results)
+        show_records(args.results, lambda _, figures: render(figures))
         return
     code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-deploy-") as tmp, ExitStack() as stack:
@@ -144,13 +144,6 @@ def render(figures: dict[str, Any]) -> list[str]:
             f"{row['load-s']:.1f} | {row['ratio']:.2f} |"
         )
     return [*lines, f"mean wall / work: {figures['mean-ratio']:.2f}"]
-
-
-def show(path: Path) -> None:
-    """Print every record of ``path`` as the run that stored it printed it."""
-    for tag, figures in stored_results(path).items():
-        print(record_line(tag, figures))
-        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

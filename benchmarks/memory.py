@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import commit, record_line, store, stored_results
+from benchmarks import commit, show_records, store
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.show:
-        show(args.results)
+        show_records(args.results, lambda _, figures: render(figures))
         return
     torch.set_num_threads(args.threads)
     if args.child:
@@ -99,13 +99,6 @@ def render(figures: dict[str, Any]) -> list[str]:
         f"peak RSS, {figures['clients']} clients: {many / MIB:.0f} MiB",
         f"ratio: {many / one:.2f}x",
     ]
-
-
-def show(path: Path) -> None:
-    """Print every record of ``path`` as the run that stored it printed it."""
-    for tag, figures in stored_results(path).items():
-        print(record_line(tag, figures))
-        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

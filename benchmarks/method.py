@@ -79,7 +79,6 @@ from cmfl_flower.server.rounds import run_federation
 CLIENTS = 10
 ROUNDS = 10
 RESULTS = Path(__file__).resolve().parent / "results"
-RECOGNISED = "generated-recognised"  # the pretrained CLIP's share, a round summary's metric
 JUDGE_FILE = "judge.safetensors"  # the independent judge every arm's clients load
 JUDGES = ("generated-recognised", "judge-recognised")  # a seed's shares: CLIP's, the judge's
 VALIDATION_FRACTION = 0.2
@@ -192,7 +191,7 @@ def federated(cfg: AppConfig, nodes: int = CLIENTS) -> dict[str, Any]:
     }
 
 
-def _mean_recognised(rows: list[dict[str, Any]], name: str = RECOGNISED) -> float | None:
+def _mean_recognised(rows: list[dict[str, Any]], name: str = report.RECOGNISED) -> float | None:
     values = [row[f"{name}-mean"] for row in rows if f"{name}-mean" in row]
     return float(np.mean(values)) if values else None
 

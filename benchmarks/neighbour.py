@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks import ROOT, commit, record_line, store, stored_results
+from benchmarks import ROOT, commit, show_records, store
 from benchmarks.flower_procs import BIN, flower_env, stop
 
 RESULTS = Path(__file__).resolve().parent / "results" / "neighbour.json"
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.show:
-        show(args.results)
+        show_records(args.results, lambda tag, figures: [render(tag, figures)])
         return
     code = commit()  # the code that runs
     with tempfile.TemporaryDirectory(prefix="cmfl-neighbour-") as tmp:
@@ -106,13 +106,6 @@ def render(tag: str, figures: dict[str, Any]) -> str:
         f"{tag}: quiet {figures['quiet-s']:.0f} s, beside one CPU-bound process "
         f"{figures['beside-a-busy-core-s']:.0f} s, ratio {figures['ratio']:.2f}"
     )
-
-
-def show(path: Path) -> None:
-    """Print every record of ``path`` as the run that stored it printed it."""
-    for tag, figures in stored_results(path).items():
-        print(record_line(tag, figures))
-        print(render(tag, figures))
 
 
 if __name__ == "__main__":

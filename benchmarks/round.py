@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from flwr.app import Message
 
-from benchmarks import commit, record_line, store, stored_results
+from benchmarks import commit, show_records, store
 from benchmarks.loopback import LoopbackGrid
 from client_app import app as client_app
 from cmfl_flower.config import AppConfig
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.show:
-        show(args.results)
+        show_records(args.results, lambda _, figures: render(figures))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,13 +165,6 @@ def render(figures: dict[str, Any]) -> list[str]:
     if "rows" in figures:
         lines += [table(figures["rows"]), *ratios(figures["rows"])]
     return lines
-
-
-def show(path: Path) -> None:
-    """Print every record of ``path`` as the run that stored it printed it."""
-    for tag, figures in stored_results(path).items():
-        print(record_line(tag, figures))
-        print("\n".join(render(figures)))
 
 
 if __name__ == "__main__":

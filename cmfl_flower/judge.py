@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -100,8 +100,7 @@ def fit(
 
     optimiser.step(loss)
     judge = PixelJudge(class_names, mean, std, weight.detach(), bias.detach(), float("nan"))
-    accuracy = judge.recognised(*test)
-    return PixelJudge(class_names, mean, std, judge.weight, judge.bias, accuracy)
+    return replace(judge, test_accuracy=judge.recognised(*test))
 
 
 @cache
