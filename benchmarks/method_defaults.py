@@ -61,9 +61,18 @@ def parse_check(item: str) -> tuple[str, list[Any]]:
 def jobs(
     protocol: str, key: str, values: list[Any], seeds: int, fixed: dict[str, Any]
 ) -> list[Job]:
-    """One validation run of the relay per value and seed, the full number of rounds."""
+    """One validation run of the relay per value and seed, the full number of rounds.
+
+    A key's default value is the run with no override, the same :class:`Job` for every key,
+    so checking several keys runs the default once per seed.
+    """
+    default = AppConfig.from_run_config({}).to_run_config()[key]
     return [
-        Job(ARM, protocol, seed, tuple((fixed | {key: value} | VALIDATION).items()), f"-{key}-{i}")
+        Job(ARM, protocol, seed, tuple((fixed | VALIDATION).items()), "-default")
+        if value == default
+        else Job(
+            ARM, protocol, seed, tuple((fixed | {key: value} | VALIDATION).items()), f"-{key}-{i}"
+        )
         for i, value in enumerate(values)
         for seed in range(seeds)
     ]
@@ -140,10 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         key: jobs(args.protocol, key, values, args.seeds, fixed) for key, values in checks.items()
     }
     check_fresh([job for runs in planned.values() for job in runs], root)
+    done: dict[Job, float] = {}  # validation accuracy of each run so far (the default's is shared)
     for key, values in checks.items():
-        results = iter(run_all(planned[key], root, args.workers, args.threads))
-        scores = {json.dumps(v): [float(next(results)["val"]) for _ in range(args.seeds)]
-                  for v in values}  # fmt: skip
+        todo = list(dict.fromkeys(job for job in planned[key] if job not in done))
+        ran = run_all(todo, root, args.workers, args.threads)
+        done |= {job: float(r["val"]) for job, r in zip(todo, ran, strict=True)}
+        results = iter(done[job] for job in planned[key])
+        scores = {json.dumps(v): [next(results) for _ in range(args.seeds)] for v in values}
         entry = {"default": defaults[key], "validation": scores, "tuned": fixed}
         entry |= {"verdict": verdict(defaults[key], scores), "command": command()}
         entry |= {"commit": code, "date": time.strftime("%Y-%m-%d")}

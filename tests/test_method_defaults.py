@@ -20,12 +20,12 @@ def test_values_are_read_as_the_config_reads_them_and_bad_ones_are_named():
 
 def test_every_run_holds_out_validation_for_the_full_rounds_with_the_tuned_setting():
     tuned = {"encoder.lr": 0.003, "encoder.epochs": 1}
-    runs = defaults.jobs("P1", "encoder.distill", [0.0, 1.0], 2, tuned)
+    runs = defaults.jobs("P1", "encoder.distill", [0.0, 0.5], 2, tuned)
     assert [(job.seed, dict(job.extra)["encoder.distill"]) for job in runs] == [
         (0, 0.0),
         (1, 0.0),
-        (0, 1.0),
-        (1, 1.0),
+        (0, 0.5),
+        (1, 0.5),
     ]
     for job in runs:
         assert job.arm == "cmfl-relay" and job.rounds == ROUNDS
@@ -59,3 +59,18 @@ def test_show_prints_each_stored_key_and_needs_a_check_to_run(tmp_path, capsys):
     assert "change the default to 0.0" in out and "at 0123456789ab on 2026-12-07" in out
     with pytest.raises(SystemExit):
         defaults.main(["--protocol", "P1"])
+
+
+def test_the_default_is_one_run_per_seed_shared_by_every_checked_key():
+    distill = defaults.jobs("P1", "encoder.distill", [0.0, 1.0], 2, {})
+    cap = defaults.jobs("P1", "relay.max-senders-per-class", [0, 2], 2, {})
+    default_cap = defaults.AppConfig.from_run_config({}).relay.max_senders_per_class
+    shared = set(distill) & set(cap)
+    assert len(shared) == 2 and {job.seed for job in shared} == {0, 1}
+    for job in shared:
+        assert job.tag == "-default"
+        assert "relay.max-senders-per-class" not in dict(job.extra)
+    others = [job for job in cap if job not in shared]
+    assert {dict(job.extra)["relay.max-senders-per-class"] for job in others} == (
+        {0, 2} - {default_cap}
+    )
