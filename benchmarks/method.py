@@ -512,16 +512,10 @@ def privacy_sweep(
     record how much of the run without DP it would clip (``clipped-share``, ``largest-drift``),
     which no party learns from the release.
     """
-    plain = run_arm(Job("cmfl-relay", protocol, 0, tag="-dp-off"), root)
     cfg = config(protocol, 0, root, "drift", FEDERATED["cmfl-relay"])
     clip_norm = public_clip_norm(cfg)
-    drifts = drift_norms(Path(plain["run-dir"]), cfg)
-    seen = {
-        "largest-drift": max(drifts),
-        "clipped-share": float(np.mean([d > clip_norm for d in drifts])),
-    }
     settings = [(target, True) for target in targets] + [(max(targets), False)] * control
-    jobs = []
+    jobs = [Job("cmfl-relay", protocol, 0, tag="-dp-off")]  # the run without DP, beside the rest
     for target, denoised in settings:
         extra = {
             "privacy.enabled": True,
@@ -531,6 +525,12 @@ def privacy_sweep(
         }
         tag = f"-dp-eps{target:g}" + ("" if denoised else "-raw")
         jobs.append(Job("cmfl-relay", protocol, 0, tuple(extra.items()), tag))
+    plain, *results = run_all(jobs, root, workers, threads)
+    drifts = drift_norms(Path(plain["run-dir"]), cfg)
+    seen = {
+        "largest-drift": max(drifts),
+        "clipped-share": float(np.mean([d > clip_norm for d in drifts])),
+    }
     rows = [
         {
             "epsilon": None,
@@ -542,7 +542,7 @@ def privacy_sweep(
             **seen,
         }
     ]
-    for job, result in zip(jobs, run_all(jobs, root, workers, threads), strict=True):
+    for job, result in zip(jobs[1:], results, strict=True):
         reached = json.loads((Path(result["run-dir"]) / "rounds.json").read_text())[-1]
         extra = dict(job.extra)
         rows.append(

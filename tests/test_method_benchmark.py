@@ -187,3 +187,34 @@ def test_a_pool_worker_exits_once_its_benchmark_process_is_gone(tmp_path):
     while psutil.pid_exists(worker) and psutil.Process(worker).status() != "zombie":
         assert time.monotonic() < deadline, "the orphaned worker still runs"
         time.sleep(0.5)
+
+
+def test_the_privacy_sweep_runs_without_dp_beside_the_dp_runs_at_a_public_clip_norm(
+    tmp_path, monkeypatch
+):
+    batches: list[list[method.Job]] = []
+
+    def fake_run_all(jobs, root, workers, threads):
+        batches.append(jobs)
+        for job in jobs:
+            (tmp_path / method.run_name(job)).mkdir()
+            last = {"dp-epsilon-total": 4.0, "dp-epsilon-client-total": 6.0}
+            (tmp_path / method.run_name(job) / "rounds.json").write_text(json.dumps([last]))
+        return [
+            {
+                "run-dir": str(tmp_path / method.run_name(job)),
+                "acc": 0.7,
+                "generated-recognised": 0.5,
+            }
+            for job in jobs
+        ]
+
+    monkeypatch.setattr(method, "run_all", fake_run_all)
+    monkeypatch.setattr(method, "public_clip_norm", lambda cfg: 0.25)
+    monkeypatch.setattr(method, "drift_norms", lambda run_dir, cfg: [0.1, 0.2, 0.3, 0.4])
+    rows = method.privacy_sweep("P1", tmp_path, [16.0, 4.0], 2, 1, control=False)
+    assert len(batches) == 1  # one pool batch: no worker idles while the run without DP goes
+    assert [job.tag for job in batches[0]] == ["-dp-off", "-dp-eps16", "-dp-eps4"]
+    assert rows[0]["epsilon"] is None and rows[0]["clipped-share"] == 0.5
+    assert {row["clip-norm"] for row in rows} == {0.25}
+    assert dict(batches[0][2].extra)["privacy.noise-multiplier"] == method.noise_for(4.0, 0.25)
