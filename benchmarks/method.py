@@ -330,6 +330,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, float | None]:
     accs = [r["acc"] for r in per_seed]
     return {
         "seeds": len(accs),
+        "rounds": max(r["config"]["federation.rounds"] for r in per_seed),
         "mean": float(np.mean(accs)),
         "min": float(np.min(accs)),
         "max": float(np.max(accs)),
@@ -344,9 +345,15 @@ def judged_means(per_seed: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def table(protocol: str, rows: dict[str, dict[str, Any]], chosen: dict[str, Any]) -> str:
-    """One protocol's results as a Markdown table."""
+    """One protocol's results as a Markdown table.
+
+    Rows stored before rows kept their number of rounds ran :data:`ROUNDS`.
+    """
+    rounds = {arm: row.get("rounds", ROUNDS) for arm, row in rows.items()}
+    mixed = len(set(rounds.values())) > 1
+    last = "each row's last round" if mixed else f"round {next(iter(rounds.values()), ROUNDS)}"
     lines = [
-        f"**{protocol}** (mean client accuracy on the global test set after round {ROUNDS})",
+        f"**{protocol}** (mean client accuracy on the global test set after {last})",
         "",
         "| arm | seeds | mean | min | max | bytes / round / client | tuned setting "
         "| recognised: CLIP | recognised: judge |",
@@ -357,9 +364,11 @@ def table(protocol: str, rows: dict[str, dict[str, Any]], chosen: dict[str, Any]
         shares = " | ".join(
             _share(row.get(key)) for key in ("generated-recognised", "judge-recognised")
         )
+        name = f"{arm} ({rounds[arm]} rounds)" if mixed else arm
         lines.append(
-            f"| {arm} | {row['seeds']} | {row['mean']:.3f} | {row['min']:.3f} | {row['max']:.3f} | "
-            f"{report.human_bytes(row['bytes_per_round'])} | {setting or '-'} | {shares} |"
+            f"| {name} | {row['seeds']} | {row['mean']:.3f} | {row['min']:.3f} | "
+            f"{row['max']:.3f} | {report.human_bytes(row['bytes_per_round'])} | "
+            f"{setting or '-'} | {shares} |"
         )
     return "\n".join(lines)
 

@@ -218,3 +218,12 @@ def test_the_privacy_sweep_runs_without_dp_beside_the_dp_runs_at_a_public_clip_n
     assert rows[0]["epsilon"] is None and rows[0]["clipped-share"] == 0.5
     assert {row["clip-norm"] for row in rows} == {0.25}
     assert dict(batches[0][2].extra)["privacy.noise-multiplier"] == method.noise_for(4.0, 0.25)
+
+
+def test_the_table_names_the_rounds_its_rows_ran():
+    row = {"seeds": 1, "mean": 0.7, "min": 0.7, "max": 0.7, "bytes_per_round": 0.0}
+    same = method.table("P1", {"cmfl-relay": row | {"rounds": 3}}, {})
+    assert "after round 3)" in same and "| cmfl-relay | 1 |" in same
+    mixed = method.table("P1", {"zero-shot": row, "cmfl-relay": row | {"rounds": 3}}, {})
+    assert "after each row's last round" in mixed
+    assert "| zero-shot (10 rounds) | 1 |" in mixed and "| cmfl-relay (3 rounds) | 1 |" in mixed
