@@ -150,11 +150,12 @@ class TrainingSet:
         cls,
         size: int,
         local: tuple[np.ndarray, np.ndarray],
-        generated: tuple[np.ndarray, np.ndarray, float] | None = None,
+        generated: tuple[np.ndarray, np.ndarray, float | np.ndarray] | None = None,
     ) -> TrainingSet:
         """The client's images and the generated ones, resized to ``size``.
 
-        local: ``(images, labels)``, weight 1; generated: ``(images, labels, weight)``.
+        local: ``(images, labels)``, weight 1; generated: ``(images, labels, weight)``, one
+        weight for all or (N,) one per image.
         """
         parts = [(*local, 1.0, True)] + ([(*generated, False)] if generated is not None else [])
         kept = [part for part in parts if len(part[0])]
@@ -162,7 +163,10 @@ class TrainingSet:
             images=np.concatenate([resize_uint8(images, size) for images, *_ in kept]),
             labels=np.concatenate([labels.astype(np.int64) for _, labels, *_ in kept]),
             weights=np.concatenate(
-                [np.full(len(labels), weight, np.float32) for _, labels, weight, _ in kept]
+                [
+                    np.broadcast_to(np.asarray(weight, np.float32), len(labels))
+                    for _, labels, weight, _ in kept
+                ]
             ),
             local=np.concatenate([np.full(len(labels), own) for _, labels, _, own in kept]),
         )

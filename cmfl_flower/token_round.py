@@ -98,6 +98,26 @@ def generated_recognised(
     return metrics
 
 
+def generated_weights(
+    ws: Workspace, generated: GeneratedImages, features: torch.Tensor, text: torch.Tensor
+) -> np.ndarray:
+    """(N,) each generated image's loss weight (``generation.weighting``).
+
+    ``features``: the images' :func:`judge_features`; ``text``: (C, E) the client's own text
+    side. ``confidence`` scales ``sample-weight`` by the probability ``text`` gives each image's
+    class: the client's knowledge only, never the real names or a judge.
+    """
+    cfg = ws.cfg.generation
+    weights = np.full(len(generated.labels), cfg.sample_weight, np.float32)
+    if cfg.weighting == "fixed" or not len(weights):
+        return weights
+    scale = float(ws.encoder.bundle.model.logit_scale.exp())
+    with torch.no_grad():
+        probs = (scale * features @ text.T).softmax(dim=1)  # (N, C)
+        own = probs[torch.arange(len(weights)), torch.as_tensor(generated.labels)]  # (N,)
+    return weights * own.cpu().numpy().astype(np.float32)
+
+
 def screen(
     ws: Workspace,
     generated: GeneratedImages,
@@ -292,11 +312,12 @@ def token_round(
     kept = _kept(generated, verdicts)  # (N,) bool
     ws.save_artifacts(generated, screened=~kept)
     before = text_features()  # the bank is fixed until token training: one encoding serves both
+    weights = generated_weights(ws, generated, judged, before)  # (N,)
     with ws.phase("encoder"):
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size,
             (ws.data.train.images, ws.data.train.labels),
-            (generated.images[kept], generated.labels[kept], cfg.generation.sample_weight),
+            (generated.images[kept], generated.labels[kept], weights[kept]),
         )
         encoder_loss = train_encoder(
             ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress

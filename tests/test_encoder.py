@@ -1,11 +1,13 @@
 """Vision LoRA: only the adapter trains, adapters swap cleanly, and training raises accuracy."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from cmfl_flower.backbones import resolve_preset
-from cmfl_flower.config import BackboneConfig, EncoderConfig
+from cmfl_flower.config import AppConfig, BackboneConfig, EncoderConfig
 from cmfl_flower.data import load_source
 from cmfl_flower.encoder import (
     LoraSpec,
@@ -17,8 +19,10 @@ from cmfl_flower.encoder import (
     train_encoder,
     weighted_cross_entropy,
 )
+from cmfl_flower.generation import GeneratedImages
 from cmfl_flower.images import resize_uint8, to_pixels
-from cmfl_flower.tokens import TextSide
+from cmfl_flower.token_round import generated_weights
+from cmfl_flower.tokens import TextSide, image_features
 
 TINY = resolve_preset(BackboneConfig())
 
@@ -256,3 +260,34 @@ def test_distillation_keeps_the_classes_a_skewed_client_lacks():
     assert kept[0.0] < zero_shot - 0.05, (zero_shot, kept)  # measured: 0.987 -> 0.877
     assert kept[1.0] >= zero_shot - 0.01, (zero_shot, kept)  # measured: 0.987
     assert min(learned.values()) >= 0.95, learned
+
+
+def test_mix_takes_one_weight_per_generated_image(digits):
+    generated = np.zeros((3, 32, 32, 3), np.uint8)
+    weights = np.array([0.5, 0.1, 0.0], np.float32)
+    data = TrainingSet.mix(
+        32, (digits.images[:2], digits.labels[:2]), (generated, np.array([1, 2, 3]), weights)
+    )
+    assert data.weights.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.1, 0.0])
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "confidence"])
+def test_confidence_weighting_counts_images_that_look_like_another_class_less(
+    encoder, digits, weighting
+):
+    # Real digits stand in for generated ones: under their true labels they look like their
+    # class; the same images labelled one class on look like another.
+    cfg = AppConfig.from_run_config({"generation.weighting": weighting})
+    ws = SimpleNamespace(cfg=cfg, encoder=encoder)
+    images, labels = digits.images[:60], digits.labels[:60]
+    text = class_text_features(encoder.bundle, digits.class_names)  # (C, E)
+    features = image_features(encoder, images, 64)  # (N, E) the pretrained CLIP's: no LoRA yet
+    weights = {}
+    for name, given in (("true", labels), ("shifted", (labels + 1) % 10)):
+        generated = GeneratedImages(images, given.astype(np.int64), np.zeros(60, np.int64))
+        weights[name] = generated_weights(ws, generated, features, text)
+        assert weights[name].shape == (60,) and (weights[name] <= 0.5 + 1e-6).all()
+    if weighting == "fixed":
+        assert weights["true"].tolist() == weights["shifted"].tolist() == [0.5] * 60
+    else:
+        assert weights["true"].mean() > 2 * weights["shifted"].mean()

@@ -324,6 +324,13 @@ class GenerationConfig(Section):
     sample_weight: float = Field(
         0.5, ge=0, description="Loss weight of a generated image (a local image weighs 1)."
     )
+    weighting: Literal["fixed", "confidence"] = Field(
+        "fixed",
+        description="`fixed`: every generated image weighs `sample-weight`; `confidence`: "
+        "`sample-weight` times the probability the client's own text side (its vectors and "
+        "the received ones) gives the image's class under the pretrained CLIP, so images "
+        "that look like another class count less.",
+    )
     judge: str = Field(
         "",
         description="A judge file (`python -m cmfl_flower.judge` trains one on public images; "
