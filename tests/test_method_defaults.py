@@ -74,3 +74,11 @@ def test_the_default_is_one_run_per_seed_shared_by_every_checked_key():
     assert {dict(job.extra)["relay.max-senders-per-class"] for job in others} == (
         {0, 2} - {default_cap}
     )
+
+
+def test_the_page_shows_what_the_results_file_holds(capsys):
+    """Every line ``--show`` prints from the stored verdicts is on docs/benchmark-method.md."""
+    defaults.main(["--show"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    page = (defaults.RESULTS.parents[1] / "docs" / "benchmark-method.md").read_text()
+    assert len(lines) > 10 and [line for line in lines if line not in page] == []
