@@ -105,13 +105,25 @@ def render(protocol: str, key: str, entry: dict[str, Any]) -> list[str]:
         )
     result = entry["verdict"]
     action = f"change the default to {result['best']}" if result["change"] else "keep the default"
-    lines += [
+    spread = f"seeds' spread {100 * result['spread']:.1f}"
+    return [
+        *lines,
         "",
-        f"- best on validation {result['best']}, {100 * result['lead']:+.1f} points over the "
-        f"default (seeds' spread {100 * result['spread']:.1f}): {action}",
+        f"- {_standing(entry)} ({spread}): {action}",
         f"- `{entry['command']}` at {entry['commit'][:12]} on {entry['date']}",
     ]
-    return lines
+
+
+def _standing(entry: dict[str, Any]) -> str:
+    """How the best value on validation stands against the default, or the default's lead."""
+    best, here = entry["verdict"]["best"], json.dumps(entry["default"])
+    if best != here:
+        lead = 100 * entry["verdict"]["lead"]
+        return f"best on validation {best}, {lead:+.1f} points over the default"
+    means = {value: float(np.mean(vals)) for value, vals in entry["validation"].items()}
+    runner = max((v for v in means if v != here), key=lambda v: means[v])
+    lead = 100 * (means[here] - means[runner])
+    return f"the default is best on validation, {lead:.1f} points over {runner}"
 
 
 def show(path: Path) -> None:

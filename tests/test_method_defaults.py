@@ -82,3 +82,14 @@ def test_the_page_shows_what_the_results_file_holds(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     page = (defaults.RESULTS.parents[1] / "docs" / "benchmark-method.md").read_text()
     assert len(lines) > 10 and [line for line in lines if line not in page] == []
+
+
+def test_a_default_that_is_best_is_shown_with_its_lead_over_the_runner_up():
+    scores = {"0.0": [0.70, 0.72], "0.5": [0.73, 0.74], "1.0": [0.74, 0.76]}
+    entry = {"default": 1.0, "validation": scores, "verdict": defaults.verdict(1.0, scores)}
+    entry |= {"command": "python -m benchmarks.method_defaults", "commit": "0" * 40, "date": "d"}
+    lines = defaults.render("P1", "encoder.distill", entry)
+    assert (
+        "- the default is best on validation, 1.5 points over 0.5 (seeds' spread 2.0): "
+        "keep the default" in lines
+    )

@@ -329,7 +329,8 @@ class GenerationConfig(Section):
         description="`fixed`: every generated image weighs `sample-weight`; `confidence`: "
         "`sample-weight` times the probability the client's own text side (its vectors and "
         "the received ones) gives the image's class under the pretrained CLIP, so images "
-        "that look like another class count less.",
+        "that look like another class count less (1.7 points below `fixed` on P1's "
+        "validation split: docs/benchmark-method.md).",
     )
     judge: str = Field(
         "",
