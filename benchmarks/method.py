@@ -652,13 +652,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = privacy_sweep(
             args.protocol[0], root, args.privacy, args.workers, args.threads, args.privacy_control
         )
-        print(privacy_table(args.protocol[0], rows))
         args.results.mkdir(parents=True, exist_ok=True)
         stamp = {"command": command(), "commit": args.commit, "date": time.strftime("%Y-%m-%d")}
-        stamp |= judge
-        (args.results / "method-privacy.json").write_text(
-            json.dumps(stamp | {"protocol": args.protocol[0], "rows": rows}, indent=2)
-        )
+        sweep = stamp | judge | {"protocol": args.protocol[0], "rows": rows}
+        (args.results / "method-privacy.json").write_text(json.dumps(sweep, indent=2))
+        print("\n".join(privacy_lines(sweep)))
         return
     torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="cmfl-method-"))
@@ -760,13 +758,25 @@ def show(results: Path, protocols: list[str]) -> None:
         sweep = json.loads(privacy.read_text())
         if isinstance(sweep, list):  # written before the sweep recorded its provenance
             sweep = {"protocol": "P1", "rows": sweep}
-        print()
-        print(privacy_table(sweep["protocol"], sweep["rows"]))
-        print()
-        if "commit" in sweep:
-            print(f"- `{sweep['command']}` at {sweep['commit'][:12]} on {sweep['date']}")
-        else:
-            print("- measured before the sweep recorded its provenance")
+        print("\n" + "\n".join(privacy_lines(sweep)))
+
+
+def privacy_lines(sweep: dict[str, Any]) -> list[str]:
+    """The privacy sweep's table, where its clip norm came from, and its provenance."""
+    lines = [privacy_table(sweep["protocol"], sweep["rows"]), ""]
+    plain = sweep["rows"][0]
+    if "clipped-share" in plain:
+        lines.append(
+            f"- clip norm {plain['clip-norm']:.3f} from public information (the backbone's "
+            f"longest pretrained token): it would clip {plain['clipped-share']:.0%} of the "
+            f"vectors of the run without DP (their largest drift from the name: "
+            f"{plain['largest-drift']:.3f})"
+        )
+    if "commit" in sweep:
+        lines.append(f"- `{sweep['command']}` at {sweep['commit'][:12]} on {sweep['date']}")
+    else:
+        lines.append("- measured before the sweep recorded its provenance")
+    return lines
 
 
 def write_merged(path: Path, by_protocol: dict[str, Any]) -> None:

@@ -227,3 +227,19 @@ def test_the_table_names_the_rounds_its_rows_ran():
     mixed = method.table("P1", {"zero-shot": row, "cmfl-relay": row | {"rounds": 3}}, {})
     assert "after each row's last round" in mixed
     assert "| zero-shot (10 rounds) | 1 |" in mixed and "| cmfl-relay (3 rounds) | 1 |" in mixed
+
+
+def test_the_privacy_lines_say_where_the_clip_norm_came_from_and_what_it_clips():
+    plain = {"epsilon": None, "noise-multiplier": 0.0, "clip-norm": 0.462, "acc": 0.75}
+    plain |= {"clipped-share": 0.25, "largest-drift": 0.657}
+    sweep = {"protocol": "P1", "rows": [plain], "command": "c", "commit": "a" * 40, "date": "d"}
+    lines = method.privacy_lines(sweep)
+    assert (
+        "- clip norm 0.462 from public information (the backbone's longest pretrained "
+        "token): it would clip 25% of the vectors of the run without DP (their largest drift "
+        "from the name: 0.657)" in lines
+    )
+    assert lines[-1] == f"- `c` at {'a' * 12} on d"
+    before = {key: value for key, value in plain.items() if key != "clipped-share"}
+    old = method.privacy_lines({"protocol": "P1", "rows": [before]})
+    assert old[-2:] == ["", "- measured before the sweep recorded its provenance"]
