@@ -53,9 +53,12 @@ def parse_check(item: str) -> tuple[str, list[Any]]:
         raise SystemExit(f"--check: unknown run-config key {key!r}")
     values = [parse_override(f"{key}={value}")[1] for value in text.split(",")]
     try:  # each value as the config reads it (1 -> 1.0 for a float key): the default matches
-        return key, [AppConfig.from_run_config({key: v}).to_run_config()[key] for v in values]
+        read = [AppConfig.from_run_config({key: v}).to_run_config()[key] for v in values]
     except ValueError as err:
         raise SystemExit(f"--check {key}: {err}") from err
+    if len({json.dumps(value) for value in read}) < len(read):
+        raise SystemExit(f"--check {key}: a value is named twice ({text})")
+    return key, read
 
 
 def jobs(
@@ -78,9 +81,14 @@ def jobs(
     ]
 
 
+def _means(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Each value's mean validation accuracy over its seeds."""
+    return {value: float(np.mean(vals)) for value, vals in scores.items()}
+
+
 def verdict(default: Any, scores: dict[str, list[float]]) -> dict[str, Any]:
     """The best value on validation, and whether it displaces the default (see the module)."""
-    means = {value: float(np.mean(vals)) for value, vals in scores.items()}
+    means = _means(scores)
     best = max(means, key=lambda value: means[value])
     here = json.dumps(default)
     spread = max(max(scores[v]) - min(scores[v]) for v in (best, here)) if here in scores else 0.0
@@ -120,7 +128,7 @@ def _standing(entry: dict[str, Any]) -> str:
     if best != here:
         lead = 100 * entry["verdict"]["lead"]
         return f"best on validation {best}, {lead:+.1f} points over the default"
-    means = {value: float(np.mean(vals)) for value, vals in entry["validation"].items()}
+    means = _means(entry["validation"])
     runner = max((v for v in means if v != here), key=lambda v: means[v])
     lead = 100 * (means[here] - means[runner])
     return f"the default is best on validation, {lead:.1f} points over {runner}"
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     check_fresh([job for runs in planned.values() for job in runs], root)
     done: dict[Job, float] = {}  # validation accuracy of each run so far (the default's is shared)
     for key, values in checks.items():
-        todo = list(dict.fromkeys(job for job in planned[key] if job not in done))
+        todo = [job for job in planned[key] if job not in done]  # a key's own jobs differ
         ran = run_all(todo, root, args.workers, args.threads)
         done |= {job: float(r["val"]) for job, r in zip(todo, ran, strict=True)}
         results = iter(done[job] for job in planned[key])

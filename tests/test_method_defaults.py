@@ -16,6 +16,8 @@ def test_values_are_read_as_the_config_reads_them_and_bad_ones_are_named():
         defaults.parse_check("encoder.distil=0")
     with pytest.raises(SystemExit, match="(?s)--check encoder.distill-on: .*'all' or 'local'"):
         defaults.parse_check("encoder.distill-on=some")
+    with pytest.raises(SystemExit, match=r"--check encoder.distill: a value is named twice"):
+        defaults.parse_check("encoder.distill=1,1.0")
 
 
 def test_every_run_holds_out_validation_for_the_full_rounds_with_the_tuned_setting():
