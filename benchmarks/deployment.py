@@ -8,7 +8,10 @@ phase seconds ``seconds-tokens + -generation + -encoder + -eval``), their mean m
 (``seconds-load``) and the ratio of wall time to work. In a deployment every message starts a
 fresh ClientApp process that imports the app and loads its models again, so the ratio shows
 what imports, loads, start-up, polling and the shared CPUs add to the work itself: loads are
-overhead, not work. Each SuperNode gets ``num-cpus`` in its node config. ``--results`` keeps the
+overhead, not work. Each SuperNode gets ``num-cpus`` in its node config, and with
+``--worker-idle S`` also ``worker-idle-seconds=S``, as the deployment guide asks: one worker
+process per node then serves its rounds with the models loaded (:mod:`cmfl_flower.client.worker`),
+and only round 1 pays the imports and loads. ``--results`` keeps the
 table (default ``benchmarks/results/deployment.json``, under ``--tag``) with the command, commit
 and machine.
 
@@ -35,6 +38,7 @@ from benchmarks.flower_procs import (
     deployment_superlink,
     free_port,
     interrupt,
+    node_workers,
     start_run,
     supernode,
     wait_finished,
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=1, help="node config num-cpus")
+    parser.add_argument(
+        "--worker-idle", type=int, default=0, help="node config worker-idle-seconds (0: none)"
+    )
     parser.add_argument("--run-config", default="", help="extra run config overrides")
     parser.add_argument("--results", type=Path, default=RESULTS, help="keep the table here")
     parser.add_argument("--tag", default="", help="key in --results (default: the settings)")
@@ -115,20 +122,29 @@ def main(argv: list[str] | None = None) -> None:
         if not args.first_use:
             prepare(root / "data", args.nodes)
         link = stack.enter_context(deployment_superlink(root))
+        env = {"XDG_CACHE_HOME": str(stack.enter_context(node_workers()))}
         processes = []
         for partition in range(args.nodes):
             config = (
-                f"partition-id={partition} num-partitions={args.nodes} num-cpus={args.num_cpus}"
+                f"partition-id={partition} num-partitions={args.nodes} num-cpus={args.num_cpus} "
+                f"worker-idle-seconds={args.worker_idle}"
             )
-            node = supernode(root, f"node-{partition}", link.address, config, port=free_port())
+            node = supernode(
+                root, f"node-{partition}", link.address, config, port=free_port(), extra_env=env
+            )
             processes.append(stack.enter_context(node).process)
         stack.callback(interrupt, processes)
         rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
     data = "partitioned on first use" if args.first_use else "prepared by cmfl-data-prep"
-    print(f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}), default cmfl-relay, data {data}")
+    worker = f"worker-idle-seconds {args.worker_idle}" if args.worker_idle else "no worker"
+    print(
+        f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}, {worker}), default cmfl-relay, "
+        f"data {data}"
+    )
     figures = {"rounds": rows, "mean-ratio": sum(r["ratio"] for r in rows) / len(rows)}
     print("\n".join(render(figures)))
     tag = args.tag or f"{args.nodes} nodes, num-cpus {args.num_cpus}, {data}"
+    tag += f", {worker}" if args.worker_idle else ""
     store(args.results, tag, figures, code)
 
 

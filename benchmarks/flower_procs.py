@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -85,6 +86,23 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(descendants, timeout=15)
+
+
+@contextmanager
+def node_workers() -> Iterator[Path]:
+    """A short cache root for SuperNodes with ``worker-idle-seconds``, removed on exit.
+
+    Short, because a Unix socket's path is limited. On exit the node workers that their
+    ClientApps started there are stopped, by the process ids they wrote.
+    """
+    cache = Path(tempfile.mkdtemp(prefix="cmfl-nodes-", dir="/tmp"))
+    try:
+        yield cache
+    finally:
+        for pid_file in (cache / "cmfl-flower" / "workers").glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _wait_for_port(address: str, process: subprocess.Popen[bytes], log: Path) -> None:

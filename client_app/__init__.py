@@ -10,10 +10,11 @@ every method, plug-ins included) names the round it answers in its metrics (``se
 Per-client state (vision LoRA, class tokens) is kept on the node's disk by
 :mod:`cmfl_flower.client.store`, keyed by the run name and partition id: it survives between
 messages (in a deployment every message starts a fresh process) and across a restarted run
-(``output.resume``), whose ``context.state`` starts empty.
+(``output.resume``), whose ``context.state`` starts empty. A node whose config sets
+``worker-idle-seconds`` hands its rounds to a long-lived worker that keeps the models loaded
+(:mod:`cmfl_flower.client.worker`); so this module imports no model library itself.
 """
 
-from collections.abc import Callable
 from functools import partial
 from logging import ERROR
 
@@ -22,11 +23,10 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from cmfl_flower.aliases import Arrays
-from cmfl_flower.client.store import train_with_state
-from cmfl_flower.client.task import ClientTask, RoundOutput, client_task
+from cmfl_flower.client.task import client_task
+from cmfl_flower.client.worker import Kind, Request, run
 from cmfl_flower.config import AppConfig
-from cmfl_flower.methods import BUILT_IN, Method, action, resolve_method
+from cmfl_flower.methods import BUILT_IN, action
 from cmfl_flower.methods.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -35,14 +35,12 @@ from cmfl_flower.methods.base import (
     from_record,
     reply,
 )
-from cmfl_flower.threads import pin_threads
 
 app = ClientApp()
-Handler = Callable[[Method, Message, Context], Message]
 
 
-def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays]:
-    """The run config, who and which round, and the arrays the server sent."""
+def _read(kind: Kind, method: str, msg: Message, context: Context) -> Request:
+    """The round a message asks for: run config, who and which round, the arrays sent."""
     config = {
         k: v
         for k, v in msg.content.config_records.get(CONFIG_KEY, {}).items()
@@ -50,42 +48,27 @@ def _read(msg: Message, context: Context) -> tuple[AppConfig, ClientTask, Arrays
     }
     run_name = str(config.pop(RUN_NAME_KEY, ""))
     cfg = AppConfig.from_run_config({**context.run_config, "output.run-name": run_name})
-    pin_threads(cfg.backbone.threads, context.node_config)  # before any work, every message
     task = client_task(context.node_config, config.pop(ROUND_KEY, None), config)
     record = msg.content.array_records.get(ARRAYS_KEY)
-    return cfg, task, from_record(record) if record is not None else {}
+    received = from_record(record) if record is not None else {}
+    return Request(kind, method, cfg, task, context.node_id, context.node_config, received)
 
 
-def _train(method: Method, msg: Message, context: Context) -> Message:
-    """One round of ``method``'s client routine, its state kept on the node's disk."""
-    cfg, task, received = _read(msg, context)
-    output = train_with_state(method.train, cfg, task, context.node_id, received)
-    return reply(output, msg, task.server_round)
+def _handle(kind: Kind, name: str | None, msg: Message, context: Context) -> Message:
+    """One round of the method; a user mistake (``ValueError``) becomes a one-line error reply.
 
-
-def _evaluate(method: Method, msg: Message, context: Context) -> Message:
-    """Flower's ``evaluate``: ``method`` scores the arrays it was sent."""
-    if method.evaluate is None:
-        raise ValueError(
-            f"method {method.name!r} does not answer evaluate messages: "
-            "set federation.fraction-evaluate = 0"
-        )
-    cfg, task, received = _read(msg, context)
-    return reply(RoundOutput(method.evaluate(cfg, task, received)), msg, task.server_round)
-
-
-def _guarded(handler: Handler, name: str | None, msg: Message, context: Context) -> Message:
-    """Run ``handler``; a user mistake (``ValueError``) becomes a one-line error reply."""
+    ``train`` keeps the client's state on the node's disk; ``evaluate`` scores the arrays sent.
+    """
     try:
-        method = resolve_method(name or str(context.run_config.get("method", "")))
-        return handler(method, msg, context)
+        request = _read(kind, name or str(context.run_config.get("method", "")), msg, context)
+        return reply(run(request), msg, request.task.server_round)
     except ValueError as err:
         log(ERROR, "cmfl-flower client, node %d: %s", context.node_id, err)
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
 
 
 for _name in BUILT_IN:
-    app.train(action(_name))(partial(_guarded, _train, _name))
-    app.evaluate(action(_name))(partial(_guarded, _evaluate, _name))
-app.train()(partial(_guarded, _train, None))  # the run config's method (plug-ins)
-app.evaluate()(partial(_guarded, _evaluate, None))
+    app.train(action(_name))(partial(_handle, "train", _name))
+    app.evaluate(action(_name))(partial(_handle, "evaluate", _name))
+app.train()(partial(_handle, "train", None))  # the run config's method (plug-ins)
+app.evaluate()(partial(_handle, "evaluate", None))

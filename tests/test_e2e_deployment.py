@@ -48,6 +48,7 @@ from benchmarks.flower_procs import (
     make_tls,
     netns_lan,
     netns_unavailable,
+    node_workers,
     run_status,
     start_run,
     supernode,
@@ -302,20 +303,28 @@ def test_deployment_of_three_sites_with_their_own_folders_as_the_guide_says(tmp_
         "output.run-name='e2e'"
     )
     with ExitStack() as stack:
+        cache = stack.enter_context(node_workers())
         link = stack.enter_context(deployment_superlink(tmp_path))
         for site in range(len(SITES)):
             node_config = _option(here(start_node, site), "--node-config")
             node = supernode(
                 tmp_path, f"site-{site}", link.address, node_config, port=free_port(),
-                extra_env=ONE_THREAD,
+                extra_env=ONE_THREAD | {"XDG_CACHE_HOME": str(cache)},
             )  # fmt: skip
             stack.enter_context(node)
         run_config = f"{_option(here(run, 0), '--run-config')} {sizing}"
         _wait_done(link, start_run(link, ROOT, run_config))
+        logs = [log.read_text() for log in (cache / "cmfl-flower" / "workers").glob("*.log")]
     run_dir = tmp_path / "runs" / "e2e"
     _assert_results(run_dir, list(range(len(SITES))), rounds=2)
-    for row in json.loads((run_dir / "clients.json").read_text()):
+    rows = json.loads((run_dir / "clients.json").read_text())
+    for row in rows:
         assert held_classes(row) == set(SITES[row["partition-id"]]), row  # ids agree
+    # the guide's worker-idle-seconds: one worker per node served both rounds
+    assert len(logs) == len(SITES) and all(
+        log.count("serving") == 1 and "train round 1" in log and "train round 2" in log
+        for log in logs
+    ), logs
     page = (run_dir / "report.html").read_text()
     assert all(report_lists(page, counts) for counts in SITES)
 
