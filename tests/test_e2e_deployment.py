@@ -471,7 +471,7 @@ def test_compose_files_define_one_superlink_and_three_supernodes(files):
         assert _flag(node["command"], "superlink") == "superlink:8000"
         assert node["depends_on"] == ["superlink"]
     configs = [_flag(node["command"], "node-config") for node in nodes]
-    assert configs == [_node_config(i) for i in range(NUM_NODES)]
+    assert configs == [f"{_node_config(i)} worker-idle-seconds=600" for i in range(NUM_NODES)]
     assert len({_flag(node["command"], "port") for node in nodes}) == NUM_NODES
     data = [next(v for v in node["volumes"] if v.endswith(":/data")) for node in nodes]
     assert len(set(data)) == NUM_NODES  # each node its own data volume
