@@ -105,7 +105,8 @@ def generated_weights(
 
     ``features``: the images' :func:`judge_features`; ``text``: (C, E) the client's own text
     side. ``confidence`` scales ``sample-weight`` by the probability ``text`` gives each image's
-    class: the client's knowledge only, never the real names or a judge.
+    class: the client's knowledge only, never the real names or a judge. ``relative`` divides
+    those probabilities by their mean, so the round's generated images keep their total weight.
     """
     cfg = ws.cfg.generation
     weights = np.full(len(generated.labels), cfg.sample_weight, np.float32)
@@ -115,6 +116,8 @@ def generated_weights(
     with torch.no_grad():
         probs = (scale * features @ text.T).softmax(dim=1)  # (N, C)
         own = probs[torch.arange(len(weights)), torch.as_tensor(generated.labels)]  # (N,)
+    if cfg.weighting == "relative":
+        own = own / own.mean().clamp_min(1e-12)
     return weights * own.cpu().numpy().astype(np.float32)
 
 

@@ -291,3 +291,17 @@ def test_confidence_weighting_counts_images_that_look_like_another_class_less(
         assert weights["true"].tolist() == weights["shifted"].tolist() == [0.5] * 60
     else:
         assert weights["true"].mean() > 2 * weights["shifted"].mean()
+
+
+def test_relative_weighting_keeps_the_total_and_ranks_like_confidence(encoder, digits):
+    cfg = AppConfig.from_run_config({"generation.weighting": "relative"})
+    ws = SimpleNamespace(cfg=cfg, encoder=encoder)
+    images, labels = digits.images[:60], digits.labels[:60].copy()
+    labels[30:] = (labels[30:] + 1) % 10  # the second half labelled one class on
+    text = class_text_features(encoder.bundle, digits.class_names)  # (C, E)
+    features = image_features(encoder, images, 64)  # (N, E)
+    generated = GeneratedImages(images, labels.astype(np.int64), np.zeros(60, np.int64))
+    weights = generated_weights(ws, generated, features, text)  # (60,)
+    assert weights.mean() == pytest.approx(0.5, rel=1e-5)  # sample-weight, as under fixed
+    assert weights[:30].mean() > 2 * weights[30:].mean()
+

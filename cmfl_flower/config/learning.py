@@ -324,13 +324,15 @@ class GenerationConfig(Section):
     sample_weight: float = Field(
         0.5, ge=0, description="Loss weight of a generated image (a local image weighs 1)."
     )
-    weighting: Literal["fixed", "confidence"] = Field(
+    weighting: Literal["fixed", "confidence", "relative"] = Field(
         "fixed",
         description="`fixed`: every generated image weighs `sample-weight`; `confidence`: "
         "`sample-weight` times the probability the client's own text side (its vectors and "
         "the received ones) gives the image's class under the pretrained CLIP, so images "
         "that look like another class count less (1.7 points below `fixed` on P1's "
-        "validation split: docs/benchmark-method.md).",
+        "validation split: docs/benchmark-method.md); `relative`: the same, divided by the "
+        "round's mean probability, so that the generated images together weigh as much as "
+        "under `fixed` (not yet measured).",
     )
     judge: str = Field(
         "",
