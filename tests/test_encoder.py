@@ -304,4 +304,3 @@ def test_relative_weighting_keeps_the_total_and_ranks_like_confidence(encoder, d
     weights = generated_weights(ws, generated, features, text)  # (60,)
     assert weights.mean() == pytest.approx(0.5, rel=1e-5)  # sample-weight, as under fixed
     assert weights[:30].mean() > 2 * weights[30:].mean()
-

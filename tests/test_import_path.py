@@ -55,9 +55,12 @@ print(json.dumps(stages))
 # stage -> the methods resolved by then (cumulative) and what must still not be imported
 MODEL_LIBRARIES = ("open_clip", "diffusers", "peft", "transformers", "torchvision", "timm")
 CLIENT_STAGES = {
-    "client_app": (
+    "client_app": (  # a node worker does the work: the ClientApp itself needs no torch
         (),
-        (*MODEL_LIBRARIES, "matplotlib", "opacus", "cmfl_flower.encoder", "cmfl_flower.report"),
+        (
+            *(*MODEL_LIBRARIES, "torch", "safetensors", "matplotlib", "opacus"),
+            *("cmfl_flower.encoder", "cmfl_flower.report", "cmfl_flower.client.store"),
+        ),
     ),
     "clip methods": (("local-only", "encoder-lora"), ("diffusers", "open_clip")),
     "weight methods": (("diffusion-unet", "diffusion-lora"), ("open_clip",)),
