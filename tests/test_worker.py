@@ -51,7 +51,7 @@ def test_frames_carry_json_and_arrays_and_never_unpickle() -> None:
 
 def test_a_request_survives_the_socket_unchanged(tmp_path: Path) -> None:
     sent = request(tmp_path, 30, server_round=4, mu="0.1")
-    back = worker.decode_request(worker._encode_request(sent))
+    back = worker.decode_request(worker.encode_request(sent))
     assert back.cfg == sent.cfg and back.task == sent.task and back.node_id == 7
     assert np.array_equal(back.received["v"], sent.received["v"])
 

@@ -163,7 +163,7 @@ def _ask(path: Path, idle: int, request: Request) -> RoundOutput:
         connection = _connect(path) or _start(path, idle)
     with connection:
         try:
-            _send(connection, _encode_request(request))
+            _send(connection, encode_request(request))
             answer = _receive(connection)
         except OSError as err:
             raise WorkerUnavailableError(f"{path.name}: {err}; its log: {_log(path)}") from None
@@ -272,7 +272,8 @@ def unpack(payload: bytes) -> tuple[dict[str, Any], Arrays]:
     return header, arrays
 
 
-def _encode_request(request: Request) -> bytes:
+def encode_request(request: Request) -> bytes:
+    """The frame of ``request`` (:func:`decode_request` reads it back)."""
     header = {
         "kind": request.kind,
         "method": request.method,
