@@ -11,7 +11,9 @@ what imports, loads, start-up, polling and the shared CPUs add to the work itsel
 overhead, not work. Each SuperNode gets ``num-cpus`` in its node config, and with
 ``--worker-idle S`` also ``worker-idle-seconds=S``, as the deployment guide asks: one worker
 process per node then serves its rounds with the models loaded (:mod:`cmfl_flower.client.worker`),
-and only round 1 pays the imports and loads. ``--results`` keeps the
+and only round 1 pays the imports and loads. ``--task-poll S`` sets the nodes'
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (how often a SuperNode's SuperExec looks for a message to
+start a ClientApp process for; Flower's default 1 s), as the guide does. ``--results`` keeps the
 table (default ``benchmarks/results/deployment.json``, under ``--tag``) with the command, commit
 and machine.
 
@@ -45,6 +47,7 @@ from benchmarks.flower_procs import (
 )
 
 PHASES = ("tokens", "generation", "encoder", "eval")  # work; seconds-load is overhead
+TASK_POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's SuperExec: seconds between looks
 RESULTS = Path(__file__).resolve().parent / "results" / "deployment.json"
 
 
@@ -101,6 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--worker-idle", type=int, default=0, help="node config worker-idle-seconds (0: none)"
     )
+    parser.add_argument(
+        "--task-poll",
+        type=float,
+        default=None,
+        help="the nodes' FLWR_SUPEREXEC_TASK_POLL_INTERVAL in seconds (default: Flower's, 1 s)",
+    )
     parser.add_argument("--run-config", default="", help="extra run config overrides")
     parser.add_argument("--results", type=Path, default=RESULTS, help="keep the table here")
     parser.add_argument("--tag", default="", help="key in --results (default: the settings)")
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             prepare(root / "data", args.nodes)
         link = stack.enter_context(deployment_superlink(root))
         env = {"XDG_CACHE_HOME": str(stack.enter_context(node_workers()))}
+        if args.task_poll is not None:
+            env[TASK_POLL] = str(args.task_poll)
         processes = []
         for partition in range(args.nodes):
             config = (
@@ -137,14 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         rows = per_round(run(link, root, args.rounds, args.nodes, args.run_config))
     data = "partitioned on first use" if args.first_use else "prepared by cmfl-data-prep"
     worker = f"worker-idle-seconds {args.worker_idle}" if args.worker_idle else "no worker"
+    poll = f", task poll {args.task_poll:g} s" if args.task_poll is not None else ""
     print(
-        f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}, {worker}), default cmfl-relay, "
+        f"{args.nodes} SuperNodes (num-cpus={args.num_cpus}, {worker}{poll}), default cmfl-relay, "
         f"data {data}"
     )
     figures = {"rounds": rows, "mean-ratio": sum(r["ratio"] for r in rows) / len(rows)}
     print("\n".join(render(figures)))
     tag = args.tag or f"{args.nodes} nodes, num-cpus {args.num_cpus}, {data}"
     tag += f", {worker}" if args.worker_idle else ""
+    tag += poll
     store(args.results, tag, figures, code)
 
 

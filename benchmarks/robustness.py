@@ -17,6 +17,10 @@ A hostile client runs the honest client routine and then changes its reply (:dat
 * ``huge-norm``: its vectors times 1e30 (finite in float32);
 * ``noise``: random vectors with the honest vectors' per-token norms (within the norm bound);
 * ``claimed-partition``: its replies claim honest partition 0's id;
+* ``set-flip`` (with ``tokens.clusters`` >= 2, ``--set tokens.clusters=K``): its classes' own
+  vectors honest, each cluster set sent under the next of its classes, so that only the images
+  drawn from the sets show the wrong class (without cluster sets the reply is unchanged, and the
+  default ``--attacks`` leave it out);
 * ``silent``: it sends no vectors at all. Not an attack but its ceiling: what the honest
   clients keep when the hostile clients' lies cost nothing beyond the knowledge only they hold,
   the best any defence can do.
@@ -85,7 +89,18 @@ def _relabelled(arrays: Arrays, new_class: Callable[[int, int], int]) -> Arrays:
     """A reply whose index row ``i`` of class ``c`` names class ``new_class(i, c)`` instead."""
     index = arrays["index"].copy()  # (E, 2): class id, n_tokens
     index[:, 0] = [new_class(i, int(c)) for i, c in enumerate(index[:, 0])]
-    return {"vectors": arrays["vectors"], "index": index}
+    return arrays | {"index": index}
+
+
+def _set_flip(arrays: Arrays) -> Arrays:
+    """A reply whose cluster sets name the next of the client's classes; set 0 unchanged."""
+    if "sets" not in arrays:
+        return arrays
+    index, sets = arrays["index"].copy(), arrays["sets"]  # (E, 2), (E,)
+    own = sorted({int(c) for c, n in zip(index[:, 0], sets, strict=True) if n == 0})
+    following = {c: own[(i + 1) % len(own)] for i, c in enumerate(own)}
+    index[sets > 0, 0] = [following[int(c)] for c in index[sets > 0, 0]]
+    return arrays | {"index": index}
 
 
 def noise_like(vectors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -97,7 +112,7 @@ def noise_like(vectors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _noise(arrays: Arrays) -> Arrays:
     noise = noise_like(arrays["vectors"], np.random.default_rng(0))  # (R, D)
-    return {"vectors": noise, "index": arrays["index"]}
+    return arrays | {"vectors": noise}
 
 
 def attack(name: str, num_classes: int) -> Callable[[Arrays], Arrays]:
@@ -115,21 +130,37 @@ def attack(name: str, num_classes: int) -> Callable[[Arrays], Arrays]:
             rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in keep])
             out = {"vectors": arrays["vectors"][rows], "index": index[keep].copy()}
             out["index"][0, 0] = target if first != target else first
+            if "sets" in arrays:  # the sets of the first class follow it to the target
+                out["sets"] = arrays["sets"][keep]
+                out["index"][out["sets"] > 0, 0] = [
+                    target if c == first else c for c in out["index"][out["sets"] > 0, 0]
+                ]
             return out
 
         return targeted
     if name == "huge-norm":
-        return lambda a: {"vectors": a["vectors"] * np.float32(1e30), "index": a["index"]}
+        return lambda a: a | {"vectors": a["vectors"] * np.float32(1e30)}
     if name == "noise":
         return _noise
     if name == "claimed-partition":
         return lambda a: a
     if name == "silent":
         return lambda a: {}
+    if name == "set-flip":
+        return _set_flip
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
 
 
-ATTACKS = ("label-flip", "targeted-flip", "huge-norm", "noise", "claimed-partition", "silent")
+ATTACKS = (
+    "label-flip",
+    "targeted-flip",
+    "huge-norm",
+    "noise",
+    "claimed-partition",
+    "silent",
+    "set-flip",
+)
+DEFAULT_ATTACKS = ATTACKS[:-1]  # set-flip changes nothing unless tokens.clusters >= 2
 
 
 def hostile_app(name: str, num_classes: int) -> Callable[[Message, Context], Message]:
@@ -370,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the chosen settings and attacks, print the table, write the results file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated")
+    parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated")
     parser.add_argument(
         "--hostile", default="1", help="hostile clients (the last ids); comma-separated counts"
     )

@@ -39,21 +39,32 @@ _SEED_MASK = (1 << 63) - 1
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Class-token vectors of one class, as received from one client."""
+    """Class-token vectors of one class, as received from one client.
+
+    ``variants``: the sender's cluster sets of the class (``tokens.clusters``); when given,
+    the request's images are drawn from them in turn instead of from ``vectors``.
+    """
 
     sender: int  # id of the client that sent the vectors
     class_id: int  # label id the generated images get
     vectors: torch.Tensor  # (n_tokens, D) in the shared token space
+    variants: tuple[torch.Tensor, ...] = ()  # each (n_tokens_k, D)
 
     def __post_init__(self) -> None:
         if self.sender < 0 or self.class_id < 0:
             raise ValueError(
                 f"sender and class_id must be >= 0, got {self.sender} and {self.class_id}"
             )
-        if self.vectors.ndim != 2 or self.vectors.shape[0] < 1:
-            raise ValueError(
-                f"vectors must be (n_tokens >= 1, D), got shape {tuple(self.vectors.shape)}"
-            )
+        for vectors in (self.vectors, *self.variants):
+            if vectors.ndim != 2 or vectors.shape[0] < 1:
+                raise ValueError(
+                    f"vectors must be (n_tokens >= 1, D), got shape {tuple(vectors.shape)}"
+                )
+
+    @property
+    def sets(self) -> tuple[torch.Tensor, ...]:
+        """The vector sets its images are drawn from, image ``i`` from set ``i % len``."""
+        return self.variants or (self.vectors,)
 
 
 @dataclass(frozen=True)
@@ -67,9 +78,10 @@ class GeneratedImages:
 
 @dataclass(frozen=True)
 class _Job:
-    """One image to draw: which request it renders and with which seed."""
+    """One image to draw: which request it renders, from which prompt, with which seed."""
 
     request: int  # index into the request list
+    prompt: int  # index into the round's prompts (every request's sets, in request order)
     seed: int
 
 
@@ -240,10 +252,19 @@ class Generator:
         server_round: int,
         progress: Progress = QUIET,
     ) -> GeneratedImages:
-        """:func:`images_per_request` images per request, each with its own noise seed."""
+        """:func:`images_per_request` images per request, each with its own noise seed.
+
+        A request's image ``i`` is drawn from its set ``i % len(sets)`` (:attr:`~GenerationRequest.
+        sets`): cluster sets share the request's images, they do not add to them.
+        """
         counts = images_per_request(requests, cfg)
+        first = np.cumsum([0, *(len(req.sets) for req in requests)])  # each request's 1st prompt
         jobs = [
-            _Job(r, image_seed(run_seed, server_round, req.sender, req.class_id, i))
+            _Job(
+                r,
+                int(first[r]) + i % len(req.sets),
+                image_seed(run_seed, server_round, req.sender, req.class_id, i),
+            )
             for r, req in enumerate(requests)
             for i in range(counts[r])
         ]
@@ -255,10 +276,11 @@ class Generator:
         self._use_scheduler(cfg.scheduler)
         chunks: list[np.ndarray] = []
         with torch.inference_mode():
-            embeds = self.prompt_embeds([req.vectors for req in requests])  # (R, L, D_text)
+            prompts = [vectors for req in requests for vectors in req.sets]
+            embeds = self.prompt_embeds(prompts)  # (P, L, D_text)
             batches = list(_batches(jobs, cfg.batch_size))
             for batch in progress.over(batches, len(batches), "generation"):
-                rows = torch.tensor([j.request for j in batch], device=embeds.device)
+                rows = torch.tensor([j.prompt for j in batch], device=embeds.device)
                 chunks.append(self._render(embeds[rows], [j.seed for j in batch], cfg))
         return GeneratedImages(np.concatenate(chunks), labels, senders)
 

@@ -44,13 +44,19 @@ def _received_means(entries: list[TokenEntry], dropped: Counter[str]) -> dict[in
     return means
 
 
-def _requests(ws: Workspace, entries: list[TokenEntry]) -> list[GenerationRequest]:
+def _requests(
+    ws: Workspace, entries: list[TokenEntry], sets: list[TokenEntry]
+) -> list[GenerationRequest]:
     """Generation requests; unlabelled vectors get the label of their nearest class.
 
     The nearest class is judged against the pretrained name features, not the client's own
-    learned tokens, which would pull received vectors towards its own classes.
+    learned tokens, which would pull received vectors towards its own classes. A (sender,
+    class) with cluster ``sets`` draws its images from them.
     """
     device = ws.encoder.bundle.device
+    variants: dict[tuple[int, int | None], list[torch.Tensor]] = {}
+    for entry in sorted(sets, key=lambda e: e.set):
+        variants.setdefault(entry.pair, []).append(torch.from_numpy(entry.vectors).to(device))
     vectors = [torch.from_numpy(entry.vectors).to(device) for entry in entries]
     unlabelled = [i for i, entry in enumerate(entries) if entry.class_id is None]
     nearest: dict[int, int] = {}
@@ -61,7 +67,10 @@ def _requests(ws: Workspace, entries: list[TokenEntry]) -> list[GenerationReques
         nearest = dict(zip(unlabelled, (features @ names.T).argmax(1).tolist(), strict=True))
     return [
         GenerationRequest(
-            entry.sender, entry.class_id if entry.class_id is not None else nearest[i], vectors[i]
+            entry.sender,
+            entry.class_id if entry.class_id is not None else nearest[i],
+            vectors[i],
+            tuple(variants.get(entry.pair, ())),
         )
         for i, entry in enumerate(entries)
     ]
@@ -99,6 +108,11 @@ def norm_bound(cfg: AppConfig, pretrained_norm: float, token_dim: int) -> float:
     return cfg.tokens.max_norm_ratio * pretrained_norm + norm_allowance(cfg.privacy, token_dim)
 
 
+def max_sets(cfg: AppConfig) -> int:
+    """The highest cluster set number a message may carry (0: none, ``tokens.clusters = 1``)."""
+    return cfg.tokens.clusters if cfg.tokens.clusters > 1 else 0
+
+
 def relay_limits(ws: Workspace) -> WireLimits:
     """What this client accepts from peers (the server checks replies against the same)."""
     cfg, dim = ws.cfg, ws.text.token_dim
@@ -108,6 +122,7 @@ def relay_limits(ws: Workspace) -> WireLimits:
         cfg.tokens.max_tokens,
         cfg.tokens.max_bytes,
         norm_bound(cfg, largest_token_norm(ws.text.bundle), dim),
+        max_sets(cfg),
     )
 
 
@@ -115,16 +130,19 @@ def relayed_knowledge(ws: Workspace, received: Arrays) -> Knowledge:
     """Peers' usable vectors from the server's relay message (``cmfl-relay``).
 
     Never fails on their content: entries that break a wire rule, or whose denoised vectors are
-    not finite, are dropped and counted per rule in :attr:`Knowledge.dropped`.
+    not finite, are dropped and counted per rule in :attr:`Knowledge.dropped`. Cluster sets
+    (``tokens.clusters``) only shape the generation requests; every other use (the text side,
+    screening) takes each (sender, class)'s own vectors.
     """
     cfg = ws.cfg
-    entries, dropped = read_relay(received, relay_limits(ws))
+    received_entries, dropped = read_relay(received, relay_limits(ws))
     # a client the server cannot place yet (e.g. after a restart) also gets its own vectors
-    entries = [e for e in entries if e.sender != ws.task.partition_id]
-    if cfg.privacy.enabled and cfg.privacy.denoise:
+    others = [e for e in received_entries if e.sender != ws.task.partition_id]
+    entries, sets = [e for e in others if not e.set], [e for e in others if e.set]
+    if cfg.privacy.enabled and cfg.privacy.denoise:  # never with sets (tokens.clusters)
         entries = _denoised(ws, entries, dropped)
     fallback = _fallback(ws, entries, dropped)
-    return Knowledge(_requests(ws, entries), fallback, len(entries), entries, dropped)
+    return Knowledge(_requests(ws, entries, sets), fallback, len(entries), entries, dropped)
 
 
 def _fallback(

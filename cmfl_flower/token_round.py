@@ -46,12 +46,15 @@ from cmfl_flower.screening import (
 )
 from cmfl_flower.tokens import (
     ClassTokenBank,
+    ClusterSets,
     TokenObjective,
     TokenState,
     class_vectors,
+    cluster_numbers,
     image_features,
     token_drift,
     train_bank,
+    train_sets,
 )
 from cmfl_flower.wire import TokenEntry, reply_arrays
 
@@ -65,6 +68,12 @@ def own_bank(ws: Workspace, state: ClientState) -> ClassTokenBank:
     counts = np.bincount(ws.data.train.labels, minlength=len(ws.class_names))
     learned = [c for c, n in enumerate(counts) if n >= ws.cfg.tokens.min_images]
     return ClassTokenBank.from_names(ws.text, learned, ws.class_names)
+
+
+def own_sets(ws: Workspace, state: ClientState, bank: ClassTokenBank) -> ClusterSets | None:
+    """The client's cluster sets (``tokens.clusters`` >= 2): saved, else its classes' vectors."""
+    k = ws.cfg.tokens.clusters
+    return ClusterSets.for_bank(bank, state.tokens, k) if k > 1 and bank.class_ids else None
 
 
 def judge_features(ws: Workspace, generated: GeneratedImages) -> torch.Tensor:
@@ -263,14 +272,28 @@ def _token_objective(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) 
     return objective
 
 
-def _train_tokens(ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge) -> Metrics:
-    """Train the bank with ``tokens.objective``; ``token-loss`` (none for an empty bank)."""
+def _train_tokens(
+    ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge, sets: ClusterSets | None
+) -> Metrics:
+    """Train the bank with ``tokens.objective``, then the cluster ``sets`` on the denoising loss.
+
+    ``token-loss``, ``token-drift`` and with sets ``cluster-loss`` (none for an empty bank).
+    """
     if not bank.class_ids:
         return {}
     objective = _token_objective(ws, bank, knowledge)
     cfg = ws.cfg.tokens
     loss = train_bank(ws.text, bank, objective, ws.class_names, cfg, ws.seed, ws.progress)
-    return {"token-loss": loss, "token-drift": token_drift(bank, objective.anchors)}
+    metrics = {"token-loss": loss, "token-drift": token_drift(bank, objective.anchors)}
+    if sets is not None and objective.denoising is not None:
+        train = ws.data.train
+        with ws.encoder.pretrained(), torch.no_grad():  # fixed features: fixed clusters
+            features = image_features(ws.encoder, train.images, ws.cfg.encoder.eval_batch_size)
+        numbers = cluster_numbers(features, train.labels, bank.class_ids, cfg.clusters, ws.seed)
+        metrics["cluster-loss"] = train_sets(
+            sets, objective.denoising, train.labels, numbers, cfg, ws.seed, ws.progress
+        )
+    return metrics
 
 
 def token_round(
@@ -285,6 +308,7 @@ def token_round(
     ws = open_workspace(cfg, task, state.lora)
     names = ws.class_names
     bank = own_bank(ws, state)
+    sets = own_sets(ws, state, bank)
     if source == "relay":
         knowledge = relayed_knowledge(ws, received)
         if not cfg.generation.held_classes:
@@ -326,7 +350,7 @@ def token_round(
             ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress
         )
     with ws.phase("tokens"):
-        token_metrics = _train_tokens(ws, bank, knowledge)
+        token_metrics = _train_tokens(ws, bank, knowledge, sets)
     metrics = evaluate(ws, text_features()) | base_metrics(ws) | token_metrics
     metrics |= generated_recognised(ws, generated, judged)
     if source == "relay":
@@ -337,7 +361,7 @@ def token_round(
         "num-token-classes": len(bank.class_ids),
         "encoder-loss": encoder_loss,
     }
-    tokens = bank.state()
+    tokens = bank.state() | (sets.state() if sets is not None else {})
     new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens, screening=past or None)
     sent: Arrays = {}
     if source == "relay":
@@ -345,7 +369,7 @@ def token_round(
         if cfg.privacy.enabled:  # the noise is fresh OS entropy: the run seed is no secret
             anchors = {c: anchor(ws, c) for c in own}
             own = privatise(own, anchors, cfg.privacy, np.random.default_rng())
-        sent = reply_arrays(own, _labelled(cfg))
+        sent = reply_arrays(own, _labelled(cfg), sets.arrays() if sets is not None else None)
     return RoundOutput(metrics | ws.timings, new_state, sent)
 
 

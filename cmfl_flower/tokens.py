@@ -4,6 +4,10 @@ A client's :class:`ClassTokenBank` holds, for every class it has seen, an ``(n, 
 initialised from the CLIP's pretrained token embeddings of the class name. Text features come
 from the frozen open_clip text tower with the vectors substituted at the name's positions
 (:mod:`cmfl_flower.prompts`); training moves the bank and nothing else.
+
+With ``tokens.clusters = K >= 2`` a client also holds :class:`ClusterSets`: per class, K more
+sets, each learned by the denoising loss alone on one cluster of its images of the class
+(:func:`cluster_numbers`, :func:`train_sets`), for peers to generate more varied images from.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ TokenState = dict[str, torch.Tensor]
 def state_key(class_id: int) -> str:
     """The key of a class's vectors in saved state and on the wire (``c<id>``)."""
     return f"c{class_id}"
+
+
+def set_key(class_id: int, number: int) -> str:
+    """The key of a class's cluster set ``number`` (>= 1) in saved state (``c<id>.<number>``)."""
+    return f"c{class_id}.{number}"
 
 
 @dataclass
@@ -95,8 +104,10 @@ class ClassTokenBank(torch.nn.Module):
 
     @classmethod
     def from_state(cls, state: TokenState) -> ClassTokenBank:
-        """Rebuild a bank saved with :meth:`state`."""
-        return cls({int(key.removeprefix("c")): value for key, value in state.items()})
+        """Rebuild a bank saved with :meth:`state` (cluster sets' keys are skipped)."""
+        return cls(
+            {int(key.removeprefix("c")): value for key, value in state.items() if "." not in key}
+        )
 
     def state(self) -> TokenState:
         """CPU copies of the vectors, keyed ``c<class id>``."""
@@ -109,6 +120,71 @@ class ClassTokenBank(torch.nn.Module):
         """(n, D) vectors of ``class_id``."""
         vectors: torch.Tensor = self.vectors[self.class_ids.index(class_id)]
         return vectors
+
+
+class ClusterSets(torch.nn.Module):
+    """Per bank class, ``K`` vector sets; set ``k`` learns the ``k``-th cluster of its images."""
+
+    def __init__(self, vectors: dict[tuple[int, int], torch.Tensor]) -> None:
+        super().__init__()
+        self.keys = sorted(vectors)  # (class id, set number >= 1)
+        self.vectors = torch.nn.ParameterList(
+            torch.nn.Parameter(vectors[key].detach().clone().float()) for key in self.keys
+        )
+
+    @classmethod
+    def for_bank(cls, bank: ClassTokenBank, state: TokenState | None, k: int) -> ClusterSets:
+        """Sets 1..k of every bank class: as saved in ``state``, else the class's vectors."""
+        saved = state or {}
+        return cls(
+            {
+                (c, n): saved.get(set_key(c, n), bank.get(c))
+                for c in bank.class_ids
+                for n in range(1, k + 1)
+            }
+        )
+
+    def get(self, class_id: int, number: int) -> torch.Tensor:
+        """(n, D) vectors of ``class_id``'s set ``number``."""
+        vectors: torch.Tensor = self.vectors[self.keys.index((class_id, number))]
+        return vectors
+
+    def state(self) -> TokenState:
+        """CPU copies of the sets, keyed ``c<class id>.<set>``."""
+        return {
+            set_key(c, n): v.detach().to("cpu", copy=True)
+            for (c, n), v in zip(self.keys, self.vectors, strict=True)
+        }
+
+    def arrays(self) -> dict[tuple[int, int], np.ndarray]:
+        """The sets as the wire sends them: (class id, set) -> (n, D) float32."""
+        return {
+            key: v.detach().cpu().float().numpy()
+            for key, v in zip(self.keys, self.vectors, strict=True)
+        }
+
+
+def cluster_numbers(
+    features: torch.Tensor, labels: np.ndarray, class_ids: list[int], k: int, seed: int
+) -> np.ndarray:
+    """(N,) each image's cluster set, 1..k, among its class's images; 0 outside ``class_ids``.
+
+    k-means (scikit-learn, seeded) on ``features`` (N, E), the pretrained CLIP's features, so a
+    client's clusters stay the same from round to round. A class with fewer than ``k`` images
+    fills only as many sets as it has images; the rest learn nothing.
+    """
+    from sklearn.cluster import KMeans  # only clients with tokens.clusters >= 2 need it
+
+    numbers = np.zeros(len(labels), np.int64)
+    points = features.detach().float().cpu().numpy()
+    for class_id in class_ids:
+        rows = np.flatnonzero(labels == class_id)
+        if not len(rows):
+            continue
+        n_clusters = min(k, len(rows))
+        kmeans = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
+        numbers[rows] = kmeans.fit_predict(points[rows]) + 1
+    return numbers
 
 
 def class_vectors(
@@ -196,16 +272,10 @@ def train_bank(
     generator = torch.Generator().manual_seed(seed)
     labels = objective.labels
     losses: list[float] = []
-
-    def steps() -> Iterator[np.ndarray]:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(labels), generator=generator).numpy()
-            for start in range(0, len(order), cfg.batch_size):
-                yield order[start : start + cfg.batch_size]
-
+    rows = np.arange(len(labels))
     total = cfg.epochs * -(-len(labels) // cfg.batch_size)
     with torch.enable_grad():
-        for idx in progress.over(steps(), total, "tokens"):
+        for idx in progress.over(_batches(rows, cfg, generator), total, "tokens"):
             terms = []
             if use_clip:
                 terms.append(_clip_loss(text, bank, objective, class_names, idx))
@@ -225,6 +295,49 @@ def train_bank(
             optimizer.step()
             losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def _batches(
+    rows: np.ndarray, cfg: TokensConfig, generator: torch.Generator
+) -> Iterator[np.ndarray]:
+    """``cfg.epochs`` shuffled passes over ``rows`` in batches of ``cfg.batch_size``."""
+    for _ in range(cfg.epochs):
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        for start in range(0, len(order), cfg.batch_size):
+            yield order[start : start + cfg.batch_size]
+
+
+def train_sets(
+    sets: ClusterSets,
+    denoising: DenoisingLoss,
+    labels: np.ndarray,
+    numbers: np.ndarray,
+    cfg: TokensConfig,
+    seed: int,
+    progress: Progress = QUIET,
+) -> float:
+    """Textual inversion of each cluster set on its images; the mean denoising loss.
+
+    ``labels`` and ``numbers`` (:func:`cluster_numbers`): (N,) over the images ``denoising``
+    holds; an image of set 0 trains nothing. Epochs, batch size and learning rate are the
+    class tokens' (``tokens.*``).
+    """
+    rows = np.flatnonzero(numbers > 0)
+    if not len(rows):
+        return float("nan")
+    optimizer = torch.optim.AdamW(sets.parameters(), lr=cfg.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    total = cfg.epochs * -(-len(rows) // cfg.batch_size)
+    with torch.enable_grad():
+        for idx in progress.over(_batches(rows, cfg, generator), total, "cluster sets"):
+            vectors = [sets.get(int(labels[i]), int(numbers[i])) for i in idx]
+            loss = denoising(vectors, idx, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return float(np.mean(losses))
 
 
 def _clip_loss(

@@ -56,6 +56,15 @@ def test_a_targeted_flip_of_one_class_is_screened_out(tmp_path):
     assert _total(honest, f"rejected-s{HOSTILE}") > 0
 
 
+def test_cluster_sets_under_the_wrong_class_are_screened_out_by_their_images(tmp_path):
+    sets = {"tokens.clusters": 2, "tokens.objective": "both"}  # honest class vectors, lying sets
+    honest, _ = _federation(tmp_path, "set-flip", **sets)
+    assert _total(honest, f"rejected-s{HOSTILE}") > 0
+    assert all(_total(honest, f"rejected-s{s}") == 0 for s in range(HOSTILE))
+    open_, _ = _federation(tmp_path, "set-flip", **sets, **DEFENCES_OFF, **{"output.run-name": "o"})
+    assert _total(open_, f"kept-s{HOSTILE}") > 0  # without screening its sets train them
+
+
 def test_huge_vectors_are_refused_by_the_server_and_no_honest_reply_is_lost(tmp_path):
     honest, rounds = _federation(tmp_path, "huge-norm")
     assert [r["refused-norm"] for r in rounds] == [1, 1]

@@ -107,7 +107,7 @@ def test_float16_and_int64_are_accepted_and_widened():
             {"vectors": np.full((1, 4), np.inf, np.float32), "index": np.array([[1, 1]], np.int32)},
             "non-finite",
         ),
-        ({"vectors": vectors(1)}, "key: arrays ['vectors']: expected exactly"),
+        ({"vectors": vectors(1)}, "key: arrays ['vectors']: expected ['index', 'vectors']"),
         ({"c1": vectors(1)}, "key: arrays ['c1']"),
         (packed([[c, 3] for c in range(10)]), "size: 560 bytes of arrays exceed tokens.max-bytes"),
     ],
@@ -157,3 +157,56 @@ def test_a_relay_message_whose_frame_does_not_read_drops_every_entry_it_names():
     kept, dropped = read_relay({"weights": vectors(1)}, NORM_LIMITS)
     assert kept == [] and dropped == {"key": 1}
     assert read_relay({}, NORM_LIMITS) == ([], {})
+
+
+SET_LIMITS = WireLimits(token_dim=4, num_classes=10, max_tokens=3, max_bytes=4000, max_sets=2)
+
+
+def test_cluster_sets_travel_beside_their_class_and_are_read_back():
+    sent = reply_arrays(
+        {2: vectors(1, start=2)}, labelled=True, sets={(2, 1): vectors(1, start=21)}
+    )
+    assert sent["sets"].tolist() == [0, 1]
+    parsed = parse_reply(sent, SET_LIMITS, labelled=True)
+    assert [(e.class_id, e.set) for e in parsed] == [(2, 0), (2, 1)]
+    relayed = relay_arrays([TokenEntry(4, e.class_id, e.vectors, e.set) for e in parsed])
+    received, dropped = read_relay(relayed, SET_LIMITS)
+    assert [(e.sender, e.class_id, e.set) for e in received] == [(4, 2, 0), (4, 2, 1)]
+    assert float(received[1].vectors[0, 0]) == 21.0 and not dropped
+    assert "sets" not in reply_arrays({2: vectors(1)}, labelled=True)  # no sets: two arrays
+
+
+@pytest.mark.parametrize(
+    ("sets", "reason"),
+    [
+        ([0, 3], "set: sets: set 3"),  # beyond tokens.clusters
+        ([0, -1], "set: sets: set -1"),
+        ([1, 1], "set: index: class id 2's set 1 without the class's own vectors"),
+        ([0, 0], "class-id: index: class id 2 twice"),
+    ],
+)
+def test_a_reply_with_bad_sets_is_refused(sets, reason):
+    message = packed([[2, 1], [2, 1]], dim=4) | {"sets": np.asarray(sets, np.int32)}
+    with pytest.raises(WireError, match=re.escape(reason)):
+        parse_reply(message, SET_LIMITS, labelled=True)
+
+
+def test_a_receiver_drops_sets_out_of_range_and_those_whose_class_was_dropped():
+    entries = [
+        TokenEntry(1, 2, vectors(1)),
+        TokenEntry(1, 2, vectors(1), 1),
+        TokenEntry(1, 2, vectors(1), 5),  # beyond max_sets
+        TokenEntry(3, 4, np.full((1, 4), np.nan, np.float32)),  # its class's vectors go...
+        TokenEntry(3, 4, vectors(1), 1),  # ...and so does its set
+    ]
+    received, dropped = read_relay(relay_arrays(entries), SET_LIMITS)
+    assert [(e.sender, e.class_id, e.set) for e in received] == [(1, 2, 0), (1, 2, 1)]
+    assert dropped == {"set": 2, "non-finite": 1}
+
+
+def test_sets_are_refused_when_the_receiver_accepts_none():
+    message = relay_arrays([TokenEntry(1, 2, vectors(1)), TokenEntry(1, 2, vectors(1), 1)])
+    received, dropped = read_relay(message, LIMITS)  # max_sets 0: tokens.clusters = 1
+    assert [e.set for e in received] == [0] and dropped == {"set": 1}
+    with pytest.raises(WireError, match="sets: shape"):
+        parse_relay(message | {"sets": np.zeros(3, np.int32)}, SET_LIMITS)

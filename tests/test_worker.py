@@ -128,6 +128,24 @@ def test_a_folder_others_can_open_is_not_used(
     assert "chmod 700" in caplog.text and not list(folder.glob("*.sock"))
 
 
+def test_a_log_past_its_bound_moves_aside_and_writing_goes_on_in_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "w.log"
+    log.write_bytes(b"x" * 100)
+    writer = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert not worker.rotate_log(log, limit=100, fds=(writer,))  # at the bound: kept
+        os.write(writer, b"y")
+        assert worker.rotate_log(log, limit=100, fds=(writer,))
+        os.write(writer, b"after")
+    finally:
+        os.close(writer)
+    assert (tmp_path / "w.log.1").read_bytes() == b"x" * 100 + b"y"
+    assert log.read_bytes() == b"after"
+    assert not worker.rotate_log(tmp_path / "missing.log", limit=0, fds=())
+
+
 def test_a_new_plugin_version_gets_its_own_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

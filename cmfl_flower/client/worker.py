@@ -18,7 +18,9 @@ node instead, and imports nothing heavy itself:
 - what crosses the socket is JSON and numpy's ``npz`` read with ``allow_pickle=False``: no
   pickled object is ever loaded;
 - a worker that cannot be started or reached, or that dies before it answers, costs a warning
-  naming its log (``<cache>/workers/<name>.log``), and the round runs in the ClientApp process.
+  naming its log (``<cache>/workers/<name>.log``), and the round runs in the ClientApp process;
+- the log is bounded: once it passes :data:`LOG_BYTES`, the worker moves it to ``<name>.log.1``
+  (replacing the one before) before its next round and writes a fresh one.
 
 An error in the round itself is not retried: a ``ValueError`` (a user mistake) comes back as a
 ``ValueError`` with the same message, anything else as a ``RuntimeError`` naming the log.
@@ -61,6 +63,7 @@ MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (Linux: 108 with the fina
 _HEADER = "header"  # the npz entry holding a frame's JSON
 _ARRAY = "array."  # prefix of a frame's arrays
 _LENGTH = struct.Struct(">Q")
+LOG_BYTES = 8 << 20  # a worker's log past this size moves to <name>.log.1 before the next round
 LOGGER = logging.getLogger(__name__)
 _ENV_PREFIXES = ("CMFL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "CUDA_", "XDG_")
 
@@ -222,6 +225,26 @@ def _log(path: Path) -> Path:
     return path.with_suffix(".log")
 
 
+def rotate_log(log: Path, limit: int = LOG_BYTES, fds: tuple[int, ...] = (1, 2)) -> bool:
+    """Move ``log`` to ``<log>.1`` once it passes ``limit`` bytes; ``fds`` then write a new one.
+
+    ``fds``: the descriptors that write the log (the worker's stdout and stderr). True if moved.
+    """
+    try:
+        if log.stat().st_size <= limit:
+            return False
+    except FileNotFoundError:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log.replace(log.with_name(log.name + ".1"))
+    fresh = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    for fd in fds:
+        os.dup2(fresh, fd)
+    os.close(fresh)
+    return True
+
+
 def pid_file(path: Path) -> Path:
     """Where the worker of socket ``path`` writes its process id while it serves."""
     return path.with_suffix(".pid")
@@ -334,6 +357,7 @@ def serve(path: Path, idle: float) -> None:
                 connection, _ = server.accept()
             except TimeoutError:
                 break
+            rotate_log(_log(path))
             _answer(connection)
         path.unlink(missing_ok=True)  # no new client can connect from here on
         server.setblocking(False)

@@ -107,6 +107,18 @@ class AppConfig(Section):
                 "relay.combine = 'mean' needs class ids: set tokens.relay = 'labelled' "
                 "or relay.combine = 'select'"
             )
+        if self.tokens.clusters > 1:
+            needs = {
+                "tokens.objective in ('diffusion', 'both')": self.tokens.objective != "clip",
+                "tokens.relay = 'labelled'": self.tokens.relay == "labelled",
+                "relay.combine = 'select'": self.relay.combine == "select",
+                "privacy.enabled = false": not self.privacy.enabled,
+            }
+            if missing := [rule for rule, met in needs.items() if not met]:
+                raise ValueError(
+                    f"tokens.clusters = {self.tokens.clusters} needs {', '.join(missing)} "
+                    "(or tokens.clusters = 1)"
+                )
         return self
 
     @classmethod

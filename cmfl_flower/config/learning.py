@@ -196,6 +196,20 @@ class TokensConfig(Section):
         ge=1,
         description="Classes with fewer local training images are neither learned nor relayed.",
     )
+    clusters: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Vector sets a client learns per class for peers to generate from. 1: the "
+        "class's own vectors. K >= 2: its images of each class are split into K clusters "
+        "(k-means on the pretrained CLIP's image features) and one extra set per cluster "
+        "learns the denoising loss on that cluster's images (textual inversion, started from "
+        "the class's vectors); they travel beside the class's vectors and receivers draw a "
+        "(sender, class)'s images from its sets in turn, at the same image budget. Costs one "
+        "more denoising pass over the client's images per token epoch and K sets more bytes "
+        "per class. Needs `tokens.objective` `diffusion` or `both`, the labelled relay, "
+        "`relay.combine = select` and privacy off.",
+    )
     relay: Literal["labelled", "unlabelled"] = Field(
         "labelled",
         description="`labelled`: class ids travel with vectors; `unlabelled`: receivers "

@@ -30,7 +30,7 @@ from cmfl_flower.backbones import pretrained_token_norm, resolve_preset
 from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
 from cmfl_flower.data.sources import CLASS_COUNTS
-from cmfl_flower.knowledge import norm_bound
+from cmfl_flower.knowledge import max_sets, norm_bound
 from cmfl_flower.methods.base import Method, RoundStrategy
 from cmfl_flower.privacy import round_report
 from cmfl_flower.token_round import token_round
@@ -65,13 +65,17 @@ class CmflRelay(RoundStrategy):
             max_tokens=cfg.tokens.max_tokens,
             max_bytes=cfg.tokens.max_bytes,
             max_norm=norm_bound(cfg, pretrained_token_norm(preset), preset.token_dim),
+            max_sets=max_sets(cfg),
         )
         self.quarantine: dict[int, int] = {}  # sender partition id -> last round it is held
         self.offences: dict[int, int] = {}  # sender partition id -> times it was quarantined
         self._votes: dict[int, tuple[set[int], set[int]]] = {}  # sender -> (judges, rejecters)
 
     def arrays_for(self, server_round: int, node_id: int) -> Arrays:
-        """Other senders' latest vectors: at most ``relay.max-senders-per-class`` per class."""
+        """Other senders' latest vectors: at most ``relay.max-senders-per-class`` per class.
+
+        A chosen (sender, class) travels with its cluster sets (``tokens.clusters``).
+        """
         own = self.partitions.get(node_id)
         entries = [
             entry
@@ -81,9 +85,15 @@ class CmflRelay(RoundStrategy):
         ]
         relay = self.cfg.relay
         chosen = cap_senders(
-            entries, self.updated, server_round, relay.max_senders_per_class, self.cfg.seed
+            [entry for entry in entries if entry.set == 0],
+            self.updated,
+            server_round,
+            relay.max_senders_per_class,
+            self.cfg.seed,
         )
-        return relay_arrays(class_means(chosen) if relay.combine == "mean" else chosen)
+        pairs = {entry.pair for entry in chosen}
+        sets = [entry for entry in entries if entry.set and entry.pair in pairs]
+        return relay_arrays((class_means(chosen) if relay.combine == "mean" else chosen) + sets)
 
     def check_reply(self, server_round: int, metrics: Metrics, arrays: Arrays) -> str | None:
         """A reply must name its partition and carry vectors within the wire limits."""
@@ -95,7 +105,7 @@ class CmflRelay(RoundStrategy):
         except WireError as err:
             return str(err)
         self._checked[partition] = [
-            TokenEntry(partition, entry.class_id, entry.vectors) for entry in entries
+            TokenEntry(partition, entry.class_id, entry.vectors, entry.set) for entry in entries
         ]
         return None
 
