@@ -33,6 +33,7 @@ from cmfl_flower.judge import JUDGED, judge_for
 from cmfl_flower.knowledge import Knowledge, anchor, name_knowledge, relayed_knowledge
 from cmfl_flower.paths import CACHE_DIR
 from cmfl_flower.privacy import privatise
+from cmfl_flower.replay import Replay
 from cmfl_flower.screening import (
     TOKEN,
     Evidence,
@@ -225,6 +226,36 @@ def _kept(generated: GeneratedImages, verdicts: list[Verdict]) -> np.ndarray:
     return np.array([pair not in out for pair in pairs], bool)
 
 
+def _with_replay(
+    ws: Workspace,
+    state: ClientState,
+    generated: GeneratedImages,
+    kept: np.ndarray,
+    weights: np.ndarray,
+    verdicts: list[Verdict],
+) -> Replay:
+    """The round's accepted generated images and those kept from earlier rounds.
+
+    ``generation.replay-rounds`` earlier rounds' images (:mod:`cmfl_flower.replay`), less
+    those of senders this round's screening left out; none when the key is 0.
+    """
+    fresh = Replay(
+        generated.images[kept],
+        generated.labels[kept],
+        generated.senders[kept],
+        weights[kept],
+        np.full(int(kept.sum()), ws.task.server_round, np.int64),
+    )
+    if not ws.cfg.generation.replay_rounds:
+        return fresh
+    screened_out = {v.sender for v in verdicts if not v.accepted}
+    return (
+        Replay.from_state(state.replay)
+        .without(screened_out)
+        .then(fresh, ws.task.server_round, ws.cfg.generation.replay_rounds + 1)
+    )
+
+
 def _dropped_metrics(dropped: Counter[str]) -> Metrics:
     """``dropped`` (unusable received entries) and ``dropped-<rule>`` per rule."""
     return {"dropped": sum(dropped.values())} | {f"dropped-{k}": n for k, n in dropped.items()}
@@ -340,11 +371,12 @@ def token_round(
     ws.save_artifacts(generated, screened=~kept)
     before = text_features()  # the bank is fixed until token training: one encoding serves both
     weights = generated_weights(ws, generated, judged, before)  # (N,)
+    synthetic = _with_replay(ws, state, generated, kept, weights, verdicts)
     with ws.phase("encoder"):
         data = TrainingSet.mix(
             ws.encoder.bundle.image_size,
             (ws.data.train.images, ws.data.train.labels),
-            (generated.images[kept], generated.labels[kept], weights[kept]),
+            (synthetic.images, synthetic.labels, synthetic.weights),
         )
         encoder_loss = train_encoder(
             ws.encoder, data, before, cfg.encoder, ws.seed, progress=ws.progress
@@ -358,11 +390,18 @@ def token_round(
     metrics |= {
         "num-received-classes": knowledge.received,
         "num-generated": len(generated.labels),
+        "num-replayed": len(synthetic.labels) - int(kept.sum()),
         "num-token-classes": len(bank.class_ids),
         "encoder-loss": encoder_loss,
     }
     tokens = bank.state() | (sets.state() if sets is not None else {})
-    new_state = ClientState(lora=ws.encoder.lora_state(), tokens=tokens, screening=past or None)
+    replay_rounds = cfg.generation.replay_rounds
+    new_state = ClientState(
+        lora=ws.encoder.lora_state(),
+        tokens=tokens,
+        screening=past or None,
+        replay=synthetic.then(Replay.empty(), task.server_round, replay_rounds).state(),
+    )
     sent: Arrays = {}
     if source == "relay":
         own = {c: tokens[f"c{c}"].numpy() for c in bank.class_ids}

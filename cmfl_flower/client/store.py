@@ -34,7 +34,7 @@ from cmfl_flower.client.task import ClientRoutine, ClientState, ClientTask, Roun
 from cmfl_flower.config import AppConfig
 from cmfl_flower.paths import STATE_DIR, client_dir, output_root
 
-FIELDS = ("lora", "tokens", "optimizer", "screening")
+FIELDS = ("lora", "tokens", "optimizer", "screening", "replay")
 NODE_PREFIX = "node-"
 KEEP_ROUNDS = 2
 _FILE = re.compile(r"^round-(\d+)\.safetensors$")

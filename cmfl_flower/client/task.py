@@ -46,6 +46,7 @@ class ClientState:
     tokens: TokenState | None = None
     optimizer: dict[str, torch.Tensor] | None = None  # flat optimiser state, see fed_diffusion.py
     screening: dict[str, torch.Tensor] | None = None  # c<id> -> (E,) accepted text feature
+    replay: dict[str, torch.Tensor] | None = None  # kept generated images, see replay.py
 
 
 @dataclass

@@ -326,6 +326,16 @@ class GenerationConfig(Section):
         "learns its own vectors for (false: only from those of classes it lacks).",
     )
 
+    replay_rounds: int = Field(
+        0,
+        ge=0,
+        description="Earlier rounds whose generated images a client trains on again beside the "
+        "round's new ones: 0 none; R the images its screening accepted in its last R rounds, "
+        "kept in its saved state (images of a sender a later round screens out go). More "
+        "synthetic data per round at no more generation; costs encoder time for the extra "
+        "images and state size (the images themselves, uint8).",
+    )
+
     @property
     def enabled(self) -> bool:
         """Whether a request gets any image."""
