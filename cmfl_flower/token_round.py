@@ -339,7 +339,7 @@ def token_round(
     ws = open_workspace(cfg, task, state.lora)
     names = ws.class_names
     bank = own_bank(ws, state)
-    sets = own_sets(ws, state, bank)
+    sets = own_sets(ws, state, bank) if source == "relay" else None  # only the relay sends them
     if source == "relay":
         knowledge = relayed_knowledge(ws, received)
         if not cfg.generation.held_classes:
