@@ -208,7 +208,8 @@ class TokensConfig(Section):
         "(sender, class)'s images from its sets in turn, at the same image budget. Costs one "
         "more denoising pass over the client's images per token epoch and K sets more bytes "
         "per class. Needs `tokens.objective` `diffusion` or `both`, the labelled relay, "
-        "`relay.combine = select` and privacy off.",
+        "`relay.combine = select` and privacy off. K = 2 gained nothing on P1 validation "
+        "(docs/benchmark-method.md).",
     )
     relay: Literal["labelled", "unlabelled"] = Field(
         "labelled",
@@ -327,13 +328,14 @@ class GenerationConfig(Section):
     )
 
     replay_rounds: int = Field(
-        0,
+        2,
         ge=0,
         description="Earlier rounds whose generated images a client trains on again beside the "
         "round's new ones: 0 none; R the images its screening accepted in its last R rounds, "
         "kept in its saved state (images of a sender a later round screens out go). More "
         "synthetic data per round at no more generation; costs encoder time for the extra "
-        "images and state size (the images themselves, uint8).",
+        "images and state size (the images themselves, uint8). 2 leads 0 by 1.9 points on P1 "
+        "validation (docs/benchmark-method.md).",
     )
 
     @property
@@ -356,7 +358,7 @@ class GenerationConfig(Section):
         "that look like another class count less (1.7 points below `fixed` on P1's "
         "validation split: docs/benchmark-method.md); `relative`: the same, divided by the "
         "round's mean probability, so that the generated images together weigh as much as "
-        "under `fixed` (not yet measured).",
+        "under `fixed` (no stored measurement yet).",
     )
     judge: str = Field(
         "",
