@@ -334,7 +334,7 @@ class GenerationConfig(Section):
         "round's new ones: 0 none; R the images its screening accepted in its last R rounds, "
         "kept in its saved state (images of a sender a later round screens out go). More "
         "synthetic data per round at no more generation; costs encoder time for the extra "
-        "images and state size (the images themselves, uint8). 2 leads 0 by 1.9 points on P1 "
+        "images and state size (the images themselves, uint8). 2 leads 0 by 2.0 points on P1 "
         "validation (docs/benchmark-method.md).",
     )
 
