@@ -169,7 +169,7 @@ def read_relay(
         if problem is not None:
             dropped[problem.kind] += 1
             continue
-        kept.append(TokenEntry(sender, _class_id(column, limits), rows, number))
+        kept.append(TokenEntry(sender, _class_id(column), rows, number))
     if orphans := _orphans(kept):
         dropped["set"] += len(orphans)
         kept = [entry for entry in kept if entry not in orphans]
@@ -214,7 +214,7 @@ def _unpack(
     for sender, column, number, rows in _rows(vectors, index, sets, with_sender):
         if (problem := _entry_problem(sender, column, number, rows, limits, None)) is not None:
             raise problem
-        entries.append(TokenEntry(sender, _class_id(column, limits), rows, number))
+        entries.append(TokenEntry(sender, _class_id(column), rows, number))
     return entries
 
 
@@ -332,25 +332,28 @@ def _check_vectors(value: np.ndarray, limits: WireLimits) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=np.float32)
 
 
-def _check_index(value: np.ndarray, columns: int) -> np.ndarray:
+def _check_integers(value: np.ndarray, name: str) -> None:
+    """Refuse an integer array of the wire (``name``) that is not int32 or int64."""
     if not isinstance(value, np.ndarray) or value.dtype not in INDEX_DTYPES:
         kind = getattr(value, "dtype", type(value).__name__)
-        raise WireError("dtype", f"index: dtype {kind} not allowed (int32, int64)")
+        raise WireError("dtype", f"{name}: dtype {kind} not allowed (int32, int64)")
+
+
+def _check_index(value: np.ndarray, columns: int) -> np.ndarray:
+    _check_integers(value, "index")
     if value.ndim != 2 or value.shape[1] != columns or not len(value):
         raise WireError("shape", f"index: shape {value.shape} is not (entries >= 1, {columns})")
     return value.astype(np.int64)
 
 
 def _check_sets(value: np.ndarray, entries: int) -> np.ndarray:
-    if not isinstance(value, np.ndarray) or value.dtype not in INDEX_DTYPES:
-        kind = getattr(value, "dtype", type(value).__name__)
-        raise WireError("dtype", f"sets: dtype {kind} not allowed (int32, int64)")
+    _check_integers(value, "sets")
     if value.shape != (entries,):
         raise WireError("shape", f"sets: shape {value.shape} is not ({entries},), one per entry")
     return value.astype(np.int64)
 
 
-def _class_id(value: int, limits: WireLimits) -> int | None:
+def _class_id(value: int) -> int | None:
     """The class id of an index row's class column (checked by :func:`_entry_problem`)."""
     return None if value == NO_CLASS else value
 
