@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the denoising loss brings diffusers; token code needs only 
     from cmfl_flower.inversion import DenoisingLoss
 
 TokenState = dict[str, torch.Tensor]
+Key = TypeVar("Key", int, tuple[int, int])  # a class id, or (class id, cluster set)
 
 
 def state_key(class_id: int) -> str:
@@ -85,15 +86,36 @@ class TextSide:
         return features
 
 
-class ClassTokenBank(torch.nn.Module):
+class _KeyedVectors(torch.nn.Module, Generic[Key]):
+    """Learnable ``(n, D)`` vectors, one tensor per key, held in sorted key order."""
+
+    def __init__(self, vectors: dict[Key, torch.Tensor]) -> None:
+        super().__init__()
+        self.keys: list[Key] = sorted(vectors)
+        self.vectors = torch.nn.ParameterList(
+            torch.nn.Parameter(vectors[key].detach().clone().float()) for key in self.keys
+        )
+
+    def _of(self, key: Key) -> torch.Tensor:
+        """(n, D) vectors of ``key``."""
+        vectors: torch.Tensor = self.vectors[self.keys.index(key)]
+        return vectors
+
+    def _copies(self) -> dict[Key, torch.Tensor]:
+        """CPU copies of every key's vectors."""
+        return {
+            key: v.detach().to("cpu", copy=True)
+            for key, v in zip(self.keys, self.vectors, strict=True)
+        }
+
+
+class ClassTokenBank(_KeyedVectors[int]):
     """Learnable name-token vectors for a client's classes, always in sorted class order."""
 
-    def __init__(self, vectors: dict[int, torch.Tensor]) -> None:
-        super().__init__()
-        self.class_ids = sorted(vectors)
-        self.vectors = torch.nn.ParameterList(
-            torch.nn.Parameter(vectors[c].detach().clone().float()) for c in self.class_ids
-        )
+    @property
+    def class_ids(self) -> list[int]:
+        """The bank's classes, sorted."""
+        return self.keys
 
     @classmethod
     def from_names(
@@ -111,26 +133,18 @@ class ClassTokenBank(torch.nn.Module):
 
     def state(self) -> TokenState:
         """CPU copies of the vectors, keyed ``c<class id>``."""
-        return {
-            state_key(c): v.detach().to("cpu", copy=True)
-            for c, v in zip(self.class_ids, self.vectors, strict=True)
-        }
+        return {state_key(c): v for c, v in self._copies().items()}
 
     def get(self, class_id: int) -> torch.Tensor:
         """(n, D) vectors of ``class_id``."""
-        vectors: torch.Tensor = self.vectors[self.class_ids.index(class_id)]
-        return vectors
+        return self._of(class_id)
 
 
-class ClusterSets(torch.nn.Module):
-    """Per bank class, ``K`` vector sets; set ``k`` learns the ``k``-th cluster of its images."""
+class ClusterSets(_KeyedVectors[tuple[int, int]]):
+    """Per bank class, ``K`` vector sets; set ``k`` learns the ``k``-th cluster of its images.
 
-    def __init__(self, vectors: dict[tuple[int, int], torch.Tensor]) -> None:
-        super().__init__()
-        self.keys = sorted(vectors)  # (class id, set number >= 1)
-        self.vectors = torch.nn.ParameterList(
-            torch.nn.Parameter(vectors[key].detach().clone().float()) for key in self.keys
-        )
+    Keys are ``(class id, set number >= 1)``.
+    """
 
     @classmethod
     def for_bank(cls, bank: ClassTokenBank, state: TokenState | None, k: int) -> ClusterSets:
@@ -146,22 +160,15 @@ class ClusterSets(torch.nn.Module):
 
     def get(self, class_id: int, number: int) -> torch.Tensor:
         """(n, D) vectors of ``class_id``'s set ``number``."""
-        vectors: torch.Tensor = self.vectors[self.keys.index((class_id, number))]
-        return vectors
+        return self._of((class_id, number))
 
     def state(self) -> TokenState:
         """CPU copies of the sets, keyed ``c<class id>.<set>``."""
-        return {
-            set_key(c, n): v.detach().to("cpu", copy=True)
-            for (c, n), v in zip(self.keys, self.vectors, strict=True)
-        }
+        return {set_key(c, n): v for (c, n), v in self._copies().items()}
 
     def arrays(self) -> dict[tuple[int, int], np.ndarray]:
         """The sets as the wire sends them: (class id, set) -> (n, D) float32."""
-        return {
-            key: v.detach().cpu().float().numpy()
-            for key, v in zip(self.keys, self.vectors, strict=True)
-        }
+        return {key: v.float().numpy() for key, v in self._copies().items()}
 
 
 def cluster_numbers(
