@@ -53,6 +53,7 @@ from cmfl_flower.tokens import (
     class_vectors,
     cluster_numbers,
     image_features,
+    pretrained_features,
     token_drift,
     train_bank,
     train_sets,
@@ -177,8 +178,8 @@ def image_evidence(
     held = np.isin(train.labels, [c for c, n in enumerate(counts) if n >= min_images])
     own: dict[int, torch.Tensor] = {}
     if held.any():  # a client may hold no class with min-images images (Dirichlet splits)
-        with ws.encoder.pretrained(), torch.no_grad():
-            mine = image_features(ws.encoder, train.images[held], ws.cfg.encoder.eval_batch_size)
+        every = pretrained_features(ws.encoder, train.images, ws.cfg.encoder.eval_batch_size)
+        mine = every[torch.from_numpy(held)]  # (H, E) its images of the classes it holds
         own_labels = train.labels[held]
         for c in np.unique(own_labels):
             own[int(c)] = mine[torch.from_numpy(own_labels == c)].mean(0)
@@ -317,9 +318,8 @@ def _train_tokens(
     loss = train_bank(ws.text, bank, objective, ws.class_names, cfg, ws.seed, ws.progress)
     metrics = {"token-loss": loss, "token-drift": token_drift(bank, objective.anchors)}
     if sets is not None and objective.denoising is not None:
-        train = ws.data.train
-        with ws.encoder.pretrained(), torch.no_grad():  # fixed features: fixed clusters
-            features = image_features(ws.encoder, train.images, ws.cfg.encoder.eval_batch_size)
+        train = ws.data.train  # fixed features: fixed clusters
+        features = pretrained_features(ws.encoder, train.images, ws.cfg.encoder.eval_batch_size)
         numbers = cluster_numbers(features, train.labels, bank.class_ids, cfg.clusters, ws.seed)
         metrics["cluster-loss"] = train_sets(
             sets, objective.denoising, train.labels, numbers, cfg, ws.seed, ws.progress

@@ -12,6 +12,8 @@ sets, each learned by the denoising loss alone on one cluster of its images of t
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -221,6 +223,26 @@ def image_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) ->
         for start in range(0, len(images), batch_size)
     ]
     return torch.cat(chunks)
+
+
+_PRETRAINED: weakref.WeakKeyDictionary[ClipEncoder, dict[bytes, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pretrained_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(N, E) :func:`image_features` under the pretrained CLIP (no LoRA), kept per encoder.
+
+    The pretrained weights never train, so the same images keep the same features from round to
+    round: a client's own images are encoded once per process (keyed by a digest of their bytes),
+    not every round for screening and again for clustering. Read-only: callers index, never write.
+    """
+    digest = hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=16).digest()
+    kept = _PRETRAINED.setdefault(encoder, {})
+    if digest not in kept:
+        with encoder.pretrained():
+            kept[digest] = image_features(encoder, images, batch_size)
+    return kept[digest]
 
 
 @dataclass

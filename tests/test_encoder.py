@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmfl_flower import tokens
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.config import AppConfig, BackboneConfig, EncoderConfig
 from cmfl_flower.data import load_source
@@ -22,7 +23,7 @@ from cmfl_flower.encoder import (
 from cmfl_flower.generation import GeneratedImages
 from cmfl_flower.images import resize_uint8, to_pixels
 from cmfl_flower.token_round import generated_weights
-from cmfl_flower.tokens import TextSide, image_features
+from cmfl_flower.tokens import TextSide, image_features, pretrained_features
 
 TINY = resolve_preset(BackboneConfig())
 
@@ -304,3 +305,26 @@ def test_relative_weighting_keeps_the_total_and_ranks_like_confidence(encoder, d
     weights = generated_weights(ws, generated, features, text)  # (60,)
     assert weights.mean() == pytest.approx(0.5, rel=1e-5)  # sample-weight, as under fixed
     assert weights[:30].mean() > 2 * weights[30:].mean()
+
+
+def test_pretrained_features_are_the_pretrained_clips_and_encoded_once(
+    encoder, digits, monkeypatch
+):
+    images = digits.images[:40]
+    before = encoder.lora_state()
+    moved = {k: v + 0.05 * torch.randn_like(v) for k, v in before.items()}  # a trained adapter
+    encoder.load_lora_state(moved)
+    calls = []
+    monkeypatch.setattr(tokens, "image_features", lambda *a: calls.append(a) or image_features(*a))
+    try:
+        first = pretrained_features(encoder, images, 16)  # (40, E)
+        with encoder.pretrained():
+            exact = image_features(encoder, images, 16)
+        adapted = image_features(encoder, images, 16)  # with the moved adapter active
+        again = pretrained_features(encoder, images.copy(), 16)  # same bytes, another array
+        other = pretrained_features(encoder, digits.images[40:50], 16)
+    finally:
+        encoder.load_lora_state(before)
+    assert torch.allclose(first, exact, atol=1e-6) and not torch.allclose(first, adapted, atol=1e-3)
+    assert again is first and other.shape == (10, first.shape[1])
+    assert len(calls) == 2  # the first set once, the other set once
