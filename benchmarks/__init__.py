@@ -36,6 +36,32 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+# the packages whose versions move a figure: a fresh install may resolve newer ones
+PACKAGES = (
+    "torch",
+    "numpy",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "peft",
+    "flwr",
+    "scikit-learn",
+)
+
+
+def versions() -> dict[str, str]:
+    """Python's and :data:`PACKAGES`' versions in this environment ("missing" if absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
 def machine() -> dict[str, Any]:
     """What a figure was measured on: processor, CPUs this process may use, load, GPU."""
     import torch
@@ -70,6 +96,7 @@ def store(path: Path, tag: str, figures: dict[str, Any], code: str) -> None:
         "command": command(),
         "commit": code,
         "machine": machine(),
+        "versions": versions(),
         **figures,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

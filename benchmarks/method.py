@@ -38,9 +38,9 @@ the last round, min and max over seeds, bytes per round per client), which runs 
 rows, the held-classes decision (the two relay arms' best validation) and the targets' checks,
 and writes ``benchmarks/results/method.json`` (``{protocol: {arm: {"seeds", "mean", "min", "max",
 "bytes_per_round", "commit", "command", "date"}}}``), ``method-details.json`` (per-seed
-figures with their seed, run config, commit and date; the chosen settings and the tuning's
-validation scores)
-and per protocol the overlaid accuracy curves of seed 0 (``<out>/comparison-<P>/``).
+figures with their seed, run config, packages' versions, commit and date; the chosen settings
+and the tuning's validation scores) and per protocol the overlaid accuracy curves of seed 0
+(``<out>/comparison-<P>/``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import command, commit, pinned_worker
+from benchmarks import command, commit, pinned_worker, versions
 from benchmarks.loopback import LoopbackGrid
 from benchmarks.tokens import parse_override
 from client_app import app as client_app
@@ -271,7 +271,8 @@ def job_config(job: Job, root: Path) -> AppConfig:
 def run_arm(job: Job, root: Path) -> dict[str, Any]:
     """Run ``job``: its accuracy, validation accuracy, bytes per round per client, provenance.
 
-    Provenance: the seed, the whole run config and the date the run ended.
+    Provenance: the seed, the whole run config, the packages' versions and the date the run
+    ended.
     """
     cfg = job_config(job, root)
     if job.arm in ("zero-shot", "centralised"):
@@ -279,7 +280,8 @@ def run_arm(job: Job, root: Path) -> dict[str, Any]:
     else:
         result = federated(cfg, NODES.get(job.arm, CLIENTS))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return result | {"seed": job.seed, "config": cfg.to_run_config(), "date": stamp}
+    provenance = {"seed": job.seed, "config": cfg.to_run_config(), "versions": versions()}
+    return result | provenance | {"date": stamp}
 
 
 def run_all(jobs: list[Job], root: Path, workers: int, threads: int) -> list[dict[str, Any]]:

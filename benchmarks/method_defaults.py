@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import command, commit, stored_results
+from benchmarks import command, commit, stored_results, versions
 from benchmarks.method import (
     PROTOCOLS,
     RESULTS,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         scores = {json.dumps(v): [next(results) for _ in range(args.seeds)] for v in values}
         entry = {"default": defaults[key], "validation": scores, "tuned": fixed}
         entry |= {"verdict": verdict(defaults[key], scores), "command": command()}
-        entry |= {"commit": code, "date": time.strftime("%Y-%m-%d")}
+        entry |= {"commit": code, "versions": versions(), "date": time.strftime("%Y-%m-%d")}
         print("\n".join(render(args.protocol, key, entry)) + "\n", flush=True)
         stored.setdefault(args.protocol, {})[key] = entry
         args.results.parent.mkdir(parents=True, exist_ok=True)

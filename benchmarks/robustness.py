@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from benchmarks import commit
+from benchmarks import commit, versions
 from benchmarks.loopback import LoopbackGrid
 from benchmarks.method import CLIENTS as P1_CLIENTS
 from benchmarks.method import ROUNDS as P1_ROUNDS
@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m benchmarks.robustness "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": code,
+        "versions": versions(),
         "threads": args.threads,
         "settings": SETTINGS[args.setting],
         "overrides": overrides,

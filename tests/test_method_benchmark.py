@@ -2,9 +2,11 @@
 
 import json
 import math
+import platform
 
 import pytest
 
+import benchmarks
 from benchmarks import method
 from cmfl_flower.config import PrivacyConfig
 from cmfl_flower.privacy import epsilon
@@ -243,3 +245,13 @@ def test_the_privacy_lines_say_where_the_clip_norm_came_from_and_what_it_clips()
     before = {key: value for key, value in plain.items() if key != "clipped-share"}
     old = method.privacy_lines({"protocol": "P1", "rows": [before]})
     assert old[-2:] == ["", "- measured before the sweep recorded its provenance"]
+
+
+def test_results_record_the_versions_of_the_packages_that_compute(monkeypatch):
+    import torch
+
+    found = benchmarks.versions()
+    assert found["python"] == platform.python_version()
+    assert found["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    monkeypatch.setattr(benchmarks, "PACKAGES", ("torch", "no-such-package-here"))
+    assert benchmarks.versions()["no-such-package-here"] == "missing"
