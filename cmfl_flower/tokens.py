@@ -228,6 +228,7 @@ def image_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) ->
 _PRETRAINED: weakref.WeakKeyDictionary[ClipEncoder, dict[bytes, torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
+KEPT_FEATURE_SETS = 32  # per encoder: a simulation's clients in one process; the oldest go first
 
 
 def pretrained_features(encoder: ClipEncoder, images: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -235,11 +236,15 @@ def pretrained_features(encoder: ClipEncoder, images: np.ndarray, batch_size: in
 
     The pretrained weights never train, so the same images keep the same features from round to
     round: a client's own images are encoded once per process (keyed by a digest of their bytes),
-    not every round for screening and again for clustering. Read-only: callers index, never write.
+    not every round for screening and again for clustering. At most :data:`KEPT_FEATURE_SETS`
+    image sets are kept per encoder, so a long-lived process does not grow with every partition
+    it serves. Read-only: callers index, never write.
     """
     digest = hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=16).digest()
     kept = _PRETRAINED.setdefault(encoder, {})
     if digest not in kept:
+        while len(kept) >= KEPT_FEATURE_SETS:
+            del kept[next(iter(kept))]  # the set encoded longest ago
         with encoder.pretrained():
             kept[digest] = image_features(encoder, images, batch_size)
     return kept[digest]

@@ -328,3 +328,6 @@ def test_pretrained_features_are_the_pretrained_clips_and_encoded_once(
     assert torch.allclose(first, exact, atol=1e-6) and not torch.allclose(first, adapted, atol=1e-3)
     assert again is first and other.shape == (10, first.shape[1])
     assert len(calls) == 2  # the first set once, the other set once
+    monkeypatch.setattr(tokens, "KEPT_FEATURE_SETS", 1)
+    pretrained_features(encoder, digits.images[50:55], 16)  # room for one: the others go
+    assert pretrained_features(encoder, images, 16) is not first and len(calls) == 4
