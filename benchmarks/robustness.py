@@ -26,7 +26,8 @@ A hostile client runs the honest client routine and then changes its reply (:dat
   the best any defence can do.
 
 The hostile clients are the last ``k`` partitions. Each attack runs with the defences off
-(``screening.enabled = false``, no quarantine, no norm bound: the relay before them) and on
+(``screening.enabled = false``, no quarantine, no norm bound, no generation from names for
+lacking classes nobody covers: the relay before them) and on
 (the app's defaults), and a run without attackers gives the reference, both ways. For every run
 it reports the honest clients' mean global-test accuracy after the last round, the honest sets
 screened out (false positives: of the sets honest senders' vectors made at honest receivers),
@@ -78,6 +79,7 @@ DEFENCES_OFF = {
     "screening.enabled": False,
     "screening.quarantine-rounds": 0,
     "tokens.max-norm-ratio": 1e38,
+    "generation.uncovered": "none",
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {"clients": 4, "rounds": 4},

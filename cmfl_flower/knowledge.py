@@ -175,11 +175,33 @@ def anchor(ws: Workspace, class_id: int) -> np.ndarray:
     return ws.text.name_vectors(ws.class_names[class_id]).float().cpu().numpy()
 
 
+def name_requests(ws: Workspace, classes: list[int]) -> list[GenerationRequest]:
+    """One request per class in ``classes``, from its pretrained name, sent by the client itself."""
+    pid = ws.task.partition_id
+    return [GenerationRequest(pid, c, ws.text.name_vectors(ws.class_names[c])) for c in classes]
+
+
 def name_knowledge(ws: Workspace, bank: ClassTokenBank) -> Knowledge:
     """The classes the client lacks, from their pretrained names: no communication."""
-    missing = [c for c in range(len(ws.class_names)) if c not in bank.class_ids]
-    requests = [
-        GenerationRequest(ws.task.partition_id, c, ws.text.name_vectors(ws.class_names[c]))
-        for c in missing
-    ]
-    return Knowledge(requests)
+    return Knowledge(name_requests(ws, lacking(ws, bank)))
+
+
+def lacking(ws: Workspace, bank: ClassTokenBank) -> list[int]:
+    """The classes the client learns no vectors of."""
+    return [c for c in range(len(ws.class_names)) if c not in bank.class_ids]
+
+
+def uncovered(
+    ws: Workspace, bank: ClassTokenBank, knowledge: Knowledge, covered: set[int]
+) -> list[GenerationRequest]:
+    """Name requests for lacking classes that no accepted relayed set ``covered``.
+
+    Only in a round that received peers' vectors (``generation.uncovered = names``), so a
+    federation's first round, which relays nothing, stays as it was; never for opaque names.
+    """
+    cfg = ws.cfg
+    if cfg.generation.uncovered != "names" or cfg.data.class_names != "real":
+        return []
+    if not knowledge.received:
+        return []
+    return name_requests(ws, [c for c in lacking(ws, bank) if c not in covered])

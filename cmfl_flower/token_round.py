@@ -25,12 +25,18 @@ from cmfl_flower.aliases import Arrays, Metrics
 from cmfl_flower.backbones import resolve_preset
 from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.client.workspace import Workspace, base_metrics, evaluate, open_workspace
-from cmfl_flower.config import AppConfig
+from cmfl_flower.config import AppConfig, GenerationConfig
 from cmfl_flower.encoder import TrainingSet, train_encoder
 from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
 from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.judge import JUDGED, judge_for
-from cmfl_flower.knowledge import Knowledge, anchor, name_knowledge, relayed_knowledge
+from cmfl_flower.knowledge import (
+    Knowledge,
+    anchor,
+    name_knowledge,
+    relayed_knowledge,
+    uncovered,
+)
 from cmfl_flower.paths import CACHE_DIR
 from cmfl_flower.privacy import privatise
 from cmfl_flower.replay import Replay
@@ -262,15 +268,55 @@ def _dropped_metrics(dropped: Counter[str]) -> Metrics:
     return {"dropped": sum(dropped.values())} | {f"dropped-{k}": n for k, n in dropped.items()}
 
 
-def _generate(ws: Workspace, requests: list[GenerationRequest]) -> GeneratedImages:
-    """Images for ``requests`` (none when nothing is requested or generation is off)."""
-    cfg = ws.cfg
-    if not requests or not cfg.generation.enabled:
+def _generate(
+    ws: Workspace, requests: list[GenerationRequest], cfg: GenerationConfig | None = None
+) -> GeneratedImages:
+    """Images for ``requests`` (none when nothing is requested or generation is off).
+
+    ``cfg``: the generation settings, by default ``generation``'s.
+    """
+    cfg = cfg or ws.cfg.generation
+    if not requests or not cfg.enabled:
         return GeneratedImages(
             np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
         )
     generator = _generator(ws)
-    return generator.generate(requests, cfg.generation, cfg.seed, ws.task.server_round, ws.progress)
+    return generator.generate(requests, cfg, ws.cfg.seed, ws.task.server_round, ws.progress)
+
+
+def _fill_in(
+    ws: Workspace,
+    bank: ClassTokenBank,
+    knowledge: Knowledge,
+    generated: GeneratedImages,
+    judged: torch.Tensor,
+    kept: np.ndarray,
+) -> tuple[GeneratedImages, torch.Tensor, np.ndarray]:
+    """The round's images with those of uncovered lacking classes, from their names.
+
+    ``generation.uncovered`` (:func:`cmfl_flower.knowledge.uncovered`): each such class gets
+    as many images as a relayed set got this round. Returns the images, their (N, E)
+    :func:`judge_features` and the (N,) kept mask, the new images appended (kept: they are
+    the client's own knowledge, not a peer's).
+    """
+    requests = uncovered(ws, bank, knowledge, set(generated.labels[kept].tolist()))
+    if not requests or not ws.cfg.generation.enabled:
+        return generated, judged, kept
+    cfg = ws.cfg.generation
+    relayed = len(knowledge.requests)
+    if cfg.images_per_round and relayed:
+        per = max(1, cfg.images_per_round // relayed)
+        cfg = cfg.model_copy(update={"images_per_round": 0, "images_per_class": per})
+    with ws.phase("generation"):
+        named = _generate(ws, requests, cfg)
+    features = judge_features(ws, named)  # (M, E)
+    together = GeneratedImages(
+        np.concatenate([generated.images, named.images]) if len(generated.labels) else named.images,
+        np.concatenate([generated.labels, named.labels]),
+        np.concatenate([generated.senders, named.senders]),
+    )
+    judged = torch.cat([judged, features]) if len(generated.labels) else features
+    return together, judged, np.concatenate([kept, np.ones(len(named.labels), bool)])
 
 
 def _generator(ws: Workspace) -> Generator:
@@ -368,6 +414,8 @@ def token_round(
             verdicts, past = screen(ws, generated, judged, bank, knowledge.entries, past)
         knowledge = knowledge.without(verdicts, ws)
     kept = _kept(generated, verdicts)  # (N,) bool
+    if source == "relay":
+        generated, judged, kept = _fill_in(ws, bank, knowledge, generated, judged, kept)
     ws.save_artifacts(generated, screened=~kept)
     before = text_features()  # the bank is fixed until token training: one encoding serves both
     weights = generated_weights(ws, generated, judged, before)  # (N,)
@@ -387,6 +435,7 @@ def token_round(
     metrics |= generated_recognised(ws, generated, judged)
     if source == "relay":
         metrics |= _dropped_metrics(knowledge.dropped) | screening_metrics(verdicts)
+        metrics["num-generated-from-names"] = int((generated.senders == task.partition_id).sum())
     metrics |= {
         "num-received-classes": knowledge.received,
         "num-generated": len(generated.labels),

@@ -38,6 +38,7 @@ def _cfg(tmp_path, replay_rounds: int) -> AppConfig:
             "generation.images-per-round": 4,
             "generation.steps": 2,
             "generation.replay-rounds": replay_rounds,
+            "generation.uncovered": "none",  # only relayed images: counts below are theirs
             "tokens.epochs": 1,
             "tokens.objective": "clip",
         }

@@ -327,6 +327,17 @@ class GenerationConfig(Section):
         "learns its own vectors for (false: only from those of classes it lacks).",
     )
 
+    uncovered: Literal["names", "none"] = Field(
+        "names",
+        description="The relay's classes a client lacks that no accepted relayed set covers in "
+        "a round where it received peers' vectors (their only senders screened out, "
+        "quarantined or silent): `names` generates them from their pretrained names, as "
+        "`names-generation` does, with as many images as a relayed set gets (no "
+        "communication; costs that generation only in such rounds); `none` leaves them out. "
+        "With `data.class_names = opaque` a name means nothing and nothing is generated. "
+        "Measured against hostile clients in docs/robustness.md.",
+    )
+
     replay_rounds: int = Field(
         2,
         ge=0,
