@@ -317,14 +317,15 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def drawn(stored: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Per setting, the seed-0 runs the chart draws: those of every record that ran the relay.
+    """Per setting, the seed-0 runs the chart draws: those of every record of the app's defaults.
 
-    The defences off and on may come from two records; records of another method (``--set
-    method=...``, a baseline under the same hostile clients) are in the tables only.
+    The defences off and on may come from two records; records with ``--set`` overrides (a
+    baseline under the same hostile clients, a lever switched off) and records a later one
+    replaced (``superseded-by``, kept for the page's history) are in the tables only.
     """
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for key in sorted(stored):
-        if stored[key].get("overrides", {}).get("method", "cmfl-relay") != "cmfl-relay":
+        if stored[key].get("overrides") or stored[key].get("superseded-by"):
             continue
         for r in stored[key]["results"]:
             if r["seed"] == 0:

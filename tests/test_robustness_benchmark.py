@@ -78,11 +78,13 @@ def test_figures_reference_table_and_chart(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 0
 
 
-def test_the_chart_draws_the_relays_records_and_leaves_a_baselines_to_the_tables():
+def test_the_chart_draws_the_default_records_and_leaves_overrides_and_old_ones_to_the_tables():
     run = {"setting": "P1", "seed": 0, "attack": "silent", "hostile": 2, "defended": True}
     stored = {
         "P1-on": {"overrides": {}, "results": [run | {"honest-acc": 0.725}]},
         "P1-fedavg": {"overrides": {"method": "encoder-lora"}, "results": [run]},
+        "P1-lever-off": {"overrides": {"generation.uncovered": "none"}, "results": [run]},
+        "P1-old": {"overrides": {}, "superseded-by": "P1-on", "results": [run]},
         "P1-seed-1": {"results": [run | {"seed": 1}]},
     }
     assert drawn(stored) == {"P1": [run | {"honest-acc": 0.725}]}

@@ -335,7 +335,9 @@ class GenerationConfig(Section):
         "`names-generation` does, with as many images as a relayed set gets (no "
         "communication; costs that generation only in such rounds); `none` leaves them out. "
         "With `data.class_names = opaque` a name means nothing and nothing is generated. "
-        "Measured against hostile clients in docs/robustness.md.",
+        "Never acts in the honest P1 and default runs; on P1 with 2 and 3 hostile clients of "
+        "10 it keeps 0.5 and 0.9 point more of the honest clients' accuracy under label flip "
+        "(docs/robustness.md).",
     )
 
     replay_rounds: int = Field(
