@@ -61,7 +61,7 @@ if [ "$dry" -eq 1 ]; then
   step generation-bk-sdm-v2-small 300 python3 -m benchmarks.generation "${gen[@]}" \
     --json "$out/generation-bk-sdm-v2-small.json" --results "$out/generation-results.json"
   fed=(--dry-run --clients 2 --set backbone.threads=1 tokens.objective=clip generation.images-per-class=1
-       generation.steps=2 diffusion.eval-samples=4)
+       generation.steps=2 diffusion.eval-samples=4 diffusion.sample-steps=2)
 else
   gen=(--height 512 --width 512 --images 32 --batch-size 16 --steps 20 --reference-images 2
        --compare-compile --profile)
