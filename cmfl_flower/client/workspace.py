@@ -226,6 +226,7 @@ class Workspace:
                 generated.labels,
                 self.class_names,
                 screened,
+                from_names=generated.senders == task.partition_id,  # never a peer's id
             )
 
     def local_set(self) -> TrainingSet:

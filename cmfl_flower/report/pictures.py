@@ -31,7 +31,10 @@ _UP, _DOWN = Image.Resampling.NEAREST, Image.Resampling.LANCZOS  # keep pixels h
 
 
 def grid_size(rows: int, columns: int) -> tuple[int, int]:
-    """(width, height) in pixels of a sample grid with ``rows`` classes, ``columns`` images."""
+    """(width, height) in pixels of a sample grid with ``rows`` classes, ``columns`` images.
+
+    A title longer than that width widens the grid to fit it (:func:`sample_grid`).
+    """
     width = max(LABEL_WIDTH + columns * (CELL + PAD) + PAD, MIN_WIDTH)
     return width, TITLE_HEIGHT + rows * (CELL + PAD) + PAD
 
@@ -58,9 +61,11 @@ def sample_grid(
     crossed = np.zeros(len(images), bool) if screened is None else np.asarray(screened, bool)
     classes = sorted({int(c) for c in labels})
     width = min(columns, max(int((labels == c).sum()) for c in classes))
-    canvas = Image.new("RGB", grid_size(len(classes), width), "white")
-    draw = ImageDraw.Draw(canvas)
     font = _font(16)
+    size = grid_size(len(classes), width)
+    title_width = int(font.getlength(title)) + 2 * PAD  # a long title widens the grid
+    canvas = Image.new("RGB", (max(size[0], title_width), size[1]), "white")
+    draw = ImageDraw.Draw(canvas)
     draw.text((PAD, TITLE_HEIGHT // 2), title, fill="black", font=font, anchor="lm")
     for row, class_id in enumerate(classes):
         top = TITLE_HEIGHT + row * (CELL + PAD)
@@ -94,19 +99,44 @@ def write_sample_grid(
     labels: np.ndarray,
     class_names: Sequence[str],
     screened: np.ndarray | None = None,
+    from_names: np.ndarray | None = None,
 ) -> Path:
     """Save the round's sample grid into a client's artifact directory.
 
-    ``screened``: (N,) bool, images left out of training by screening (crossed out).
+    ``screened``: (N,) bool, images left out of training by screening (crossed out);
+    ``from_names``: (N,) bool, images generated from a class's pretrained name, not from a
+    peer's vectors (:func:`grid_labels`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / grid_name(server_round)
-    title = f"client {partition_id}, round {server_round}: generated from received tokens"
+    named = np.zeros(len(labels), bool) if from_names is None else np.asarray(from_names, bool)
+    title, names = grid_labels(partition_id, server_round, labels, class_names, named)
     if screened is not None and screened.any():
         title += " (crossed out: screened out)"
-    grid = sample_grid(images, labels, class_names, title, screened=screened)
+    grid = sample_grid(images, labels, names, title, screened=screened)
     grid.save(path, optimize=True)
     return path
+
+
+def grid_labels(
+    partition_id: int,
+    server_round: int,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    named: np.ndarray,
+) -> tuple[str, list[str]]:
+    """A client's sample grid's title and row names: where its images came from.
+
+    ``named``: (N,) bool, the images generated from class names. All of them: the title says
+    so; some: their classes' rows are marked "(name)", the rest came from peers' vectors.
+    """
+    head = f"client {partition_id}, round {server_round}: generated from"
+    if len(named) and named.all():
+        return f"{head} class names", list(class_names)
+    by_name = set(labels[named].tolist())
+    names = [f"{n} (name)" if c in by_name else n for c, n in enumerate(class_names)]
+    title = f"{head} received tokens" + ("; (name): from its name" if by_name else "")
+    return title, names
 
 
 def write_label_counts(
