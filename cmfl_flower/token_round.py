@@ -27,7 +27,13 @@ from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.client.workspace import Workspace, base_metrics, evaluate, open_workspace
 from cmfl_flower.config import AppConfig, GenerationConfig
 from cmfl_flower.encoder import TrainingSet, train_encoder
-from cmfl_flower.generation import GeneratedImages, GenerationRequest, Generator, load_generator
+from cmfl_flower.generation import (
+    GeneratedImages,
+    GenerationRequest,
+    Generator,
+    images_per_request,
+    load_generator,
+)
 from cmfl_flower.inversion import DenoisingLoss
 from cmfl_flower.judge import JUDGED, judge_for
 from cmfl_flower.knowledge import (
@@ -303,10 +309,11 @@ def _fill_in(
     if not requests or not ws.cfg.generation.enabled:
         return generated, judged, kept
     cfg = ws.cfg.generation
-    relayed = len(knowledge.requests)
-    if cfg.images_per_round and relayed:
-        per = max(1, cfg.images_per_round // relayed)
-        cfg = cfg.model_copy(update={"images_per_round": 0, "images_per_class": per})
+    counts = images_per_request(knowledge.requests, cfg)  # the relayed sets' (budget's) counts
+    if counts:  # else the round's budget goes to the names alone
+        cfg = cfg.model_copy(
+            update={"images_per_round": 0, "images_per_class": max(1, min(counts))}
+        )
     with ws.phase("generation"):
         named = _generate(ws, requests, cfg)
     features = judge_features(ws, named)  # (M, E)

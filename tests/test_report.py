@@ -17,6 +17,7 @@ from cmfl_flower.client.task import ClientState, ClientTask
 from cmfl_flower.config import AppConfig, TokensConfig
 from cmfl_flower.methods.local import local_only_round
 from cmfl_flower.report import page as page_module
+from cmfl_flower.report.pictures import grid_labels, grid_size, sample_grid
 from cmfl_flower.results import RunRecorder
 from cmfl_flower.server.rounds import run_federation
 
@@ -505,3 +506,23 @@ def test_report_rewritten_at_most_every_interval_and_at_the_end(tmp_path, data_d
     assert written == [100.0, 105.0, 105.5]
     rows = json.loads((recorder.run_dir / "rounds.json").read_text())
     assert [row["round"] for row in rows] == [1, 2, 3, 4]  # the metric files every round
+
+
+def test_the_sample_grid_says_which_rows_came_from_names():
+    names = ("zero", "one", "two")
+    labels = np.array([0, 0, 2, 2])
+    title, rows = grid_labels(1, 3, labels, names, np.array([False, False, True, True]))
+    assert title == "client 1, round 3: generated from received tokens; (name): from its name"
+    assert rows == ["zero", "one", "two (name)"]
+    title, rows = grid_labels(1, 3, labels, names, np.ones(4, bool))  # names-generation
+    assert title.endswith("generated from class names") and rows == list(names)
+    title, rows = grid_labels(1, 3, labels, names, np.zeros(4, bool))
+    assert title.endswith("generated from received tokens") and rows == list(names)
+
+
+def test_a_grid_is_wide_enough_for_its_title():
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    title = "client 0, round 3: generated from received tokens; (name): from its name" * 2
+    grid = sample_grid(images, np.array([0]), ("zero",), title)
+    assert grid.size[0] > grid_size(1, 1)[0]
+    assert sample_grid(images, np.array([0]), ("zero",), "short").size == grid_size(1, 1)

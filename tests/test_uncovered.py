@@ -11,7 +11,6 @@ import numpy as np
 from cmfl_flower.client.task import ClientState, ClientTask, RoundOutput
 from cmfl_flower.config import AppConfig
 from cmfl_flower.methods.relay import relay_round
-from cmfl_flower.report.pictures import grid_labels, grid_size, sample_grid
 from cmfl_flower.wire import TokenEntry, parse_reply, relay_arrays
 from tests.test_strategies import ANY_SIZE
 
@@ -65,23 +64,3 @@ def test_nothing_is_generated_from_names_before_anything_is_relayed_or_for_opaqu
     received = relay_arrays([TokenEntry(0, e.class_id, e.vectors) for e in sent])
     out = relay_round(opaque, ClientTask(1, 2, 2), ClientState(), received)
     assert out.metrics["num-generated-from-names"] == 0  # an opaque name means nothing
-
-
-def test_the_sample_grid_says_which_rows_came_from_names():
-    names = ("zero", "one", "two")
-    labels = np.array([0, 0, 2, 2])
-    title, rows = grid_labels(1, 3, labels, names, np.array([False, False, True, True]))
-    assert title == "client 1, round 3: generated from received tokens; (name): from its name"
-    assert rows == ["zero", "one", "two (name)"]
-    title, rows = grid_labels(1, 3, labels, names, np.ones(4, bool))  # names-generation
-    assert title.endswith("generated from class names") and rows == list(names)
-    title, rows = grid_labels(1, 3, labels, names, np.zeros(4, bool))
-    assert title.endswith("generated from received tokens") and rows == list(names)
-
-
-def test_a_grid_is_wide_enough_for_its_title():
-    images = np.zeros((1, 8, 8, 3), np.uint8)
-    title = "client 0, round 3: generated from received tokens; (name): from its name" * 2
-    grid = sample_grid(images, np.array([0]), ("zero",), title)
-    assert grid.size[0] > grid_size(1, 1)[0]
-    assert sample_grid(images, np.array([0]), ("zero",), "short").size == grid_size(1, 1)
